@@ -1,0 +1,152 @@
+"""Public kernel entry points: argument checks, then dispatch to Triton or the reference."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from msa.kernels.indexer.reference import order_selection, select_blocks_reference
+from msa.kernels.merge.reference import merge_attention_states_reference
+from msa.kernels.sparse_attention.reference import paged_attention_reference
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Triton for CUDA tensors, the reference otherwise; MSA_KERNEL_BACKEND overrides."""
+    backend = os.environ.get("MSA_KERNEL_BACKEND", "auto")
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"MSA_KERNEL_BACKEND must be auto, triton or reference, got {backend!r}")
+    if backend == "auto":
+        return t.is_cuda
+    return backend == "triton"
+
+
+def _check_batch(name: str, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
+                 total_q: int) -> None:
+    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+        raise ValueError(f"{name}: block_table must be a 2-D int32 tensor, got {tuple(block_table.shape)} "
+                         f"{block_table.dtype}")
+    B = block_table.shape[0]
+    if cu_seqlens_q.shape != (B + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(f"{name}: cu_seqlens_q must be int32 of shape ({B + 1},), got "
+                         f"{tuple(cu_seqlens_q.shape)} {cu_seqlens_q.dtype}")
+    if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
+        raise ValueError(f"{name}: seq_lens must be int32 of shape ({B},), got {tuple(seq_lens.shape)} "
+                         f"{seq_lens.dtype}")
+    if total_q != 0 and not cu_seqlens_q.is_cuda and int(cu_seqlens_q[-1]) != total_q:
+        raise ValueError(f"{name}: cu_seqlens_q[-1] ({int(cu_seqlens_q[-1])}) must equal the number of "
+                         f"query rows ({total_q})")
+
+
+def select_blocks(
+    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
+    shard_rank: int = 0, shard_world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSA block selection for packed queries.
+
+    index_q ``[T, G, D]`` (after norm and RoPE); index_k_cache ``[pages, block, D]`` (bf16, fp32 or
+    float8_e4m3fn). Token score ``iq . ik / sqrt(D)`` for key positions <= the query's; a block's
+    score is its max. Each query keeps its own (local) block plus the best others, ``topk`` in all,
+    ties to the lower block id; when at most ``topk`` blocks are visible all of them are kept.
+
+    Returns (block ids ``[T, G, topk]`` int32, global ids in ascending order with -1 after the
+    valid ones, so the local block is the last valid entry; their scores ``[T, G, topk]`` fp32, +inf
+    for the forced local block, -inf for padding). With ``shard_world > 1`` only this shard's blocks
+    are candidates: combine the shards' results with ``merge_block_candidates``.
+    """
+    _check_batch("select_blocks", block_table, cu_seqlens_q, seq_lens, index_q.shape[0])
+    if index_q.dim() != 3 or index_k_cache.dim() != 3 or index_q.shape[-1] != index_k_cache.shape[-1]:
+        raise ValueError(f"select_blocks: index_q [T, G, D] and index_k_cache [pages, block, D] disagree: "
+                         f"{tuple(index_q.shape)} vs {tuple(index_k_cache.shape)}")
+    if use_triton(index_q):
+        from msa.kernels.indexer.triton import select_blocks_triton
+        return select_blocks_triton(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
+                                    shard_rank=shard_rank, shard_world=shard_world)
+    return select_blocks_reference(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
+                                   shard_rank=shard_rank, shard_world=shard_world)
+
+
+def merge_block_candidates(ids: torch.Tensor, scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """Exact global top-k from per-shard candidates ``ids, scores [R, T, G, K]`` (from
+    ``select_blocks`` on each shard): ``[T, G, topk]`` int32, ascending, -1 padded."""
+    R, T, G, K = ids.shape
+    flat_ids = ids.permute(1, 2, 0, 3).reshape(T, G, R * K)
+    flat_scores = scores.permute(1, 2, 0, 3).reshape(T, G, R * K)
+    return order_selection(flat_ids, flat_scores, topk)[0].int()
+
+
+def _check_attention(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{name}: need q [T, H, D] and k_cache, v_cache [pages, block, H_kv, D] of one shape; "
+                         f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+    if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
+        raise ValueError(f"{name}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]}) "
+                         f"and head dims must agree ({q.shape[2]} vs {k_cache.shape[3]})")
+
+
+def sparse_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor, *, scale: float,
+    shard_rank: int = 0, shard_world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSA attention: each query head of KV group g attends, causally, to the tokens of the blocks
+    ``block_ids[t, g]`` (global ids, -1 unused) that live on this shard.
+
+    q ``[T, H, D]``; k_cache (after norm + RoPE) and v_cache ``[pages, block, H_kv, D]``.
+    Returns (out ``[T, H, D]`` in q's dtype, lse ``[T, H]`` fp32); a query that sees no key here
+    gets zeros and lse -inf, so ``merge_attention_states`` weighs it 0.
+    """
+    _check_batch("sparse_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
+    _check_attention("sparse_attention", q, k_cache, v_cache)
+    if block_ids.shape[:2] != (q.shape[0], k_cache.shape[2]):
+        raise ValueError(f"sparse_attention: block_ids must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, K], "
+                         f"got {tuple(block_ids.shape)}")
+    if use_triton(q):
+        from msa.kernels.sparse_attention.triton import sparse_attention_triton
+        return sparse_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
+                                       scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+    return paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
+                                     scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+
+
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
+    shard_rank: int = 0, shard_world: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense causal GQA attention of packed queries over this shard's paged cache (the dense
+    layers). Shapes and results as ``sparse_attention``."""
+    _check_batch("paged_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
+    _check_attention("paged_attention", q, k_cache, v_cache)
+    if use_triton(q):
+        from msa.kernels.dense_attention.triton import paged_attention_triton
+        return paged_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
+                                      scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+    return paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, None,
+                                     scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+
+
+def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge partial attention ``outs [R, T, H, D]`` with ``lses [R, T, H]`` (natural log):
+    lse = log sum_r exp(lse_r), out = sum_r exp(lse_r - lse) out_r. Parts with lse -inf weigh 0."""
+    if outs.dim() != 4 or lses.shape != outs.shape[:3]:
+        raise ValueError(f"merge_attention_states: need outs [R, T, H, D] and lses [R, T, H], got "
+                         f"{tuple(outs.shape)} and {tuple(lses.shape)}")
+    if use_triton(outs):
+        from msa.kernels.merge.triton import merge_attention_states_triton
+        return merge_attention_states_triton(outs, lses)
+    return merge_attention_states_reference(outs, lses)
+
+
+def store_tokens(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+    """Write ``values [N, ...]`` into ``cache [pages, block, ...]`` at flat slots ``page * block +
+    offset`` (int64 ``[N]``); rows whose slot is -1 belong to another shard and are skipped."""
+    if values.shape[1:] != cache.shape[2:] or slots.shape != values.shape[:1]:
+        raise ValueError(f"store_tokens: values {tuple(values.shape)} and slots {tuple(slots.shape)} do not fit "
+                         f"cache {tuple(cache.shape)}")
+    keep = slots >= 0
+    flat = cache.view(-1, *cache.shape[2:])
+    if not bool(keep.all()):
+        values, slots = values[keep], slots[keep]
+    flat.index_copy_(0, slots.long(), values.to(cache.dtype))
