@@ -1,0 +1,114 @@
+"""Attention of the MiniMax-M3 layers: dense causal GQA, and MiniMax Sparse Attention (MSA).
+
+Both write this step's keys into the paged cache (or lay them into pages of their own for a
+cache-free forward) and call the ``msa.kernels`` entry points. Under autograd the PyTorch
+references run, since the Triton kernels have no backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from msa.kernels import merge_attention_states, merge_block_candidates, paged_attention, select_blocks, \
+    sparse_attention, store_tokens
+from msa.kernels.indexer.reference import select_blocks_reference
+from msa.kernels.sparse_attention.reference import paged_attention_reference
+from msa.model.kv_cache import AttentionBatch, pack_into_pages
+from msa.model.layers import GemmaRMSNorm, apply_rope, rope_cos_sin
+from msa.platform.config import ModelConfig
+
+
+class _PagedView:
+    """The caches one layer reads in this step, and the batch tables that address them."""
+
+    def __init__(self, batch: AttentionBatch, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 index_k: torch.Tensor | None) -> None:
+        self.batch = batch
+        if batch.cache is None:
+            bs = batch.block_size
+            self.k = pack_into_pages(k, batch.cu_seqlens_q, bs)
+            self.v = pack_into_pages(v, batch.cu_seqlens_q, bs)
+            self.index_k = pack_into_pages(index_k, batch.cu_seqlens_q, bs) if index_k is not None else None
+            return
+        cache = batch.cache
+        self.k, self.v, self.index_k = cache.k[layer], cache.v[layer], cache.index_k[layer]
+        store_tokens(self.k, k, batch.slot_mapping)
+        store_tokens(self.v, v, batch.slot_mapping)
+        if index_k is not None:
+            store_tokens(self.index_k, index_k, batch.slot_mapping)
+
+    @property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.batch.block_table, self.batch.cu_seqlens_q, self.batch.seq_lens
+
+
+class Attention(nn.Module):
+    """q/k/v/o projections, per-head QK Gemma norm, partial NeoX RoPE; dense or MSA by ``sparse``."""
+
+    def __init__(self, config: ModelConfig, layer: int, sparse: bool) -> None:
+        super().__init__()
+        d, h = config.hidden_size, config.head_dim
+        self.layer, self.sparse, self.head_dim = layer, sparse, h
+        self.q_proj = nn.Linear(d, config.num_attention_heads * h, bias=False)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * h, bias=False)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * h, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * h, d, bias=False)
+        self.q_norm = GemmaRMSNorm(h, config.rms_norm_eps)
+        self.k_norm = GemmaRMSNorm(h, config.rms_norm_eps)
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.scale = 1.0 / math.sqrt(h)
+        if sparse:
+            sp = config.sparse
+            self.index_dim, self.topk = sp.index_dim, sp.topk_blocks
+            self.index_q_proj = nn.Linear(d, sp.num_index_heads * sp.index_dim, bias=False)
+            self.index_k_proj = nn.Linear(d, sp.index_dim, bias=False)
+            self.index_q_norm = GemmaRMSNorm(sp.index_dim, config.rms_norm_eps)
+            self.index_k_norm = GemmaRMSNorm(sp.index_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """x ``[T, hidden]`` -> ``[T, hidden]`` (this rank's partial sum under tensor parallelism)."""
+        T, h = x.shape[0], self.head_dim
+        cos, sin = rope_cos_sin(batch.positions, self.rotary_dim, self.rope_theta)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(T, -1, h)), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(T, -1, h)), cos, sin)
+        v = self.v_proj(x).view(T, -1, h)
+        index_q = index_k = None
+        if self.sparse:
+            index_q = apply_rope(self.index_q_norm(self.index_q_proj(x).view(T, -1, self.index_dim)), cos, sin)
+            index_k = apply_rope(self.index_k_norm(self.index_k_proj(x).view(T, 1, self.index_dim)), cos, sin)[:, 0]
+        view = _PagedView(batch, self.layer, k, v, index_k)
+        differentiable = torch.is_grad_enabled() and x.requires_grad
+        out, lse = self._attend(q, index_q, view, differentiable)
+        if batch.context_parallel is not None:
+            outs, lses = batch.context_parallel.gather_attention(out, lse)
+            out, _ = merge_attention_states(outs, lses)
+        return self.o_proj(out.reshape(T, -1))
+
+    def _attend(self, q: torch.Tensor, index_q: torch.Tensor | None, view: _PagedView,
+                differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        b = view.batch
+        shard = {"shard_rank": b.shard_rank, "shard_world": b.shard_world}
+        if not self.sparse:
+            if differentiable:
+                return paged_attention_reference(q, view.k, view.v, *view.tables, None, scale=self.scale, **shard)
+            return paged_attention(q, view.k, view.v, *view.tables, scale=self.scale, **shard)
+        with torch.no_grad():
+            block_ids = self.select(index_q, view)
+        if differentiable:
+            return paged_attention_reference(q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard)
+        return sparse_attention(q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard)
+
+    def select(self, index_q: torch.Tensor, view: _PagedView) -> torch.Tensor:
+        """Global top-k blocks ``[T, G, K]`` for this step's queries."""
+        b = view.batch
+        args = (index_q.detach(), view.index_k.detach(), *view.tables)
+        kwargs = {"topk": self.topk, "shard_rank": b.shard_rank, "shard_world": b.shard_world}
+        select = select_blocks_reference if torch.is_grad_enabled() else select_blocks
+        ids, scores = select(*args, **kwargs)
+        if b.context_parallel is None:
+            return ids
+        all_ids, all_scores = b.context_parallel.gather_block_candidates(ids, scores)
+        return merge_block_candidates(all_ids, all_scores, self.topk)
