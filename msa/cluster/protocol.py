@@ -1,0 +1,133 @@
+"""The engine interface that serving and RL drive, and the values that cross it.
+
+Shaped after Ray Serve LLM's engine protocol: start, generate (an async stream), abort,
+check_health, update_weights, shutdown. Implementations live in ``msa.cluster.engine``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class EngineError(RuntimeError):
+    """Base of the errors an engine raises to its callers."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request's parameters are invalid; the message names the field."""
+
+
+class RequestTooLongError(InvalidRequestError):
+    """The prompt plus max_tokens can never fit this engine's context or KV memory."""
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, limit: int, reason: str) -> None:
+        self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
+        super().__init__(f"this request needs {prompt_tokens} prompt + {max_tokens} completion tokens = "
+                         f"{prompt_tokens + max_tokens}, but the longest context that fits is {limit} tokens "
+                         f"({reason})")
+
+
+class EngineOverloadedError(EngineError):
+    """The waiting queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineDeadError(EngineError):
+    """A shard failed; in-flight requests fail with this and the engine reports unhealthy."""
+
+
+@dataclass(kw_only=True, slots=True)
+class SamplingParams:
+    """Per-request sampling, with OpenAI's meanings. ``logprobs``: None for none, else how many
+    top alternatives to report per token (0 = only the chosen token's logprob)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", 0.0 <= self.temperature <= 2.0, "in [0, 2]"),
+            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
+            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("n", isinstance(self.n, int) and 1 <= self.n <= 128, "an integer in [1, 128]"),
+            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "None or in [0, 20]"),
+            ("stop", len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
+             "at most 16 non-empty strings"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise InvalidRequestError(f"sampling parameter '{name}' must be {allowed}, got {getattr(self, name)!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class TokenOutput:
+    """One streamed step of one choice of a request. ``token_ids``/``logprobs`` are the new tokens
+    of this step; ``text`` is their new detokenized text (held back while it may still grow into a
+    stop string). ``finish_reason`` is set on the last step: "stop", "length" or "abort"."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[dict[int, float]] | None
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    weight_version: int
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineStats:
+    """A snapshot for metrics and admission: request counts and KV pages per shard."""
+
+    running: int
+    waiting: int
+    pages_used: list[int]
+    pages_total: list[int]
+    rejected: int
+    weight_version: int
+    healthy: bool
+
+
+class Engine(Protocol):
+    """What Serve and the RL rollout workers call. All methods are coroutines on the caller's loop."""
+
+    @property
+    def max_context_length(self) -> int: ...
+
+    async def start(self) -> None: ...
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        """Stream the request's outputs; raises InvalidRequestError/RequestTooLongError before the
+        first output, EngineOverloadedError when the queue is full, EngineDeadError if a shard dies."""
+        ...
+
+    async def abort(self, request_id: str) -> None:
+        """Cancel a request (its stream ends with finish_reason "abort") and free its pages."""
+
+    async def check_health(self) -> None:
+        """Return if every shard answers a real step; raise EngineDeadError otherwise."""
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Load full (unsharded) tensors by the model's state_dict names into every shard without
+        restarting them; afterwards every new step runs on ``version``."""
+
+    def stats(self) -> EngineStats: ...
+
+    async def shutdown(self) -> None: ...
