@@ -17,7 +17,7 @@ from msa.kernels import merge_attention_states, merge_block_candidates, paged_at
 from msa.kernels.indexer.reference import select_blocks_reference
 from msa.kernels.sparse_attention.reference import paged_attention_reference
 from msa.model.kv_cache import AttentionBatch, pack_into_pages
-from msa.model.layers import GemmaRMSNorm, apply_rope, rope_cos_sin
+from msa.model.layers import GemmaRMSNorm, apply_rope
 from msa.platform.config import ModelConfig
 
 
@@ -71,7 +71,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """x ``[T, hidden]`` -> ``[T, hidden]`` (this rank's partial sum under tensor parallelism)."""
         T, h = x.shape[0], self.head_dim
-        cos, sin = rope_cos_sin(batch.positions, self.rotary_dim, self.rope_theta)
+        cos, sin = batch.rope(self.rotary_dim, self.rope_theta)
         q = apply_rope(self.q_norm(self.q_proj(x).view(T, -1, h)), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x).view(T, -1, h)), cos, sin)
         v = self.v_proj(x).view(T, -1, h)

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from msa.model.layers import rope_cos_sin
 from msa.platform.config import ModelConfig
 
 
@@ -48,6 +49,14 @@ class AttentionBatch:
     shard_rank: int = 0
     shard_world: int = 1
     context_parallel: ContextParallel | None = None
+
+    def rope(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of this step's positions, computed once per step and shared by all layers."""
+        key = (rotary_dim, theta)
+        memo = self.__dict__.setdefault("_rope_memo", {})
+        if key not in memo:
+            memo[key] = rope_cos_sin(self.positions, rotary_dim, theta)
+        return memo[key]
 
     @property
     def num_seqs(self) -> int:
