@@ -1,0 +1,282 @@
+"""Checkpoint I/O: safetensors weights read into a module by name, written back in the same names.
+
+Two layouts are read and written: the flat text-only one (tensor names equal the module's
+``state_dict`` keys) and the vision-language one (``language_model.`` + key, with the vision
+tensors beside them, which a text model skips). Loading goes tensor by tensor, so host memory
+never holds a second full copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from msa.platform.config import PRESETS, ConfigError, ModelConfig, load_config, preset
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+VL_PREFIX = "language_model."
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
+# The MoE router runs in fp32 and its weights are stored in fp32, whatever the rest of the model uses.
+FP32_SUFFIXES = ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias")
+_SHOWN_PER_KIND = 20
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model. ``missing``, ``unexpected`` and ``misshaped`` list every
+    offending tensor as (name, expected shape or None, found shape or None)."""
+
+    def __init__(self, message: str, *, missing: list | None = None, unexpected: list | None = None,
+                 misshaped: list | None = None) -> None:
+        super().__init__(message)
+        self.missing, self.unexpected, self.misshaped = missing or [], unexpected or [], misshaped or []
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether the tensor ``name`` stays fp32 when the model is cast to a lower precision."""
+    return name.endswith(FP32_SUFFIXES)
+
+
+# Reading -----------------------------------------------------------------------------------------
+
+def _tensor_files(directory: Path) -> dict[str, Path]:
+    """Checkpoint tensor name -> the safetensors file holding it."""
+    index = directory / INDEX_FILE
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: directory / file for name, file in weight_map.items()}
+    single = directory / SINGLE_FILE
+    if not single.exists():
+        raise FileNotFoundError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _by_file(names: dict[str, Path]) -> dict[Path, list[str]]:
+    groups: dict[Path, list[str]] = defaultdict(list)
+    for name, path in names.items():
+        groups[path].append(name)
+    return groups
+
+
+def _tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shapes from the safetensors headers, without reading any tensor data. Rejects FP8 weights."""
+    shapes = {}
+    for path, names in _by_file(files).items():
+        if not path.exists():
+            raise FileNotFoundError(f"{INDEX_FILE} names shard {path.name}, which is not in {path.parent}")
+        with safe_open(path, framework="pt") as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(f"{INDEX_FILE} places tensor '{name}' in {path.name}, "
+                                          "which lacks it")
+                view = f.get_slice(name)
+                if name.endswith("weight_scale_inv") or view.get_dtype().startswith("F8"):
+                    raise CheckpointError(
+                        f"FP8 block-scaled checkpoints are not supported yet: {path.parent} holds '{name}' "
+                        f"({view.get_dtype()}); use a bf16 release of the weights")
+                shapes[name] = tuple(view.get_shape())
+    return shapes
+
+
+def _model_name(checkpoint_name: str) -> str | None:
+    """The module's key for a checkpoint tensor, or None for a vision tensor the text model skips."""
+    if checkpoint_name.startswith(VISION_PREFIXES):
+        return None
+    return checkpoint_name.removeprefix(VL_PREFIX)
+
+
+def _mismatch_lines(kind: str, rows: list) -> list[str]:
+    lines = [f"  {kind} {name}: expected {list(e) if e is not None else 'none'}, "
+             f"found {list(f) if f is not None else 'none'}" for name, e, f in rows[:_SHOWN_PER_KIND]]
+    if len(rows) > _SHOWN_PER_KIND:
+        lines.append(f"  ... and {len(rows) - _SHOWN_PER_KIND} more {kind} (see CheckpointError.{kind})")
+    return lines
+
+
+def _check_match(directory: Path, expected: dict[str, tuple], found: dict[str, tuple],
+                 duplicates: list[str]) -> None:
+    missing = [(n, expected[n], None) for n in expected if n not in found]
+    unexpected = [(n, None, found[n]) for n in found if n not in expected]
+    unexpected += [(n, None, None) for n in duplicates]
+    misshaped = [(n, expected[n], found[n]) for n in expected if n in found and expected[n] != found[n]]
+    if not (missing or unexpected or misshaped):
+        return
+    head = (f"checkpoint {directory} does not fit the model: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(misshaped)} misshaped tensor(s)")
+    lines = [head] + _mismatch_lines("missing", missing) + _mismatch_lines("unexpected", unexpected) \
+        + _mismatch_lines("misshaped", misshaped)
+    raise CheckpointError("\n".join(lines), missing=missing, unexpected=unexpected, misshaped=misshaped)
+
+
+def _same_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+
+@torch.no_grad()
+def _place(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype,
+           device: torch.device) -> None:
+    """Put ``value`` into the parameter or buffer ``name``: copied in place when it already has the
+    target dtype and device, otherwise replaced by a converted tensor (the old one is freed)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    is_param = leaf in owner._parameters
+    current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+    if not value.is_floating_point():
+        target = current.dtype
+    else:
+        target = torch.float32 if keeps_fp32(name) else dtype
+    if not current.is_meta and current.dtype == target and _same_device(current, device):
+        if value is not current:
+            current.copy_(value)
+    elif is_param:
+        owner._parameters[leaf] = nn.Parameter(value.to(device=device, dtype=target),
+                                               requires_grad=current.requires_grad)
+    else:
+        owner._buffers[leaf] = value.to(device=device, dtype=target)
+
+
+def load_checkpoint(model: nn.Module, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
+                    device: str | torch.device = "cpu", progress: bool = True) -> None:
+    """Fill ``model``'s parameters and buffers from the safetensors checkpoint in ``directory``.
+
+    Floating tensors become ``dtype`` on ``device``, except the router's (``keeps_fp32``), which stay
+    fp32. Every name/shape mismatch is checked from the file headers before any data is read and
+    reported together in one ``CheckpointError``. The model may be built on the meta device.
+    """
+    directory, device = Path(directory), torch.device(device)
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    files = _tensor_files(directory)
+    shapes = _tensor_shapes(files)
+    to_model: dict[str, str] = {}
+    duplicates = []
+    for ckpt_name in files:
+        name = _model_name(ckpt_name)
+        if name is None:
+            continue
+        if name in to_model:
+            duplicates.append(ckpt_name)  # both the flat and the VL name of one tensor
+        else:
+            to_model[name] = ckpt_name
+    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    _check_match(directory, expected, {n: shapes[c] for n, c in to_model.items()}, duplicates)
+    by_file = _by_file({name: files[ckpt] for name, ckpt in to_model.items()})
+    bar = tqdm(total=len(to_model), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
+    with bar:
+        for path, names in by_file.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for name in names:
+                    _place(model, name, f.get_tensor(to_model[name]), dtype, device)
+                    bar.update()
+
+
+def cast_model(model: nn.Module, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> nn.Module:
+    """Move ``model`` to ``device`` and cast its floating tensors to ``dtype``, keeping the router's
+    tensors (``keeps_fp32``) in fp32. Tensor by tensor, like loading. Returns ``model``."""
+    device = torch.device(device)
+    for name, tensor in list(model.state_dict(keep_vars=True).items()):
+        _place(model, name, tensor, dtype, device)
+    return model
+
+
+# Writing -----------------------------------------------------------------------------------------
+
+def _plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy, in key order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def _config_json(config: ModelConfig, layout: str) -> dict[str, Any]:
+    text = config.to_dict()
+    if layout == "flat":
+        return {"architectures": ["MiniMaxM3ForCausalLM"], **text}
+    return {"model_type": "minimax_m3_vl", "text_config": text}
+
+
+def save_checkpoint(model: nn.Module, directory: str | Path, config: ModelConfig, *,
+                    max_shard_bytes: int = 5 * 2**30, layout: str = "flat") -> Path:
+    """Write ``config.json`` and the module's ``state_dict`` as safetensors, in its own dtypes.
+
+    One shard goes to ``model.safetensors``; more go to ``model-0000k-of-0000n.safetensors`` with a
+    ``model.safetensors.index.json`` (``weight_map``, ``metadata.total_size``). ``layout="vl"``
+    prefixes every name with ``language_model.`` and nests the config under ``text_config``.
+    Returns the directory.
+    """
+    if layout not in ("flat", "vl"):
+        raise ValueError(f"layout must be 'flat' or 'vl', got {layout!r}")
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prefix = VL_PREFIX if layout == "vl" else ""
+    state = {prefix + name: t.detach() for name, t in model.state_dict().items()}
+    shards = _plan_shards(state, max_shard_bytes)
+    for stale in (directory / SINGLE_FILE, directory / INDEX_FILE):
+        stale.unlink(missing_ok=True)
+    weight_map = {}
+    for k, names in enumerate(shards, start=1):
+        file = SINGLE_FILE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+        shard = {n: state[n].to("cpu").contiguous() for n in names}
+        save_file(shard, directory / file, metadata={"format": "pt"})
+        del shard
+        weight_map.update(dict.fromkeys(names, file))
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(_config_json(config, layout), indent=2) + "\n")
+    return directory
+
+
+# Building a model --------------------------------------------------------------------------------
+
+def _check_materialised(model: nn.Module, directory: Path) -> None:
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise CheckpointError(f"after loading {directory}, {len(left)} tensor(s) the checkpoint does not "
+                              f"hold are still unset, e.g. '{left[0]}'")
+
+
+def load_model(source: str | Path = "tiny", *, dtype: torch.dtype = torch.bfloat16,
+               device: str | torch.device = "cpu", seed: int = 0,
+               progress: bool = True) -> tuple[nn.Module, ModelConfig]:
+    """``(MiniMaxM3ForCausalLM in eval mode, its ModelConfig)`` from a checkpoint directory, or from a
+    preset name (``tiny``, ``m3_proxy``, ``m3``) with random weights drawn after
+    ``torch.manual_seed(seed)`` on the CPU in fp32, so they do not depend on ``device`` or ``dtype``.
+    Nothing is downloaded."""
+    from msa.model import MiniMaxM3ForCausalLM
+
+    path = Path(source)
+    if path.is_dir():
+        config = load_config(path)
+        with torch.device("meta"):
+            model = MiniMaxM3ForCausalLM(config)
+        load_checkpoint(model, path, dtype=dtype, device=device, progress=progress)
+        _check_materialised(model, path)
+    elif str(source) in PRESETS:
+        config = preset(str(source))
+        torch.manual_seed(seed)
+        model = cast_model(MiniMaxM3ForCausalLM(config), dtype=dtype, device=device)
+    else:
+        raise ConfigError(f"model {str(source)!r} is neither a checkpoint directory nor a preset "
+                          f"(one of {sorted(PRESETS)})")
+    return model.eval(), config
