@@ -1,0 +1,222 @@
+"""Tokenizer: a checkpoint's ``tokenizer.json`` + chat template, or the byte-level default of the tiny model.
+
+The default has the 256 bytes as ids 0..255 (no merges, so every text encodes byte by byte) and
+eight special tokens after them, 264 ids in all, which is ``tiny().vocab_size``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+SPECIAL_TOKENS = ("<bos>", "<eos>", "<|im_start|>", "<|im_end|>",
+                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+# ChatML turns: "<|im_start|>{role}\n{content}<|im_end|>\n". Tools are listed as JSON in the system
+# turn; an assistant's tool calls follow its content, each as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>; tool results are turns of role "tool"
+# wrapped in <tool_response>. Content may be a string or a list of OpenAI-style parts, of which the
+# text parts are kept.
+DEFAULT_CHAT_TEMPLATE = r"""
+{%- macro text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- elif content -%}{%- for part in content if part.type == 'text' -%}{{ part.text }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- set system = messages[0].content if messages and messages[0].role == 'system' else none -%}
+{%- if system is not none or tools -%}
+{{- '<|im_start|>system\n' + text(system) -}}
+{%- if tools -%}
+{%- if system -%}{{- '\n\n' -}}{%- endif -%}
+{{- '# Tools\nYou may call the functions below. For each call, reply with '
+    + '<tool_call>{"name": <function name>, "arguments": <JSON object>}</tool_call>.\n<tools>\n' -}}
+{%- for tool in tools -%}
+{{- (tool.function if tool.function is defined else tool) | tojson + '\n' -}}
+{%- endfor -%}
+{{- '</tools>' -}}
+{%- endif -%}
+{{- '<|im_end|>\n' -}}
+{%- endif -%}
+{%- for message in messages -%}
+{%- if message.role == 'tool' -%}
+{{- '<|im_start|>tool\n<tool_response>' + text(message.content) + '</tool_response><|im_end|>\n' -}}
+{%- elif not (loop.first and message.role == 'system') -%}
+{{- '<|im_start|>' + message.role + '\n' + text(message.content) -}}
+{%- for call in message.tool_calls or [] -%}
+{%- set fn = call.function if call.function is defined else call -%}
+{%- set args = fn.arguments if fn.arguments is string else fn.arguments | tojson -%}
+{{- '<tool_call>{"name": ' + fn.name | tojson + ', "arguments": ' + args + '}</tool_call>' -}}
+{%- endfor -%}
+{{- '<|im_end|>\n' -}}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}
+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte: the alphabet of the ByteLevel pre-tokenizer."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)}
+    mapping, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + shifted)
+            shifted += 1
+    return mapping
+
+
+def _tojson(value: Any, indent: int | None = None) -> str:
+    # jinja2's own tojson escapes HTML characters; templates written for chat models expect plain JSON.
+    return json.dumps(value, ensure_ascii=False, indent=indent)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(source)
+
+
+def _token_text(entry: Any) -> str | None:
+    """tokenizer_config.json writes a token as a string or as {"content": ...}."""
+    return entry.get("content") if isinstance(entry, dict) else entry
+
+
+class Tokenizer:
+    """Text <-> token ids, chat rendering and stop tokens of one model."""
+
+    def __init__(self, tokenizer: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 stop_token_ids: Sequence[int] = (), chat_template: str | None = None) -> None:
+        self._tok = tokenizer
+        self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
+        self.bos_token_id = self._id_of(bos_token)
+        eos = [self._id_of(eos_token)] if eos_token is not None else []
+        self.eos_token_ids: list[int] = list(dict.fromkeys([*eos, *stop_token_ids]))
+
+    def _id_of(self, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"special token {token!r} is not in the tokenizer's vocabulary")
+        return token_id
+
+    @classmethod
+    def byte_level_default(cls) -> Tokenizer:
+        """The tiny model's tokenizer: bytes 0..255, then ``SPECIAL_TOKENS`` at 256..263; ChatML template."""
+        alphabet = _bytes_to_unicode()
+        tok = _HFTokenizer(models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+        im_end = tok.token_to_id("<|im_end|>")
+        return cls(tok, bos_token="<bos>", eos_token="<eos>", stop_token_ids=[im_end],
+                   chat_template=DEFAULT_CHAT_TEMPLATE)
+
+    @classmethod
+    def from_directory(cls, directory: str | Path) -> Tokenizer:
+        """Read ``tokenizer.json``, ``tokenizer_config.json`` (bos/eos tokens, chat_template) and, if
+        present, ``generation_config.json`` (its ``eos_token_id`` list adds stop tokens)."""
+        directory = Path(directory)
+        if not (directory / "tokenizer.json").exists():
+            raise FileNotFoundError(f"no tokenizer.json in {directory}")
+        tok = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        config_path = directory / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
+        generation_path = directory / "generation_config.json"
+        generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
+        stops = generation.get("eos_token_id")
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
+        return cls(tok, bos_token=_token_text(config.get("bos_token")),
+                   eos_token=_token_text(config.get("eos_token")), stop_token_ids=stops,
+                   chat_template=config.get("chat_template"))
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` (stop ids)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(directory / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
+                  "eos_token": self.eos_token, "chat_template": self.chat_template}
+        text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+        (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
+        generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, special tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token strings in it become their ids. With
+        ``add_special_tokens`` the bos id (if the tokenizer has one) goes first."""
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if add_special_tokens and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; bytes that do not complete a UTF-8 character decode to U+FFFD."""
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+                            add_generation_prompt: bool = True, **extra: Any) -> str:
+        """Render OpenAI-style ``messages`` (and ``tools``) to the prompt text the model was trained on."""
+        if not self.chat_template:
+            raise ValueError("this tokenizer has no chat_template")
+        return _compile_template(self.chat_template).render(
+            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+
+    def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
+
+
+class StreamDecoder:
+    """Incremental detokenisation: feed ids as they are sampled, get the newly printable text.
+
+    Text is held back while it ends in an incomplete UTF-8 character (a multi-byte character split
+    over byte tokens), and a short window of earlier ids is re-decoded each step so decoders that
+    depend on the left context (leading spaces) still read right."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the context window
+        self._read = 0  # ids before this are already printed
+
+    def _pending(self) -> tuple[str, str]:
+        printed = self._tokenizer.decode(self._ids[self._prefix:self._read], self._skip)
+        return printed, self._tokenizer.decode(self._ids[self._prefix:], self._skip)
+
+    def feed(self, ids: int | Iterable[int]) -> str:
+        """Add one id or several; return the text that became printable (may be empty)."""
+        self._ids.extend([ids] if isinstance(ids, int) else ids)
+        printed, full = self._pending()
+        if len(full) <= len(printed) or full.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return full[len(printed):]
+
+    def flush(self) -> str:
+        """The text still held back (an incomplete character shows as U+FFFD); call once at the end."""
+        printed, full = self._pending()
+        self._prefix = self._read = len(self._ids)
+        return full[len(printed):]
