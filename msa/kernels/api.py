@@ -41,7 +41,7 @@ def _check_batch(name: str, block_table: torch.Tensor, cu_seqlens_q: torch.Tenso
 def select_blocks(
     index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
-    shard_rank: int = 0, shard_world: int = 1,
+    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection for packed queries.
 
@@ -53,7 +53,8 @@ def select_blocks(
     Returns (block ids ``[T, G, topk]`` int32, global ids in ascending order with -1 after the
     valid ones, so the local block is the last valid entry; their scores ``[T, G, topk]`` fp32, +inf
     for the forced local block, -inf for padding). With ``shard_world > 1`` only this shard's blocks
-    are candidates: combine the shards' results with ``merge_block_candidates``.
+    are candidates: combine the shards' results with ``merge_block_candidates``. ``max_q_len``
+    (the longest query run, if the caller knows it) spares the Triton path a host sync.
     """
     _check_batch("select_blocks", block_table, cu_seqlens_q, seq_lens, index_q.shape[0])
     if index_q.dim() != 3 or index_k_cache.dim() != 3 or index_q.shape[-1] != index_k_cache.shape[-1]:
@@ -62,7 +63,7 @@ def select_blocks(
     if use_triton(index_q):
         from msa.kernels.indexer.triton import select_blocks_triton
         return select_blocks_triton(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                                    shard_rank=shard_rank, shard_world=shard_world)
+                                    shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
     return select_blocks_reference(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
                                    shard_rank=shard_rank, shard_world=shard_world)
 
@@ -88,14 +89,15 @@ def _check_attention(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache:
 def sparse_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor, *, scale: float,
-    shard_rank: int = 0, shard_world: int = 1,
+    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA attention: each query head of KV group g attends, causally, to the tokens of the blocks
     ``block_ids[t, g]`` (global ids, -1 unused) that live on this shard.
 
     q ``[T, H, D]``; k_cache (after norm + RoPE) and v_cache ``[pages, block, H_kv, D]``.
     Returns (out ``[T, H, D]`` in q's dtype, lse ``[T, H]`` fp32); a query that sees no key here
-    gets zeros and lse -inf, so ``merge_attention_states`` weighs it 0.
+    gets zeros and lse -inf, so ``merge_attention_states`` weighs it 0. ``max_q_len`` as in
+    ``select_blocks``.
     """
     _check_batch("sparse_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
     _check_attention("sparse_attention", q, k_cache, v_cache)
@@ -105,7 +107,8 @@ def sparse_attention(
     if use_triton(q):
         from msa.kernels.sparse_attention.triton import sparse_attention_triton
         return sparse_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
-                                       scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+                                       scale=scale, shard_rank=shard_rank, shard_world=shard_world,
+                                       max_q_len=max_q_len)
     return paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
                                      scale=scale, shard_rank=shard_rank, shard_world=shard_world)
 
@@ -113,7 +116,7 @@ def sparse_attention(
 def paged_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
-    shard_rank: int = 0, shard_world: int = 1,
+    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal GQA attention of packed queries over this shard's paged cache (the dense
     layers). Shapes and results as ``sparse_attention``."""
@@ -122,7 +125,8 @@ def paged_attention(
     if use_triton(q):
         from msa.kernels.dense_attention.triton import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-                                      scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+                                      scale=scale, shard_rank=shard_rank, shard_world=shard_world,
+                                      max_q_len=max_q_len)
     return paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, None,
                                      scale=scale, shard_rank=shard_rank, shard_world=shard_world)
 
@@ -145,6 +149,11 @@ def store_tokens(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor)
     if values.shape[1:] != cache.shape[2:] or slots.shape != values.shape[:1]:
         raise ValueError(f"store_tokens: values {tuple(values.shape)} and slots {tuple(slots.shape)} do not fit "
                          f"cache {tuple(cache.shape)}")
+    if use_triton(cache) and cache.is_contiguous():
+        # One kernel that skips -1 rows itself: no host sync, so decode steps can be graph-captured.
+        from msa.kernels.store.triton import store_tokens_triton
+        store_tokens_triton(cache, values, slots)
+        return
     keep = slots >= 0
     flat = cache.view(-1, *cache.shape[2:])
     if not bool(keep.all()):

@@ -1,0 +1,46 @@
+"""Launch-time helpers shared by the Triton launchers (no kernels here)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+
+def next_pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, int(n)))
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``; a nominal 8 for CPU (the interpreter)."""
+    if device.type != "cuda":
+        return 8
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def max_query_len(cu_seqlens_q: torch.Tensor, max_q_len: int | None) -> int:
+    """The longest query run of the batch: ``max_q_len`` if the caller knows it (no host sync),
+    else read from ``cu_seqlens_q`` (one device-to-host copy)."""
+    if max_q_len is not None:
+        return int(max_q_len)
+    if cu_seqlens_q.numel() < 2:
+        return 0
+    return int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+
+
+def check_int32(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise ValueError(f"{name}: {arg} must be a contiguous int32 tensor, got {t.dtype}")
+
+
+def check_last_dim_contiguous(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name}: {arg} needs a contiguous last dim, got strides {t.stride()}")

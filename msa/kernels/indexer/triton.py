@@ -1,0 +1,215 @@
+"""Triton MSA indexer: block-max scores over the paged index-key cache and an exact top-k.
+
+Two kernels. ``_score_chunk_topk_kernel``: one program per (tile of query tokens of one sequence,
+chunk of this shard's blocks); its rows are the tile's tokens x index heads (the index key is
+shared by the heads, so one ``tl.dot`` scores them all), it keeps each block's max score in
+registers and writes the chunk's own top-k as candidates. Splitting the context into chunks lets
+one decoding sequence fill the GPU. ``_merge_candidates_kernel``: one program per (token, head)
+picks the exact top-k of all chunks' candidates and writes them in ascending block order.
+
+Candidates are ranked by one int64 key, ``(order-preserving int of the fp32 score) << 32 |
+(2**31 - 1 - block id)``, so a single max reduction finds the best score with ties going to the
+lower block id.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from msa.kernels._launch import check_int32, check_last_dim_contiguous, max_query_len, next_pow2, num_sms
+
+_KEY_FLOOR = tl.constexpr(-(2**63))  # below every real key: marks taken or empty candidates
+_NEG_INF_ORDER = tl.constexpr(-2139095041)  # order-preserving int of -inf; keys at or under it hold no block
+
+
+@triton.jit
+def _score_key(score, block_id):
+    """int64 key: higher score first, then lower block id."""
+    bits = (score + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0 into +0: they tie
+    order = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (order.to(tl.int64) << 32) | (2147483647 - block_id).to(tl.int64)
+
+
+@triton.jit
+def _key_score(key):
+    order = (key >> 32).to(tl.int32)
+    bits = order ^ ((order >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _key_block(key):
+    return 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _score_chunk_topk_kernel(
+    iq_ptr, ik_ptr, block_table_ptr, cu_q_ptr, seq_lens_ptr, cand_ptr,
+    score_scale, shard_rank, shard_world, tiles_per_seq,
+    stride_qt, stride_qg,
+    stride_kp, stride_ks,
+    stride_bt,
+    stride_ct, stride_cg, stride_cc,
+    G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, IEEE: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_T * GP
+    pid = tl.program_id(0)
+    chunk = tl.program_id(1)
+    b = pid // tiles_per_seq
+    q_start = tl.load(cu_q_ptr + b)
+    q_end = tl.load(cu_q_ptr + b + 1)
+    t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
+    if t0 >= q_end:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    first_pos = seq_len - (q_end - q_start)
+
+    rows = tl.arange(0, M)
+    tok = t0 + rows // GP
+    head = rows % GP
+    row_ok = (tok < q_end) & (head < G)
+    qpos = first_pos + tok - q_start  # [M]
+    offs_d = tl.arange(0, D)
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    q = tl.load(iq_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qg + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [M, D]
+
+    # This shard's blocks that the tile's last token can see; the chunk's share of them.
+    last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
+    n_local = tl.maximum(0, (last_qpos // BLOCK_SIZE + 1 - shard_rank + shard_world - 1) // shard_world)
+    lo = chunk * CHUNK
+    hi = tl.minimum(lo + CHUNK, n_local)
+    cols = tl.arange(0, CHUNK)
+    scores = tl.full([M, CHUNK], float("-inf"), tl.float32)
+    for i in range(lo, hi):
+        page = tl.load(block_table_ptr + b * stride_bt + i).to(tl.int64)
+        blk = shard_rank + i * shard_world
+        kpos = blk * BLOCK_SIZE + offs_s
+        k = tl.load(ik_ptr + page * stride_kp + offs_s[:, None] * stride_ks + offs_d[None, :],
+                    mask=(kpos < seq_len)[:, None], other=0.0)  # [BLOCK_SIZE, D]
+        if IEEE:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)))
+        s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))  # [M, BLOCK_SIZE]
+        # Scaling after the max keeps ties exact (rounding is monotone).
+        best = tl.max(s, 1) / score_scale
+        best = tl.where(qpos // BLOCK_SIZE == blk, float("inf"), best)  # the forced local block
+        scores = tl.where(cols[None, :] == i - lo, best[:, None], scores)
+
+    ids = shard_rank + (lo + cols) * shard_world
+    keys = _score_key(scores, ids[None, :])  # [M, CHUNK]
+    picks = tl.arange(0, TOPK_P)
+    chosen = tl.full([M, TOPK_P], _KEY_FLOOR, tl.int64)
+    for r in range(TOPK):
+        top = tl.max(keys, 1)  # [M]
+        chosen = tl.where(picks[None, :] == r, top[:, None], chosen)
+        keys = tl.where(keys == top[:, None], _KEY_FLOOR, keys)
+    tl.store(cand_ptr + tok[:, None] * stride_ct + head[:, None] * stride_cg + chunk * stride_cc + picks[None, :],
+             chosen, mask=row_ok[:, None] & (picks[None, :] < TOPK))
+
+
+@triton.jit
+def _merge_candidates_kernel(
+    cand_ptr, ids_ptr, scores_ptr,
+    n_cand,
+    stride_ct, stride_cg,
+    stride_it, stride_ig,
+    stride_st, stride_sg,
+    TOPK: tl.constexpr, TOPK_P: tl.constexpr, N_P: tl.constexpr,
+):
+    t = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = tl.arange(0, N_P)
+    keys = tl.load(cand_ptr + t * stride_ct + g * stride_cg + offs, mask=offs < n_cand, other=_KEY_FLOOR)
+    picks = tl.arange(0, TOPK_P)
+    chosen = tl.full([TOPK_P], _KEY_FLOOR, tl.int64)
+    for r in range(TOPK):
+        top = tl.max(keys, 0)
+        chosen = tl.where(picks == r, top, chosen)
+        keys = tl.where(keys == top, _KEY_FLOOR, keys)
+    valid = (chosen >> 32) > _NEG_INF_ORDER
+    blk = tl.where(valid, _key_block(chosen), 2147483647)
+    score = tl.where(valid, _key_score(chosen), float("-inf"))
+    # Ascending block order, empty picks last: the rank of each pick among the picks.
+    before = (blk[None, :] < blk[:, None]) | ((blk[None, :] == blk[:, None]) & (picks[None, :] < picks[:, None]))
+    slot = tl.sum(before.to(tl.int32), 1)
+    keep = picks < TOPK
+    tl.store(ids_ptr + t * stride_it + g * stride_ig + slot, tl.where(valid, blk, -1), mask=keep)
+    tl.store(scores_ptr + t * stride_st + g * stride_sg + slot, score, mask=keep)
+
+
+def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, topk: int) -> int:
+    """Blocks per scoring program: enough programs to fill the GPU about twice, but chunks of at
+    least ``topk`` blocks (fewer candidates for the merge) and at most 128."""
+    want = 2 * num_sms(device)
+    chunk = next_pow2(triton.cdiv(n_blocks * programs_per_chunk, want))
+    return max(next_pow2(topk), 16, min(chunk, 128))
+
+
+def select_blocks_triton(
+    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
+    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
+    block_t: int | None = None, chunk_blocks: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
+
+    index_q ``[T, G, D]`` (fp32/bf16/fp16); index_k_cache ``[pages, block, D]`` in index_q's dtype or
+    float8_e4m3fn. Returns (ids ``[T, G, topk]`` int32 ascending, -1 padded; scores ``[T, G, topk]``
+    fp32, +inf for the forced local block, -inf for padding). ``max_q_len`` saves a host sync;
+    ``block_t`` (query tokens per program) and ``chunk_blocks`` (blocks per program) override the
+    heuristics.
+    """
+    name = "select_blocks"
+    if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
+    if index_k_cache.dtype not in (index_q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"{name}: index_k_cache must be {index_q.dtype} or float8_e4m3fn, got {index_k_cache.dtype}")
+    check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
+    check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    if not 0 <= shard_rank < shard_world:
+        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    T, G, D = index_q.shape
+    bs = index_k_cache.shape[1]
+    if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):
+        raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")
+    ids = torch.full((T, G, topk), -1, dtype=torch.int32, device=index_q.device)
+    scores = torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device)
+    longest = max_query_len(cu_seqlens_q, max_q_len)
+    if T == 0 or longest == 0 or topk == 0:
+        return ids, scores
+    B = seq_lens.shape[0]
+    gp = next_pow2(G)
+    if block_t is None:
+        block_t = min(next_pow2(longest), max(1, 128 // gp))
+    block_t = max(block_t, triton.cdiv(16, gp))  # tl.dot needs M >= 16
+    tiles = triton.cdiv(longest, block_t)
+    n_blocks = max(1, block_table.shape[1])
+    chunk = chunk_blocks or _pick_chunk(n_blocks, B * tiles, index_q.device, topk)
+    n_chunks = triton.cdiv(n_blocks, chunk)
+    # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
+    cand = torch.empty(T, G, n_chunks, topk, dtype=torch.int64, device=index_q.device)
+    rows = block_t * gp
+    _score_chunk_topk_kernel[(B * tiles, n_chunks)](
+        index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, cand,
+        float(D) ** 0.5, shard_rank, shard_world, tiles,
+        index_q.stride(0), index_q.stride(1),
+        index_k_cache.stride(0), index_k_cache.stride(1),
+        block_table.stride(0),
+        cand.stride(0), cand.stride(1), cand.stride(2),
+        G=G, GP=gp, BLOCK_T=block_t, D=D, BLOCK_SIZE=bs, CHUNK=chunk, TOPK=topk, TOPK_P=next_pow2(topk),
+        IEEE=index_q.dtype == torch.float32, num_warps=4 if rows <= 64 else 8, num_stages=3,
+    )
+    n_cand = n_chunks * topk
+    _merge_candidates_kernel[(T, G)](
+        cand, ids, scores, n_cand,
+        cand.stride(0), cand.stride(1),
+        ids.stride(0), ids.stride(1),
+        scores.stride(0), scores.stride(1),
+        TOPK=topk, TOPK_P=next_pow2(topk), N_P=next_pow2(n_cand), num_warps=8 if n_cand > 1024 else 4,
+    )
+    return ids, scores

@@ -1,0 +1,231 @@
+"""Triton split-K attention over a paged KV cache: block-sparse (MSA) and dense causal.
+
+One program owns a tile of ``BLOCK_T`` query tokens of one sequence and one KV group, so the
+group's query heads and tokens form the rows of one ``tl.dot`` (M = BLOCK_T x heads per group):
+each K/V block is read once for all of them. In sparse mode the program walks the union of the
+tile's selected blocks in ascending order (each row only sees its own token's blocks); in dense
+mode it walks every visible block of this shard. Decode splits that walk over ``num_splits``
+programs (split-K) writing fp32 partials that ``merge_states_into`` combines by log-sum-exp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from msa.kernels._launch import check_int32, check_last_dim_contiguous, max_query_len, next_pow2, num_sms
+from msa.kernels.merge.triton import merge_states_into
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, block_table_ptr, cu_q_ptr, seq_lens_ptr, ids_ptr,
+    out_ptr, lse_ptr,
+    qk_scale, shard_rank, shard_world, tiles_per_seq, num_splits,
+    stride_qt, stride_qh,
+    stride_kp, stride_ks, stride_kh,
+    stride_vp, stride_vs, stride_vh,
+    stride_bt,
+    stride_it, stride_ig,
+    stride_os, stride_ot, stride_oh,
+    stride_ls, stride_lt,
+    HEADS_PER_GROUP: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr,
+):
+    M: tl.constexpr = BLOCK_T * HEADS_P
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid // tiles_per_seq
+    q_start = tl.load(cu_q_ptr + b)
+    q_end = tl.load(cu_q_ptr + b + 1)
+    t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
+    if t0 >= q_end:
+        return
+    seq_len = tl.load(seq_lens_ptr + b)
+    first_pos = seq_len - (q_end - q_start)  # global position of the sequence's first query
+
+    rows = tl.arange(0, M)
+    tok = t0 + rows // HEADS_P  # [M]
+    head = g * HEADS_PER_GROUP + rows % HEADS_P
+    row_ok = (tok < q_end) & (rows % HEADS_P < HEADS_PER_GROUP)
+    qpos = first_pos + tok - q_start  # [M]
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None], other=0.0)  # [M, D]
+
+    if SPARSE:
+        # Row view of the selection: which blocks each row's token may see.  [M, TOPK_P]
+        offs_k = tl.arange(0, TOPK_P)
+        row_ids = tl.load(ids_ptr + tok[:, None] * stride_it + g * stride_ig + offs_k[None, :],
+                          mask=row_ok[:, None] & (offs_k[None, :] < TOPK), other=-1)
+        # Flat view of the tile's selections, to enumerate their union once.  [N]
+        N: tl.constexpr = BLOCK_T * TOPK_P
+        flat = tl.arange(0, N)
+        ftok = t0 + flat // TOPK_P
+        cand = tl.load(ids_ptr + ftok * stride_it + g * stride_ig + flat % TOPK_P,
+                       mask=(ftok < q_end) & (flat % TOPK_P < TOPK), other=-1)
+        on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0)
+        cand = tl.where(on_shard, cand, 1073741824)
+        # First occurrence of each id, then its rank among the distinct ids (ascending).
+        same_before = (cand[None, :] == cand[:, None]) & (flat[None, :] < flat[:, None])  # [N, N]
+        first = on_shard & (tl.sum(same_before.to(tl.int32), 1) == 0)
+        smaller = first[None, :] & (cand[None, :] < cand[:, None])
+        rank = tl.where(first, tl.sum(smaller.to(tl.int32), 1), -1)  # [N]
+        n_iter = tl.sum(first.to(tl.int32), 0)
+    else:
+        last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
+        n_global = last_qpos // BLOCK_SIZE + 1
+        n_iter = tl.maximum(0, (n_global - shard_rank + shard_world - 1) // shard_world)
+
+    m_i = tl.full([M], float("-inf"), tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, HEAD_DIM], tl.float32)
+    for it in range(split, n_iter, num_splits):
+        if SPARSE:
+            blk = tl.min(tl.where(rank == it, cand, 1073741824), 0)
+            local = (blk - shard_rank) // shard_world
+            visible = tl.sum((row_ids == blk).to(tl.int32), 1) > 0  # [M]
+        else:
+            local = it
+            blk = shard_rank + it * shard_world
+            visible = row_ok
+        page = tl.load(block_table_ptr + b * stride_bt + local).to(tl.int64)
+        kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
+        written = kpos < seq_len
+        k = tl.load(k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
+                    mask=written[:, None], other=0.0)  # [BLOCK_SIZE, D]
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale  # [M, BLOCK_SIZE], log2 units
+        allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
+                    mask=written[:, None], other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    tl.store(out_ptr + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
+
+
+def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: q must be fp32, bf16 or fp16, got {q.dtype}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"{name}: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must match q ({q.dtype})")
+    check_last_dim_contiguous(name, q=q, k_cache=k_cache, v_cache=v_cache)
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"{name}: head_dim must be a power of two >= 16, got {D}")
+    bs = k_cache.shape[1]
+    if bs < 16 or bs & (bs - 1):
+        raise ValueError(f"{name}: block size must be a power of two >= 16, got {bs}")
+
+
+def launch_paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor | None, *, scale: float,
+    shard_rank: int, shard_world: int, max_q_len: int | None, block_t: int | None, num_splits: int | None,
+    name: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks, picks the tile and the split count, launches, and merges split-K partials."""
+    _check_caches(name, q, k_cache, v_cache)
+    check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    if not 0 <= shard_rank < shard_world:
+        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    T, H, D = q.shape
+    H_kv = k_cache.shape[2]
+    group = H // H_kv
+    B = seq_lens.shape[0]
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(T, H, dtype=torch.float32, device=q.device)
+    longest = max_query_len(cu_seqlens_q, max_q_len)
+    if T == 0 or longest == 0:
+        return out, lse
+    heads_p = next_pow2(group)
+    sparse = block_ids is not None
+    if block_t is None:
+        # Prefill: dense tiles of up to 128 rows; sparse tiles of 64 rows (the union of the tile's
+        # selections grows with its tokens, so larger tiles mostly add masked work).
+        rows = 64 if sparse else 128
+        block_t = max(1, min(next_pow2(longest), rows // heads_p))
+    block_t = max(block_t, triton.cdiv(16, heads_p))  # tl.dot needs M >= 16
+    tiles = triton.cdiv(longest, block_t)
+    if sparse:
+        if block_ids.dtype != torch.int32 or block_ids.stride(-1) != 1:
+            raise ValueError(f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}")
+        topk = block_ids.shape[2]
+        ids_arg, stride_it, stride_ig = block_ids, block_ids.stride(0), block_ids.stride(1)
+        work = block_t * topk  # most blocks one tile can visit
+    else:
+        topk = 1
+        ids_arg, stride_it, stride_ig = block_table, 0, 0
+        work = block_table.shape[1]
+    if num_splits is None:
+        programs = B * tiles * H_kv
+        num_splits = max(1, min(work, triton.cdiv(2 * num_sms(q.device), programs)))
+    if num_splits > 1:
+        part_out = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
+    else:
+        part_out, part_lse = out[None], lse[None]
+    grid = (B * tiles, H_kv, num_splits)
+    _paged_attention_kernel[grid](
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, ids_arg, part_out, part_lse,
+        scale * _LOG2E, shard_rank, shard_world, tiles, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_table.stride(0),
+        stride_it, stride_ig,
+        part_out.stride(0), part_out.stride(1), part_out.stride(2),
+        part_lse.stride(0), part_lse.stride(1),
+        HEADS_PER_GROUP=group, HEADS_P=heads_p, BLOCK_T=block_t, HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
+        TOPK=topk, TOPK_P=next_pow2(topk), SPARSE=sparse, IEEE=q.dtype == torch.float32,
+        num_warps=4 if block_t * heads_p <= 64 else 8, num_stages=2,
+    )
+    if num_splits > 1:
+        merge_states_into(part_out, part_lse, out, lse)
+    return out, lse
+
+
+def sparse_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor, *, scale: float,
+    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
+    block_t: int | None = None, num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSA attention (see ``msa.kernels.sparse_attention``) as a Triton split-K kernel.
+
+    q ``[T, H, D]``; k_cache, v_cache ``[pages, block, H_kv, D]`` in q's dtype; block_ids
+    ``[T, H_kv, K]`` int32 global ids (-1 unused). Returns (out ``[T, H, D]`` q's dtype, lse ``[T, H]``
+    fp32, -inf with zeros where a query sees no key on this shard). ``max_q_len`` (the longest query
+    run) saves a host sync; ``block_t`` (query tokens per program) and ``num_splits`` (split-K
+    factor) override the heuristics.
+    """
+    return launch_paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
+                                  scale=scale, shard_rank=shard_rank, shard_world=shard_world,
+                                  max_q_len=max_q_len, block_t=block_t, num_splits=num_splits,
+                                  name="sparse_attention")
+

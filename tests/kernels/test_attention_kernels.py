@@ -1,0 +1,141 @@
+"""Triton paged attention (sparse MSA and dense causal) against the PyTorch reference, and the
+reference against torch SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msa.kernels import merge_attention_states, paged_attention, sparse_attention
+from msa.kernels.indexer.reference import select_blocks_reference
+from msa.kernels.sparse_attention.reference import paged_attention_reference
+from tests.kernels.paged_cases import make_batch, paginate
+
+# (seq_lens, q_lens): awkward lengths, one block, batch 1 and mixed, decode, MTP and chunked prefill.
+CASES = {
+    "decode_b1_one_block": ([9], [1]),
+    "decode_mixed": ([37, 100, 16, 64], [1, 1, 1, 1]),
+    "decode_few_blocks": ([40], [1]),
+    "mtp": ([70, 45], [3, 4]),
+    "prefill_chunk": ([90], [37]),
+    "prefill_mixed": ([33, 20, 75], [33, 20, 6]),
+}
+CPU = dict(heads=8, kv_heads=2, dim=32, block=16, topk=3)
+
+
+def build(seq_lens, q_lens, *, heads, kv_heads, dim, block, topk, dtype=torch.float32, device="cpu",
+          world=1, seed=0):
+    """Random q, per-shard paged K/V, and a valid MSA selection per (token, kv head)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = make_batch(seq_lens, q_lens, device)
+    T = batch.total_q
+    q = torch.randn(T, heads, dim, generator=g).to(device, dtype)
+    ks = [torch.randn(n, kv_heads, dim, generator=g).to(device, dtype) for n in seq_lens]
+    vs = [torch.randn(n, kv_heads, dim, generator=g).to(device, dtype) for n in seq_lens]
+    shards = []
+    for rank in range(world):
+        gs = torch.Generator().manual_seed(seed + 1 + rank)
+        k_cache, table = paginate(ks, block, rank, world, generator=gs)
+        gs = torch.Generator().manual_seed(seed + 1 + rank)
+        v_cache, table_v = paginate(vs, block, rank, world, generator=gs)
+        assert torch.equal(table, table_v)
+        shards.append((k_cache, v_cache, table))
+    iq = torch.randn(T, kv_heads, dim, generator=g)
+    ik = [torch.randn(n, dim, generator=g) for n in seq_lens]
+    ik_cache, ik_table = paginate(ik, block, poison=False)
+    ids, _ = select_blocks_reference(iq, ik_cache, ik_table, batch.cu_seqlens_q.cpu(), batch.seq_lens.cpu(),
+                                     topk=topk)
+    return batch, q, shards, ids.to(device)
+
+
+def attend(q, shard, batch, ids, rank, world, scale, sparse, backend):
+    k_cache, v_cache, table = shard
+    args = (q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens)
+    if backend == "reference":
+        return paged_attention_reference(*args, ids if sparse else None, scale=scale, shard_rank=rank,
+                                         shard_world=world)
+    if sparse:
+        return sparse_attention(*args, ids, scale=scale, shard_rank=rank, shard_world=world)
+    return paged_attention(*args, scale=scale, shard_rank=rank, shard_world=world)
+
+
+def check_close(out, lse, ref_out, ref_lse, tol):
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    fin = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse[fin], ref_lse[fin], atol=tol, rtol=tol)
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=tol, rtol=tol)
+
+
+def run_case(case, sparse, world, cfg, dtype, device, tol, monkeypatch):
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    seq_lens, q_lens = CASES[case]
+    batch, q, shards, ids = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=world)
+    scale = 1 / math.sqrt(cfg["dim"])
+    outs, lses = [], []
+    for rank in range(world):
+        out, lse = attend(q, shards[rank], batch, ids, rank, world, scale, sparse, "triton")
+        ref_out, ref_lse = attend(q, shards[rank], batch, ids, rank, world, scale, sparse, "reference")
+        check_close(out, lse, ref_out, ref_lse, tol)
+        outs.append(out)
+        lses.append(lse)
+    if world > 1:
+        merged, merged_lse = merge_attention_states(torch.stack(outs), torch.stack(lses))
+        full_batch, _, full_shards, _ = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=1)
+        ref_out, ref_lse = attend(q, full_shards[0], full_batch, ids, 0, 1, scale, sparse, "reference")
+        check_close(merged, merged_lse, ref_out, ref_lse, tol)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_attention_matches_reference(case, sparse, world, monkeypatch):
+    run_case(case, sparse, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
+GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)
+GPU_CASES = {
+    "decode_b1_one_block": ([77], [1]),
+    "decode_mixed": ([5000, 130, 128, 3001], [1, 1, 1, 1]),
+    "decode_few_blocks": ([1500], [1]),
+    "mtp": ([4100, 2900], [4, 16]),
+    "prefill_chunk": ([5000], [700]),
+    "prefill_mixed": ([300, 2049], [300, 1000]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_attention_matches_reference_gpu(case, sparse, world, monkeypatch):
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    run_case(case, sparse, world, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["decode_mixed", "prefill_mixed"])
+def test_reference_with_all_blocks_is_dense_sdpa(case):
+    """Selecting every block turns MSA into dense causal attention: compare with torch SDPA."""
+    seq_lens, q_lens = CASES[case]
+    cfg = dict(CPU, topk=8)  # >= the blocks of the longest sequence
+    batch, q, shards, ids = build(seq_lens, q_lens, **cfg)
+    k_cache, v_cache, table = shards[0]
+    scale = 1 / math.sqrt(cfg["dim"])
+    out, lse = paged_attention_reference(q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens, ids,
+                                         scale=scale)
+    group = cfg["heads"] // cfg["kv_heads"]
+    for b, (n, ql) in enumerate(zip(seq_lens, q_lens)):
+        s, e = int(batch.cu_seqlens_q[b]), int(batch.cu_seqlens_q[b + 1])
+        pages = table[b, :-(-n // cfg["block"])].long()
+        k = k_cache[pages].flatten(0, 1)[:n].transpose(0, 1)  # [H_kv, n, D]
+        v = v_cache[pages].flatten(0, 1)[:n].transpose(0, 1)
+        mask = torch.arange(n)[None, :] <= (n - ql + torch.arange(ql))[:, None]
+        ref = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k.repeat_interleave(group, 0),
+                                             v.repeat_interleave(group, 0), attn_mask=mask, scale=scale)
+        torch.testing.assert_close(out[s:e], ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
+        logits = torch.einsum("qhd,hnd->qhn", q[s:e], k.repeat_interleave(group, 0)) * scale
+        ref_lse = torch.logsumexp(logits.masked_fill(~mask[:, None, :], float("-inf")), -1)
+        torch.testing.assert_close(lse[s:e], ref_lse, atol=1e-5, rtol=1e-5)

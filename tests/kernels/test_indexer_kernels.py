@@ -1,0 +1,174 @@
+"""Triton MSA indexer against the reference, and the reference against a plain loop over positions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from msa.kernels import merge_block_candidates, select_blocks
+from msa.kernels.indexer.reference import select_blocks_reference
+from tests.kernels.paged_cases import make_batch, paginate
+
+CASES = {
+    "decode_b1_one_block": ([9], [1]),
+    "decode_mixed": ([37, 100, 16, 250], [1, 1, 1, 1]),
+    "decode_few_blocks": ([40], [1]),
+    "mtp": ([170, 45], [3, 7]),
+    "prefill_chunk": ([130], [50]),
+    "prefill_mixed": ([33, 20, 75], [33, 20, 6]),
+}
+CPU = dict(groups=2, dim=32, block=16, topk=4)
+
+
+def build(seq_lens, q_lens, *, groups, dim, block, topk, dtype=torch.float32, device="cpu", world=1,
+          ties=False, seed=0):
+    """Index queries and per-shard paged index keys. With ``ties`` the values are small integers and
+    whole blocks repeat, so many block scores are exactly equal."""
+    g = torch.Generator().manual_seed(seed)
+    batch = make_batch(seq_lens, q_lens, device)
+    if ties:
+        iq = torch.randint(-2, 3, (batch.total_q, groups, dim), generator=g).float()
+        ik = []
+        for n in seq_lens:
+            base = torch.randint(-2, 3, (2 * block, dim), generator=g).float()
+            ik.append(base.repeat(-(-n // (2 * block)), 1)[:n])
+    else:
+        iq = torch.randn(batch.total_q, groups, dim, generator=g)
+        ik = [torch.randn(n, dim, generator=g) for n in seq_lens]
+    iq = iq.to(device, dtype)
+    shards = [paginate([k.to(device, dtype) for k in ik], block, r, world, generator=torch.Generator().manual_seed(r))
+              for r in range(world)]
+    return batch, iq, shards
+
+
+def select(iq, shard, batch, topk, rank, world, backend):
+    cache, table = shard
+    if backend == "reference":
+        return select_blocks_reference(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk,
+                                       shard_rank=rank, shard_world=world)
+    return select_blocks(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk, shard_rank=rank,
+                         shard_world=world)
+
+
+def check_same_selection(ids, scores, ref_ids, ref_scores, exact):
+    """Exact: identical ids. Otherwise (bf16 on GPU, other summation order) a differing pick must
+    score within rounding of the pick it replaced."""
+    assert not scores.isnan().any()
+    if exact:
+        assert torch.equal(ids, ref_ids)
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=1e-5)
+        return
+    assert torch.equal(ids < 0, ref_ids < 0)
+    a = torch.sort(scores, -1, descending=True).values
+    r = torch.sort(ref_scores, -1, descending=True).values
+    fin = torch.isfinite(r)
+    assert torch.equal(fin, torch.isfinite(a))
+    torch.testing.assert_close(a[fin], r[fin], atol=3e-2, rtol=3e-2)
+    assert (ids == ref_ids).float().mean() > 0.95
+
+
+def run_case(case, world, ties, cfg, dtype, device, exact, monkeypatch):
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    seq_lens, q_lens = CASES[case]
+    batch, iq, shards = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=world, ties=ties)
+    topk = cfg["topk"]
+    all_ids, all_scores = [], []
+    for rank in range(world):
+        ids, scores = select(iq, shards[rank], batch, topk, rank, world, "triton")
+        ref_ids, ref_scores = select(iq, shards[rank], batch, topk, rank, world, "reference")
+        check_same_selection(ids, scores, ref_ids, ref_scores, exact)
+        all_ids.append(ids)
+        all_scores.append(scores)
+    if world > 1:
+        merged = merge_block_candidates(torch.stack(all_ids), torch.stack(all_scores), topk)
+        _, _, full = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=1, ties=ties)
+        ref_ids, _ = select(iq, full[0], batch, topk, 0, 1, "reference")
+        if exact:
+            assert torch.equal(merged, ref_ids)
+        else:
+            assert (merged == ref_ids).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_select_blocks_matches_reference(case, world, ties, monkeypatch):
+    run_case(case, world, ties, CPU, torch.float32, "cpu", True, monkeypatch)
+
+
+def test_select_blocks_small_chunks_merge_many_candidates(monkeypatch):
+    """Chunks of 16 blocks: the 44-block sequence leaves three chunks' candidates to merge."""
+    from msa.kernels.indexer.triton import select_blocks_triton
+    batch, iq, shards = build([700, 300], [2, 1], **CPU)
+    cache, table = shards[0]
+    ids, scores = select_blocks_triton(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=4,
+                                       chunk_blocks=16)
+    ref_ids, ref_scores = select(iq, shards[0], batch, 4, 0, 1, "reference")
+    check_same_selection(ids, scores, ref_ids, ref_scores, True)
+
+
+GPU = dict(groups=4, dim=128, block=128, topk=16)
+GPU_CASES = {
+    "decode_b1_one_block": ([77], [1]),
+    "decode_mixed": ([70000, 130, 128, 3001], [1, 1, 1, 1]),
+    "decode_few_blocks": ([1500], [1]),
+    "mtp": ([41000, 2900], [4, 16]),
+    "prefill_chunk": ([9000], [700]),
+    "prefill_mixed": ([300, 2049], [300, 1000]),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key_dtype", ["bf16", "fp8"])
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_select_blocks_matches_reference_gpu(case, world, key_dtype, monkeypatch):
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    if key_dtype == "bf16":
+        run_case(case, world, False, GPU, torch.bfloat16, "cuda", False, monkeypatch)
+        return
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    seq_lens, q_lens = GPU_CASES[case]
+    batch, iq, shards = build(seq_lens, q_lens, **GPU, dtype=torch.bfloat16, device="cuda", world=world)
+    for rank in range(world):
+        cache, table = shards[rank]
+        cache8 = cache.to(torch.float8_e4m3fn)
+        ids, scores = select(iq, (cache8, table), batch, 16, rank, world, "triton")
+        ref_ids, ref_scores = select(iq, (cache8, table), batch, 16, rank, world, "reference")
+        check_same_selection(ids, scores, ref_ids, ref_scores, False)
+
+
+@pytest.mark.gpu
+def test_select_blocks_ties_gpu(monkeypatch):
+    monkeypatch.setitem(CASES, "mtp", ([41000, 2900], [4, 16]))
+    run_case("mtp", 2, True, GPU, torch.bfloat16, "cuda", True, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["mtp", "prefill_mixed"])
+def test_reference_matches_loop_over_positions(case):
+    """select_blocks_reference vs the definition written as loops: score every key position, take
+    each block's max, force the local block, keep the best topk (ties to the lower id)."""
+    seq_lens, q_lens = CASES[case]
+    batch, iq, shards = build(seq_lens, q_lens, **CPU, ties=True)
+    cache, table = shards[0]
+    block, topk = CPU["block"], CPU["topk"]
+    ids, scores = select_blocks_reference(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk)
+    for b, (n, ql) in enumerate(zip(seq_lens, q_lens)):
+        for j in range(ql):
+            t = int(batch.cu_seqlens_q[b]) + j
+            pos = n - ql + j
+            for g in range(CPU["groups"]):
+                best = {}
+                for p in range(pos + 1):
+                    key = cache[table[b, p // block], p % block]
+                    s = float(iq[t, g] @ key) / math.sqrt(CPU["dim"])
+                    best[p // block] = max(best.get(p // block, -math.inf), s)
+                best[pos // block] = math.inf
+                ranked = sorted(best, key=lambda blk: (-best[blk], blk))[:topk]
+                want = sorted(ranked) + [-1] * (topk - len(ranked))
+                assert ids[t, g].tolist() == want
+                for blk, s in zip(ids[t, g].tolist(), scores[t, g].tolist()):
+                    if blk >= 0:
+                        assert s == pytest.approx(best[blk], rel=1e-5, abs=1e-5)
