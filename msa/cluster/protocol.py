@@ -43,6 +43,11 @@ class EngineDeadError(EngineError):
     """A shard failed; in-flight requests fail with this and the engine reports unhealthy."""
 
 
+class WeightUpdateError(EngineError):
+    """A weight update was rejected (a bucket failed its checksum, a name or shape is unknown);
+    the message names the bucket or tensor. The engine keeps running on its previous weights."""
+
+
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
     """Per-request sampling, with OpenAI's meanings. ``logprobs``: None for none, else how many

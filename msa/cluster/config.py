@@ -1,0 +1,75 @@
+"""Configuration of one engine replica: which model, how it is split, how much it may hold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from msa.platform.config import ConfigError
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check(ok: bool, name: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ConfigError(f"engine config field '{name}' must be {allowed}, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class EngineConfig:
+    """One engine replica: ``tp`` tensor-parallel ranks times ``sp`` sequence-sharded ranks.
+
+    model: a preset name ("tiny", "m3_proxy", "m3") or a checkpoint directory.
+    num_pages: KV pages per shard; when None, GPU shards size their cache from free memory x
+    ``gpu_memory_utilization`` after the weights, CPU shards from ``kv_cache_memory_bytes``.
+    max_num_batched_tokens: per-step token budget shared by decodes and prefill chunks.
+    max_waiting: requests allowed to queue before ``generate`` raises EngineOverloadedError.
+    """
+
+    model: str = "tiny"
+    tp: int = 1
+    sp: int = 1
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    num_pages: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_waiting: int = 1024
+    weight_bucket_bytes: int = 256 << 20
+    step_timeout_s: float = 300.0
+    health_timeout_s: float = 30.0
+    start_timeout_s: float = 600.0
+    tokenizer: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "sp", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "weight_bucket_bytes"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
+        _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'", self.device)
+        _check(self.dtype in _DTYPES, "dtype", f"one of {sorted(_DTYPES)}", self.dtype)
+        _check(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+               "num_pages", "None or an integer >= 1", self.num_pages)
+        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+               "kv_cache_memory_bytes", "None or > 0", self.kv_cache_memory_bytes)
+        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]",
+               self.gpu_memory_utilization)
+        _check(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
+               f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step",
+               self.max_num_batched_tokens)
+        if self.device == "cpu":
+            _check(self.num_pages is not None or self.kv_cache_memory_bytes is not None, "num_pages",
+                   "set (or kv_cache_memory_bytes) when device is 'cpu'", self.num_pages)
+        for name in ("step_timeout_s", "health_timeout_s", "start_timeout_s"):
+            _check(getattr(self, name) > 0, name, "> 0 seconds", getattr(self, name))
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.sp
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]

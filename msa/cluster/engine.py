@@ -1,0 +1,299 @@
+"""``MSAEngine``: the ``msa.cluster.protocol.Engine`` that serving and RL drive.
+
+One asyncio task runs the engine loop: schedule a step, run it on the executor's shards, append the
+sampled tokens, and push each choice's streamed output into its request's queue. ``generate``
+reads that queue. Weight updates are staged while steps run and committed between two steps, so
+a step never mixes versions and every output names the version that produced it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from msa.cluster.block_manager import BlockManager
+from msa.cluster.config import EngineConfig
+from msa.cluster.executor import LocalExecutor, ModelExecutor, RayExecutor
+from msa.cluster.output import ChoiceStream
+from msa.cluster.parallel import check_parallel_shape
+from msa.cluster.protocol import (
+    EngineDeadError,
+    EngineError,
+    EngineOverloadedError,
+    EngineStats,
+    InvalidRequestError,
+    RequestTooLongError,
+    SamplingParams,
+    TokenOutput,
+)
+from msa.cluster.sampler import SampleResult
+from msa.cluster.scheduler import Scheduler, StepPlan
+from msa.cluster.sequence import Sequence
+from msa.cluster.weights import WeightBucket, pack_buckets
+from msa.platform.config import load_config, preset
+from msa.platform.tokenizer import Tokenizer
+
+__all__ = ["EngineConfig", "MSAEngine"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    request_id: str
+    seqs: list[Sequence]
+    streams: list[ChoiceStream]
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    @property
+    def done(self) -> bool:
+        return all(s.finished for s in self.streams)
+
+
+def _tokenizer_for(config: EngineConfig) -> Tokenizer:
+    source = config.tokenizer or config.model
+    if Path(source).is_dir() and (Path(source) / "tokenizer.json").exists():
+        return Tokenizer.from_directory(source)
+    return Tokenizer.byte_level_default()
+
+
+class MSAEngine:
+    """A replica of ``config.tp x config.sp`` shards. Construction only reads the model config;
+    ``await start()`` places the shards, loads the weights and sizes the KV cache."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_config = load_config(config.model) if Path(config.model).exists() else preset(config.model)
+        check_parallel_shape(self.model_config, config.tp)
+        self.block_size = self.model_config.sparse.block_size
+        self.executor: ModelExecutor | None = None
+        self.scheduler: Scheduler | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.weight_version = 0
+        self._requests: dict[str, _Request] = {}
+        self._seqs: dict[int, tuple[Sequence, ChoiceStream, _Request]] = {}
+        self._rng = random.Random(config.seed)
+        self._rejected = 0
+        self._dead: EngineDeadError | None = None
+        self._wake = asyncio.Event()
+        self._step_lock = asyncio.Lock()
+        self._update_lock = asyncio.Lock()
+        self._loop_task: asyncio.Task | None = None
+
+    # Lifecycle ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop_task is not None:
+            return
+        self.tokenizer = await asyncio.to_thread(_tokenizer_for, self.config)
+        self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        executor = LocalExecutor(self.config) if self.config.world_size == 1 else RayExecutor(self.config)
+        try:
+            num_pages = await executor.start()
+        except BaseException:
+            await executor.shutdown()
+            raise
+        if num_pages < 1:
+            await executor.shutdown()
+            raise EngineError("no KV page fits on a shard after the weights; lower tp x sp demands or "
+                              "raise gpu_memory_utilization / kv_cache_memory_bytes")
+        self.executor = executor
+        blocks = BlockManager(num_pages, self.config.sp, self.block_size)
+        self.scheduler = Scheduler(blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        self._loop_task = asyncio.create_task(self._run_loop(), name="msa-engine-loop")
+        log.info("engine started: tp=%d sp=%d, %d KV pages per shard, longest context %d tokens",
+                 self.config.tp, self.config.sp, num_pages, self.max_context_length)
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        for request in list(self._requests.values()):
+            request.queue.put_nowait(EngineDeadError("the engine was shut down"))
+        if self.executor is not None:
+            await self.executor.shutdown()
+            self.executor = None
+
+    @property
+    def max_context_length(self) -> int:
+        """Longest prompt + completion one sequence may have on this replica."""
+        limit = self.model_config.max_position_embeddings
+        if self.scheduler is not None:
+            limit = min(limit, self.scheduler.block_manager.max_sequence_tokens)
+        return limit
+
+    # Requests ----------------------------------------------------------------------------------
+
+    def _check_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self.scheduler is None:
+            raise EngineError("the engine is not started; await engine.start() first")
+        if request_id in self._requests:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in flight")
+        if not prompt:
+            raise InvalidRequestError("prompt_token_ids must hold at least one token")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})")
+        total = len(prompt) + params.max_tokens
+        positions = self.model_config.max_position_embeddings
+        if total > positions:
+            raise RequestTooLongError(len(prompt), params.max_tokens, positions, "max_position_embeddings")
+        if total > self.max_context_length:
+            raise RequestTooLongError(len(prompt), params.max_tokens, self.max_context_length,
+                                      f"KV pages: {self.scheduler.block_manager.num_pages} per shard x "
+                                      f"sp={self.config.sp} x {self.block_size} tokens, tp={self.config.tp}")
+        if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
+            self._rejected += 1
+            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} sequences are waiting "
+                                        f"(max_waiting={self.config.max_waiting})", retry_after=1.0)
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        """Stream the request's outputs (``params.n`` choices interleaved, told apart by
+        ``index``); ends after every choice's output with a finish_reason."""
+        prompt = list(prompt_token_ids)
+        self._check_request(request_id, prompt, params)
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
+        request = _Request(request_id, [], [])
+        for index in range(params.n):
+            seq = Sequence(request_id, index, prompt, params, seed, self.config.sp)
+            stream = ChoiceStream(request_id, index, len(prompt), params, self.tokenizer, self.eos_token_ids)
+            request.seqs.append(seq)
+            request.streams.append(stream)
+            self._seqs[seq.seq_id] = (seq, stream, request)
+            self.scheduler.add(seq)
+        self._requests[request_id] = request
+        self._wake.set()
+        try:
+            finished = 0
+            while finished < params.n:
+                item = await request.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished += item.finish_reason is not None
+                yield item
+        finally:
+            if not request.done and self._dead is None:
+                self._abort(request, notify=False)
+            self._requests.pop(request_id, None)
+
+    async def abort(self, request_id: str) -> None:
+        request = self._requests.get(request_id)
+        if request is not None:
+            self._abort(request, notify=True)
+
+    def _abort(self, request: _Request, *, notify: bool) -> None:
+        for seq, stream in zip(request.seqs, request.streams, strict=True):
+            if stream.finished:
+                continue
+            self._release(seq)
+            out = stream.abort(self.weight_version)
+            if notify:
+                request.queue.put_nowait(out)
+
+    def _release(self, seq: Sequence) -> None:
+        self.scheduler.remove(seq)
+        self._seqs.pop(seq.seq_id, None)
+
+    # The loop ----------------------------------------------------------------------------------
+
+    async def _run_loop(self) -> None:
+        try:
+            while True:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    self._wake.clear()
+                    if self.scheduler.has_work():  # a preemption left this step empty: go again
+                        await asyncio.sleep(0.001)
+                    else:
+                        await self._wake.wait()
+                    continue
+                async with self._step_lock:
+                    plan.weight_version = self.weight_version
+                    result = await self.executor.execute(plan)
+                self._deliver(plan, result)
+        except asyncio.CancelledError:
+            raise
+        except EngineDeadError as e:
+            self._die(e)
+        except Exception as e:
+            log.exception("engine loop failed")
+            self._die(EngineDeadError(f"the engine loop failed: {e!r}"))
+
+    def _deliver(self, plan: StepPlan, result: SampleResult) -> None:
+        by_id = {seq_id: entry[0] for seq_id, entry in self._seqs.items()}
+        for seq, i in self.scheduler.postprocess(plan, by_id, result.token_ids):
+            _, stream, request = self._seqs[seq.seq_id]
+            top = result.top_logprobs[i]
+            out = stream.append(result.token_ids[i], result.logprobs[i], top, plan.weight_version)
+            if stream.finished:
+                self._release(seq)
+            request.queue.put_nowait(out)
+
+    def _die(self, error: EngineDeadError) -> None:
+        self._dead = error
+        log.error("engine is dead: %s", error)
+        for request in list(self._requests.values()):
+            request.queue.put_nowait(error)
+
+    # Health, weights, stats --------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        if self._dead is not None:
+            raise self._dead
+        if self.executor is None:
+            raise EngineDeadError("the engine is not running")
+        try:
+            async with self._step_lock:
+                await self.executor.check_health()
+        except EngineDeadError as e:
+            self._die(e)
+            if self._loop_task is not None:
+                self._loop_task.cancel()
+            raise
+
+    async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Pack full tensors into checksummed buckets and load them into every shard."""
+        buckets = pack_buckets(named_tensors, version, self.config.weight_bucket_bytes)
+        await self.load_weight_buckets(buckets, version)
+
+    async def load_weight_buckets(self, buckets: Iterable[WeightBucket], version: int) -> None:
+        """Stage already packed buckets on every shard (each verifies its checksum), then switch all
+        shards to ``version`` between two steps. On any error the staged tensors are dropped, the
+        engine keeps its current weights, and the error (WeightUpdateError names the bucket) is raised."""
+        if self._dead is not None:
+            raise self._dead
+        async with self._update_lock:
+            iterator = iter(buckets)
+            try:
+                while (bucket := await asyncio.to_thread(next, iterator, None)) is not None:
+                    await self.executor.stage_weights(bucket)
+                async with self._step_lock:
+                    await self.executor.commit_weights(version)
+                    self.weight_version = version
+            except EngineDeadError as e:
+                self._die(e)
+                raise
+            except BaseException:
+                await self.executor.discard_weights()
+                raise
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.block_manager if self.scheduler else None
+        return EngineStats(
+            running=len(self.scheduler.running) if self.scheduler else 0,
+            waiting=len(self.scheduler.waiting) if self.scheduler else 0,
+            pages_used=blocks.pages_used if blocks else [],
+            pages_total=[blocks.num_pages] * blocks.sp if blocks else [],
+            rejected=self._rejected, weight_version=self.weight_version,
+            healthy=self._dead is None and self.executor is not None)

@@ -1,0 +1,175 @@
+"""Where the shards run: in this process (``LocalExecutor``, tp = sp = 1) or as Ray actors placed
+in one placement group (``RayExecutor``). The engine talks to either through ``ModelExecutor``.
+
+Every call has a timeout; a shard that dies or stops answering turns into EngineDeadError, so a
+caller never hangs on a lost actor.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any
+
+from msa.cluster.config import EngineConfig
+from msa.cluster.protocol import EngineDeadError, EngineError
+from msa.cluster.sampler import SampleResult
+from msa.cluster.scheduler import StepPlan
+from msa.cluster.shard import ModelShard, ShardSpec
+from msa.cluster.weights import WeightBucket
+
+log = logging.getLogger(__name__)
+
+
+def shard_spec(config: EngineConfig, rank: int) -> ShardSpec:
+    return ShardSpec(model=config.model, dtype=config.torch_dtype, device=config.device, seed=config.seed,
+                     tp=config.tp, sp=config.sp, rank=rank, num_pages=config.num_pages,
+                     kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+                     gpu_memory_utilization=config.gpu_memory_utilization,
+                     max_num_batched_tokens=config.max_num_batched_tokens,
+                     collective_timeout_s=config.step_timeout_s)
+
+
+class ModelExecutor(abc.ABC):
+    """Runs every shard of one replica. ``start`` returns the KV pages each shard holds."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    async def start(self) -> int: ...
+
+    @abc.abstractmethod
+    async def execute(self, plan: StepPlan) -> SampleResult:
+        """One step on every shard; rank 0's sampled tokens."""
+
+    @abc.abstractmethod
+    async def check_health(self) -> None: ...
+
+    @abc.abstractmethod
+    async def stage_weights(self, bucket: WeightBucket) -> None: ...
+
+    @abc.abstractmethod
+    async def commit_weights(self, version: int) -> None: ...
+
+    @abc.abstractmethod
+    async def discard_weights(self) -> None: ...
+
+    @abc.abstractmethod
+    async def shutdown(self) -> None: ...
+
+
+class LocalExecutor(ModelExecutor):
+    """The single shard in this process; its work runs in a worker thread so the event loop
+    keeps streaming while a step computes."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        if config.world_size != 1:
+            raise EngineError(f"LocalExecutor runs tp = sp = 1, got tp={config.tp}, sp={config.sp}")
+        self.shard = ModelShard(shard_spec(config, 0))
+
+    async def _call(self, fn, *args, timeout: float) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+        except asyncio.TimeoutError as e:
+            raise EngineDeadError(f"the local shard did not answer {fn.__name__} within {timeout:.0f} s") from e
+
+    async def start(self) -> int:
+        pages = await self._call(self.shard.setup, 0, timeout=self.config.start_timeout_s)
+        await self._call(self.shard.init_cache, pages, timeout=self.config.start_timeout_s)
+        return pages
+
+    async def execute(self, plan: StepPlan) -> SampleResult:
+        return await self._call(self.shard.execute, plan, timeout=self.config.step_timeout_s)
+
+    async def check_health(self) -> None:
+        await self._call(self.shard.check_health, timeout=self.config.health_timeout_s)
+
+    async def stage_weights(self, bucket: WeightBucket) -> None:
+        await self._call(self.shard.stage_weights, bucket, timeout=self.config.step_timeout_s)
+
+    async def commit_weights(self, version: int) -> None:
+        await self._call(self.shard.commit_weights, version, timeout=self.config.step_timeout_s)
+
+    async def discard_weights(self) -> None:
+        self.shard.discard_weights()
+
+    async def shutdown(self) -> None:
+        self.shard = None
+
+
+class RayExecutor(ModelExecutor):
+    """One ``ModelShard`` actor per bundle of the replica's placement group; every step goes to all
+    of them and rank 0's answer comes back."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
+        self.placement = None
+        self.shards: list = []
+
+    async def _all(self, method: str, *args: Any, timeout: float) -> list[Any]:
+        import ray
+
+        calls: list[Awaitable] = [getattr(shard, method).remote(*args) for shard in self.shards]
+        try:
+            return await asyncio.wait_for(asyncio.gather(*calls), timeout)
+        except asyncio.TimeoutError as e:
+            raise EngineDeadError(f"a shard did not answer {method} within {timeout:.0f} s") from e
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.ObjectLostError) as e:
+            raise EngineDeadError(f"a shard actor died during {method}: {e}") from e
+        except ray.exceptions.RayTaskError as e:
+            raise e.as_instanceof_cause() from None
+
+    async def start(self) -> int:
+        import ray
+
+        from msa.cluster.placement import ReplicaPlacement
+
+        self.placement = ReplicaPlacement(self.config.tp, self.config.sp, use_gpu=self.config.device == "cuda")
+        await self.placement.ready(self.config.start_timeout_s)
+        actor = ray.remote(ModelShard)
+        self.shards = [actor.options(**self.placement.actor_options(rank)).remote(shard_spec(self.config, rank))
+                       for rank in range(self.config.world_size)]
+        port = await asyncio.wait_for(self.shards[0].free_port.remote(), self.config.start_timeout_s)
+        capacities = await self._all("setup", port, timeout=self.config.start_timeout_s)
+        pages = min(capacities)
+        await self._all("init_cache", pages, timeout=self.config.start_timeout_s)
+        return pages
+
+    async def execute(self, plan: StepPlan) -> SampleResult:
+        try:
+            results = await self._all("execute", plan, timeout=self.config.step_timeout_s)
+        except EngineDeadError:
+            raise
+        except Exception as e:  # one rank failing leaves the others inside a collective
+            raise EngineDeadError(f"a shard failed a step: {e!r}") from e
+        return results[0]
+
+    async def check_health(self) -> None:
+        await self._all("check_health", timeout=self.config.health_timeout_s)
+
+    async def stage_weights(self, bucket: WeightBucket) -> None:
+        import ray
+
+        ref = ray.put(bucket)  # one copy in the object store, read by every shard
+        await self._all("stage_weights", ref, timeout=self.config.step_timeout_s)
+
+    async def commit_weights(self, version: int) -> None:
+        await self._all("commit_weights", version, timeout=self.config.step_timeout_s)
+
+    async def discard_weights(self) -> None:
+        await self._all("discard_weights", timeout=self.config.step_timeout_s)
+
+    async def shutdown(self) -> None:
+        import ray
+
+        for shard in self.shards:
+            ray.kill(shard, no_restart=True)
+        self.shards = []
+        if self.placement is not None:
+            self.placement.remove()
+            self.placement = None

@@ -1,0 +1,177 @@
+"""One model shard: its slice of the weights, its KV pages, and the steps it runs.
+
+``ModelShard`` is a plain class. ``LocalExecutor`` runs one in-process; ``RayExecutor`` runs one per
+bundle as a Ray actor (``ray.remote(ModelShard)``). Every rank of a replica receives the same
+``StepPlan``, builds its own ``AttentionBatch`` from its sequence shard's page tables, and runs the
+forward; rank 0 samples.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from msa.cluster.parallel import (
+    ContextParallelGroup,
+    ParallelGroups,
+    apply_tensor_parallel,
+    init_parallel_groups,
+    slice_for_rank,
+)
+from msa.cluster.protocol import WeightUpdateError
+from msa.cluster.sampler import SampleResult, sample
+from msa.cluster.scheduler import StepPlan
+from msa.cluster.weights import WeightBucket, unpack_bucket
+from msa.model.kv_cache import PagedKVCache, build_batch, cache_free_batch
+from msa.platform.checkpoint import load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardSpec:
+    """What a shard needs to build itself; ``rank`` = sp_rank * tp + tp_rank."""
+
+    model: str
+    dtype: torch.dtype
+    device: str
+    seed: int
+    tp: int
+    sp: int
+    rank: int
+    num_pages: int | None
+    kv_cache_memory_bytes: int | None
+    gpu_memory_utilization: float
+    max_num_batched_tokens: int
+    collective_timeout_s: float
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ModelShard:
+    """Builds nothing in ``__init__`` (so actor creation is quick); ``setup`` loads the weights."""
+
+    def __init__(self, spec: ShardSpec) -> None:
+        self.spec = spec
+        self.groups: ParallelGroups | None = None
+        self.model = None
+        self.cache: PagedKVCache | None = None
+        self.weight_version = 0
+        self._staged: list[tuple[str, torch.Tensor]] = []
+        self._staged_version: int | None = None
+
+    def free_port(self) -> int:
+        return free_port()
+
+    @property
+    def device(self) -> torch.device:
+        if self.spec.device == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def setup(self, port: int) -> int:
+        """Join the replica's process groups, load and slice the model, and return how many KV
+        pages this shard can hold."""
+        s = self.spec
+        if s.device == "cpu" and s.tp * s.sp > 1:
+            torch.set_num_threads(1)  # shard actors share the host's cores
+        backend = "nccl" if s.device == "cuda" else "gloo"
+        self.groups = init_parallel_groups(s.rank, s.tp, s.sp, port, backend, s.collective_timeout_s)
+        model, _ = load_model(s.model, dtype=s.dtype, device="cpu", seed=s.seed, progress=False)
+        self.model = apply_tensor_parallel(model, self.groups).to(self.device).eval()
+        return self._page_capacity()
+
+    def _kv_heads(self) -> int:
+        return self.model.config.num_key_value_heads // self.spec.tp
+
+    def bytes_per_page(self) -> int:
+        return PagedKVCache.bytes_per_page(self.model.config, dtype=self.spec.dtype, kv_heads=self._kv_heads(),
+                                           num_mtp=0)
+
+    def _page_capacity(self) -> int:
+        s = self.spec
+        if s.num_pages is not None:
+            return s.num_pages
+        if s.device == "cpu":
+            return s.kv_cache_memory_bytes // self.bytes_per_page()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self._profile_forward(s.max_num_batched_tokens)
+        free, total = torch.cuda.mem_get_info()
+        in_use = total - free
+        activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
+        budget = total * s.gpu_memory_utilization - in_use - activations
+        return max(0, int(budget // self.bytes_per_page()))
+
+    @torch.no_grad()
+    def _profile_forward(self, num_tokens: int) -> None:
+        config = self.model.config
+        ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
+        batch = cache_free_batch([num_tokens], config.sparse.block_size, device=self.device)
+        self.model(ids, batch, rows=batch.last_token_rows())
+
+    def init_cache(self, num_pages: int) -> None:
+        self.cache = PagedKVCache(self.model.config, num_pages, dtype=self.spec.dtype, device=self.device,
+                                  kv_heads=self._kv_heads(), num_mtp=0)
+
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> SampleResult | None:
+        """Run one step; rank 0 returns the sampled tokens, the other ranks None."""
+        g = self.groups
+        cp = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
+        batch = build_batch(plan.page_tables[g.sp_rank], plan.num_cached, plan.num_new,
+                            self.cache.block_size, device=self.device, cache=self.cache,
+                            shard_rank=g.sp_rank, shard_world=g.sp, context_parallel=cp)
+        picked = torch.tensor([s.row for s in plan.samples], dtype=torch.long, device=self.device)
+        rows = batch.last_token_rows()[picked]
+        ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
+        logits = self.model(ids, batch, rows=rows)
+        if g.rank != 0:
+            return None
+        return sample(logits, plan.samples, keep_logits=plan.return_logits)
+
+    @torch.no_grad()
+    def check_health(self) -> int:
+        """A real one-token forward through every layer (with the tensor-parallel collectives)."""
+        self._profile_forward(1)
+        return self.weight_version
+
+    def stage_weights(self, bucket: WeightBucket) -> int:
+        """Verify a bucket's checksum and keep this rank's slices of its tensors until
+        ``commit_weights``; returns how many tensors it kept. Raises WeightUpdateError."""
+        if self._staged_version != bucket.version:
+            self._staged, self._staged_version = [], bucket.version
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Ray hands the payload over read-only
+            tensors = unpack_bucket(bucket)
+        pieces = slice_for_rank(self.model, tensors, self.groups)
+        self._staged.extend((name, t.clone()) for name, t in pieces)
+        return len(pieces)
+
+    @torch.no_grad()
+    def commit_weights(self, version: int) -> int:
+        """Copy the staged tensors of ``version`` into the model; later steps run on it."""
+        if self._staged_version != version:
+            raise WeightUpdateError(f"no staged weights of version {version} (staged: {self._staged_version})")
+        params = dict(self.model.named_parameters())
+        for name, value in self._staged:
+            params[name].copy_(value)
+        self.discard_weights()
+        self.weight_version = version
+        return version
+
+    def discard_weights(self) -> None:
+        self._staged, self._staged_version = [], None
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,60 @@
+"""Shared pieces of the engine tests: the tiny model as a single process sees it, and helpers to
+drive an engine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from msa.cluster.protocol import SamplingParams, TokenOutput
+from msa.model import MiniMaxM3ForCausalLM, cache_free_batch
+from msa.model.generate import generate_stream
+from msa.platform.checkpoint import load_model
+
+
+def tiny_model(seed: int = 0) -> MiniMaxM3ForCausalLM:
+    model, _ = load_model("tiny", dtype=torch.float32, seed=seed, progress=False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def reference() -> MiniMaxM3ForCausalLM:
+    return tiny_model(0)
+
+
+def prompt(length: int, salt: int = 0) -> list[int]:
+    """A deterministic prompt of byte tokens."""
+    return [(37 * i + 11 * salt + 5) % 250 for i in range(length)]
+
+
+def greedy_reference(model: MiniMaxM3ForCausalLM, ids: list[int], max_tokens: int) -> list[int]:
+    return list(generate_stream(model, ids, max_tokens=max_tokens, temperature=0.0))
+
+
+def full_logprobs(model: MiniMaxM3ForCausalLM, ids: list[int]) -> torch.Tensor:
+    """log_softmax of a cache-free forward over ``ids``: ``[len(ids), vocab]``."""
+    with torch.no_grad():
+        logits = model(torch.tensor(ids), cache_free_batch([len(ids)], model.config.sparse.block_size))
+    return torch.log_softmax(logits.float(), -1)
+
+
+def greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
+
+
+async def collect(engine, request_id: str, ids: list[int], params: SamplingParams) -> dict[int, list[TokenOutput]]:
+    """All outputs of a request, by choice index."""
+    outs: dict[int, list[TokenOutput]] = {}
+    async for out in engine.generate(request_id, ids, params):
+        outs.setdefault(out.index, []).append(out)
+    return outs
+
+
+def tokens_of(outs: list[TokenOutput]) -> list[int]:
+    return [t for o in outs for t in o.token_ids]
+
+
+def run(coro):
+    return asyncio.run(coro)

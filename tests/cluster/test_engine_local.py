@@ -1,0 +1,216 @@
+"""MSAEngine with the in-process executor (tp = sp = 1) against single-process generation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from msa.cluster.engine import EngineConfig, MSAEngine
+from msa.cluster.protocol import EngineOverloadedError, InvalidRequestError, RequestTooLongError, \
+    SamplingParams, WeightUpdateError
+from msa.cluster.weights import pack_buckets
+from tests.cluster.conftest import collect, full_logprobs, greedy, greedy_reference, prompt, tiny_model, tokens_of
+
+LENGTHS = [3, 17, 41, 58]  # 4-token blocks, top-4: the longer prompts select sparsely
+
+
+def engine_config(**kw) -> EngineConfig:
+    base = dict(model="tiny", device="cpu", dtype="float32", num_pages=128, max_num_seqs=8,
+                max_num_batched_tokens=32, seed=0)
+    return EngineConfig(**{**base, **kw})
+
+
+async def started(**kw) -> MSAEngine:
+    engine = MSAEngine(engine_config(**kw))
+    await engine.start()
+    return engine
+
+
+def test_batch_of_mixed_lengths_matches_single_process_greedy_and_logprobs(reference):
+    async def main():
+        engine = await started()
+        try:
+            params = greedy(10, logprobs=3)
+            return await asyncio.gather(*[collect(engine, f"r{i}", prompt(n, i), params)
+                                          for i, n in enumerate(LENGTHS)])
+        finally:
+            await engine.shutdown()
+
+    results = asyncio.run(main())
+    for i, (n, outs) in enumerate(zip(LENGTHS, results, strict=True)):
+        ids = prompt(n, i)
+        got = tokens_of(outs[0])
+        assert got == greedy_reference(reference, ids, 10)
+        want = full_logprobs(reference, ids + got)[n - 1:-1]  # fp32: same math, reordered sums
+        chosen = torch.tensor([lp for o in outs[0] for lp in o.logprobs])
+        torch.testing.assert_close(chosen, want[torch.arange(10), torch.tensor(got)], rtol=0, atol=1e-4)
+        top = outs[0][0].top_logprobs[0]
+        assert list(top) == torch.topk(want[0], 3).indices.tolist()
+        assert outs[0][-1].finish_reason == "length"
+
+
+def test_sixteen_concurrent_requests_complete_and_free_every_page():
+    async def main():
+        engine = await started(num_pages=96, max_num_seqs=6, max_num_batched_tokens=24)
+        try:
+            params = [greedy(4 + i % 5) for i in range(16)]
+            results = await asyncio.gather(*[collect(engine, f"q{i}", prompt(5 + 3 * i, i), params[i])
+                                             for i in range(16)])
+            return results, params, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    results, params, stats = asyncio.run(main())
+    for outs, p in zip(results, params, strict=True):
+        assert len(tokens_of(outs[0])) == p.max_tokens and outs[0][-1].finish_reason == "length"
+    assert stats.pages_used == [0] and stats.running == 0 and stats.waiting == 0
+
+
+def test_preemption_with_few_pages_keeps_greedy_tokens(reference):
+    lengths = [30, 22, 35, 18, 27]
+
+    async def main():
+        # 24 pages = 96 tokens: every request fits alone, but not all at once.
+        engine = await started(num_pages=24, max_num_seqs=5, max_num_batched_tokens=40)
+        try:
+            results = await asyncio.gather(*[collect(engine, f"p{i}", prompt(n, i), greedy(12))
+                                             for i, n in enumerate(lengths)])
+            return results, engine.scheduler.num_preemptions, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    results, preemptions, stats = asyncio.run(main())
+    assert preemptions > 0
+    for i, (n, outs) in enumerate(zip(lengths, results, strict=True)):
+        assert tokens_of(outs[0]) == greedy_reference(reference, prompt(n, i), 12)
+    assert stats.pages_used == [0]
+
+
+def test_abort_and_cancellation_free_pages():
+    async def main():
+        engine = await started()
+        try:
+            seen = []
+            async for out in engine.generate("a", prompt(20), greedy(200)):
+                seen.append(out)
+                if len(seen) == 2:
+                    assert engine.stats().pages_used[0] > 0
+                    await engine.abort("a")
+            assert seen[-1].finish_reason == "abort" and len(seen) == 3
+            assert engine.stats().pages_used == [0]
+            stream = engine.generate("b", prompt(20), greedy(200))
+            await stream.__anext__()
+            await stream.aclose()  # the client went away
+            assert engine.stats().pages_used == [0] and engine.stats().running == 0
+            again = await collect(engine, "a", prompt(9), greedy(3))  # the id is free again
+            assert len(tokens_of(again[0])) == 3
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_requests_that_can_never_fit_are_refused_with_the_limit():
+    async def main():
+        engine = await started(num_pages=10)  # 10 pages x 4 tokens
+        try:
+            assert engine.max_context_length == 40
+            with pytest.raises(RequestTooLongError) as too_long:
+                await collect(engine, "long", prompt(30), greedy(11))
+            assert too_long.value.limit == 40 and "40" in str(too_long.value)
+            fits = await collect(engine, "ok", prompt(30), greedy(10))
+            assert len(tokens_of(fits[0])) == 10
+        finally:
+            await engine.shutdown()
+        engine = await started(num_pages=2000)
+        try:
+            with pytest.raises(RequestTooLongError) as beyond:
+                await collect(engine, "rope", prompt(4000), greedy(100))
+            assert beyond.value.limit == 4096 and "max_position_embeddings" in str(beyond.value)
+            with pytest.raises(InvalidRequestError, match="vocabulary"):
+                await collect(engine, "bad", [1, 2, 999], greedy(1))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_full_waiting_queue_raises_overloaded():
+    async def main():
+        engine = await started(max_waiting=3, max_num_seqs=1, max_num_batched_tokens=8)
+        try:
+            streams = [engine.generate(f"w{i}", prompt(6, i), greedy(3)) for i in range(3)]
+            tasks = [asyncio.ensure_future(s.__anext__()) for s in streams]
+            await asyncio.sleep(0)
+            with pytest.raises(EngineOverloadedError):
+                await collect(engine, "one-too-many", prompt(6), greedy(3))
+            assert engine.stats().rejected == 1
+            await asyncio.gather(*tasks)
+            for s in streams:
+                async for _ in s:
+                    pass
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+
+
+def test_stop_ids_stop_strings_and_seeded_choices(reference):
+    ids = prompt(13, 3)
+    free_run = greedy_reference(reference, ids, 12)
+
+    async def main():
+        engine = await started()
+        try:
+            by_id = await collect(engine, "ids", ids, greedy(12, stop_token_ids=[free_run[4]]))
+            text = engine.tokenizer.decode(free_run)
+            stop = text[5:7]
+            by_text = await collect(engine, "text", ids, greedy(12, stop=[stop]))
+            sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True)
+            first = await collect(engine, "s1", ids, sampled)
+            second = await collect(engine, "s2", ids, sampled)
+            return by_id, text, stop, by_text, first, second
+        finally:
+            await engine.shutdown()
+
+    by_id, text, stop, by_text, first, second = asyncio.run(main())
+    stop_at = free_run.index(free_run[4])
+    assert tokens_of(by_id[0]) == free_run[:stop_at + 1] and by_id[0][-1].finish_reason == "stop"
+    streamed = "".join(o.text for o in by_text[0])
+    assert streamed == text[:text.index(stop)] and by_text[0][-1].finish_reason == "stop"
+    assert sorted(first) == [0, 1, 2]
+    assert [tokens_of(first[i]) for i in range(3)] == [tokens_of(second[i]) for i in range(3)]
+    assert len({tuple(tokens_of(first[i])) for i in range(3)}) > 1
+
+
+def test_update_weights_switches_to_the_new_model_and_rejects_a_corrupt_bucket():
+    other = tiny_model(seed=1)
+    ids = prompt(45, 2)
+
+    async def main():
+        engine = await started()
+        try:
+            before = await collect(engine, "before", ids, greedy(6, logprobs=0))
+            await engine.update_weights(other.state_dict().items(), version=3)
+            after = await collect(engine, "after", ids, greedy(6, logprobs=0))
+            buckets = list(pack_buckets(tiny_model(seed=2).state_dict().items(), 4, bucket_bytes=64 << 10))
+            assert len(buckets) > 2
+            buckets[1].payload = buckets[1].payload.copy()
+            buckets[1].payload[17] ^= 0xFF
+            with pytest.raises(WeightUpdateError, match="bucket 1 "):
+                await engine.load_weight_buckets(buckets, 4)
+            still = await collect(engine, "still", ids, greedy(6, logprobs=0))
+            return before, after, still, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    before, after, still, stats = asyncio.run(main())
+    got = tokens_of(after[0])
+    assert got == greedy_reference(other, ids, 6) and got != tokens_of(before[0])
+    want = full_logprobs(other, ids + got)[len(ids) - 1:-1]
+    chosen = torch.tensor([lp for o in after[0] for lp in o.logprobs])
+    torch.testing.assert_close(chosen, want[torch.arange(6), torch.tensor(got)], rtol=0, atol=1e-4)
+    assert {o.weight_version for o in before[0]} == {0} and {o.weight_version for o in after[0]} == {3}
+    assert tokens_of(still[0]) == got and stats.weight_version == 3
