@@ -25,11 +25,26 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"config field '{name}' must be {allowed}, got {value!r}")
 
 
-def _positive(obj: Any, *names: str) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive(obj: Any, *names: str, prefix: str = "") -> None:
+    """Each attribute must be a positive int; ``prefix`` turns it into its config.json key."""
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 name, "a positive integer", value)
+        _require(_is_int(value) and value > 0, prefix + name, "a positive integer", value)
+
+
+def _positive_number(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+                 name, "a positive number", value)
+
+
+def _token_id(value: Any, vocab_size: int) -> bool:
+    return _is_int(value) and 0 <= value < vocab_size
 
 
 @dataclass(kw_only=True, slots=True)
@@ -46,7 +61,7 @@ class SparseAttentionConfig:
     disable_index_value: bool = True
 
     def __post_init__(self) -> None:
-        _positive(self, "block_size", "topk_blocks", "num_index_heads", "index_dim")
+        _positive(self, "block_size", "topk_blocks", "num_index_heads", "index_dim", prefix="sparse_")
         _require(self.score_type == "max", "sparse_score_type", "'max'", self.score_type)
         _require(self.init_blocks == 0, "sparse_init_block", "0 (no forced initial block)", self.init_blocks)
         _require(self.local_blocks == 1, "sparse_local_block", "1 (the current block is forced)",
@@ -95,8 +110,9 @@ class ModelConfig:
                  f"a multiple of num_key_value_heads ({self.num_key_value_heads})", self.num_attention_heads)
         _require(self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
                  f"an even number <= head_dim ({self.head_dim})", self.rotary_dim)
-        _require(self.rope_theta > 0, "rope_theta", "positive", self.rope_theta)
-        _require(0 < self.rms_norm_eps < 1, "rms_norm_eps", "in (0, 1)", self.rms_norm_eps)
+        _positive_number(self, "rope_theta", "rms_norm_eps", "swiglu_alpha", "swiglu_limit",
+                         "routed_scaling_factor")
+        _require(self.rms_norm_eps < 1, "rms_norm_eps", "in (0, 1)", self.rms_norm_eps)
         _require(self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
                  f"<= num_local_experts ({self.num_local_experts})", self.num_experts_per_tok)
         _require(self.shared_intermediate_size >= 0, "shared_intermediate_size", ">= 0",
@@ -104,6 +120,11 @@ class ModelConfig:
         _require(self.num_mtp_modules >= 0, "num_mtp_modules", ">= 0", self.num_mtp_modules)
         _require(not self.tie_word_embeddings, "tie_word_embeddings", "false (M3 has an untied lm_head)",
                  self.tie_word_embeddings)
+        _require(self.bos_token_id is None or _token_id(self.bos_token_id, self.vocab_size), "bos_token_id",
+                 f"null or a token id in [0, {self.vocab_size})", self.bos_token_id)
+        eos = [self.eos_token_id] if not isinstance(self.eos_token_id, list) else self.eos_token_id
+        _require(self.eos_token_id is None or all(_token_id(t, self.vocab_size) for t in eos), "eos_token_id",
+                 f"null, a token id or a list of token ids in [0, {self.vocab_size})", self.eos_token_id)
         for name in ("moe_layer_freq", "sparse_attention_freq"):
             value = getattr(self, name)
             _require(isinstance(value, list) and len(value) == self.num_hidden_layers
@@ -177,6 +198,7 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a config.json dict in either layout. Unknown keys are ignored
     (config.json carries many that do not shape the network); known ones are validated."""
     text = raw.get("text_config", raw)
+    _require(isinstance(text, dict), "text_config", "a mapping of config fields", text)
     names = {f.name for f in dataclasses.fields(ModelConfig)} - {"sparse"}
     kwargs: dict[str, Any] = {}
     for key, value in text.items():
@@ -189,6 +211,8 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         head_dim = text.get("head_dim", text.get("hidden_size", 0) // max(text.get("num_attention_heads", 1), 1))
         kwargs["rotary_dim"] = int(head_dim * text["partial_rotary_factor"])
     sparse_raw = text.get("sparse_attention_config") or {k: v for k, v in text.items() if k.startswith("sparse_")}
+    _require(isinstance(sparse_raw, dict), "sparse_attention_config", "a mapping of sparse_* fields",
+             sparse_raw)
     kwargs["sparse"] = _sparse_from_dict(sparse_raw) if sparse_raw else SparseAttentionConfig()
     if "moe_layer_freq" in kwargs and isinstance(kwargs["moe_layer_freq"], int):
         raise ConfigError("config field 'moe_layer_freq' must be a list of 0/1 per layer, got an int")

@@ -1,0 +1,118 @@
+"""Model config: both config.json layouts, validation errors that name the field, preset round trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from msa.platform.config import PRESETS, ConfigError, config_from_dict, load_config, m3, preset, tiny
+
+
+def _published_text_config() -> dict:
+    """The published M3 text config, written the way the release spells it."""
+    return {
+        "model_type": "minimax_m3", "vocab_size": 200064, "hidden_size": 6144, "num_hidden_layers": 60,
+        "num_attention_heads": 64, "num_key_value_heads": 4, "head_dim": 128, "partial_rotary_factor": 0.5,
+        "rope_theta": 5000000, "max_position_embeddings": 1048576, "rms_norm_eps": 1e-6,
+        "intermediate_size": 12288, "moe_intermediate_size": 3072, "shared_intermediate_size": 3072,
+        "num_local_experts": 128, "num_experts_per_tok": 4, "routed_scaling_factor": 2.0,
+        "moe_layer_freq": [0, 0, 0] + [1] * 57, "sparse_attention_freq": [0, 0, 0] + [1] * 57,
+        "num_mtp_modules": 7, "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
+        "use_qk_norm": True, "qk_norm_type": "per_head", "hidden_act": "swigluoai", "scoring_func": "sigmoid",
+        "attention_output_gate": False,
+        "sparse_attention_config": {
+            "sparse_block_size": 128, "sparse_topk_blocks": 16, "sparse_num_index_heads": 4,
+            "sparse_index_dim": 128, "sparse_score_type": "max", "sparse_init_block": 0,
+            "sparse_local_block": 1, "sparse_disable_index_value": True},
+    }
+
+
+def _write(tmp_path, raw: dict):
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return tmp_path
+
+
+def test_flat_config_json(tmp_path):
+    config = load_config(_write(tmp_path, _published_text_config()))
+    assert config == m3()
+    assert config.rotary_dim == 64 and config.sparse.topk_blocks == 16
+
+
+def test_vl_config_json(tmp_path):
+    raw = {"model_type": "minimax_m3_vl", "image_token_index": 200025, "vision_config": {"hidden_size": 1280},
+           "text_config": _published_text_config()}
+    config = load_config(_write(tmp_path, raw))
+    assert config == m3()
+    assert config.hidden_size == 6144  # from text_config, not the vision tower
+
+
+def test_yaml_config(tmp_path):
+    path = tmp_path / "model.yaml"
+    path.write_text("hidden_size: 128\nnum_hidden_layers: 2\nmoe_layer_freq: [0, 1]\n"
+                    "sparse_attention_freq: [0, 1]\n")
+    config = load_config(path)
+    assert config.hidden_size == 128 and config.is_moe_layer(1) and not config.is_sparse_layer(0)
+
+
+def _with(**changes) -> dict:
+    raw = tiny().to_dict()
+    for key, value in changes.items():
+        if key in raw["sparse_attention_config"]:
+            raw["sparse_attention_config"][key] = value
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"num_attention_heads": 5}, "num_attention_heads"),  # not a multiple of 2 KV heads
+    ({"num_key_value_heads": 0}, "num_key_value_heads"),
+    ({"sparse_num_index_heads": 4}, "sparse_num_index_heads"),  # must equal the 2 KV heads
+    ({"sparse_block_size": 0}, "sparse_block_size"),
+    ({"sparse_score_type": "mean"}, "sparse_score_type"),
+    ({"sparse_attention_freq": [0, 1, 1]}, "sparse_attention_freq"),  # 4 layers
+    ({"moe_layer_freq": [0, 1, 2, 1]}, "moe_layer_freq"),
+    ({"moe_layer_freq": 1}, "moe_layer_freq"),
+    ({"rotary_dim": 17}, "rotary_dim"),
+    ({"head_dim": "16"}, "head_dim"),
+    ({"rope_theta": -1.0}, "rope_theta"),
+    ({"num_experts_per_tok": 9}, "num_experts_per_tok"),
+    ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+    ({"hidden_act": "silu"}, "hidden_act"),
+    ({"eos_token_id": [257, 264]}, "eos_token_id"),
+    ({"bos_token_id": -1}, "bos_token_id"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_invalid_field_is_named(changes, field):
+    with pytest.raises(ConfigError, match=f"config field '{field}'"):
+        config_from_dict(_with(**changes))
+
+
+def test_text_config_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="'text_config'"):
+        config_from_dict({"text_config": [1, 2]})
+
+
+def test_aliases_and_unknown_keys():
+    raw = _with(num_experts=4, some_future_field=1)
+    del raw["num_local_experts"]
+    assert config_from_dict(raw) == tiny()
+
+
+def test_missing_config_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_round_trip(name, tmp_path):
+    config = preset(name)
+    assert config_from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    config.save(tmp_path / "config.json")
+    assert load_config(tmp_path) == config
+    assert config_from_dict({"model_type": "minimax_m3_vl", "text_config": config.to_dict()}) == config
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        preset("huge")
