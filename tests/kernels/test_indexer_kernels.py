@@ -98,13 +98,15 @@ def test_select_blocks_matches_reference(case, world, ties, monkeypatch):
     run_case(case, world, ties, CPU, torch.float32, "cpu", True, monkeypatch)
 
 
-def test_select_blocks_small_chunks_merge_many_candidates(monkeypatch):
-    """Chunks of 16 blocks: the 44-block sequence leaves three chunks' candidates to merge."""
+@pytest.mark.parametrize("chunk", [2, 16])
+def test_select_blocks_chunks_merge_candidates(chunk):
+    """Chunks of fewer blocks than topk (each keeps all its blocks) and of more (each keeps its
+    topk): the merge sees many chunks' candidates."""
     from msa.kernels.indexer.triton import select_blocks_triton
     batch, iq, shards = build([700, 300], [2, 1], **CPU)
     cache, table = shards[0]
     ids, scores = select_blocks_triton(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=4,
-                                       chunk_blocks=16)
+                                       chunk_blocks=chunk)
     ref_ids, ref_scores = select(iq, shards[0], batch, 4, 0, 1, "reference")
     check_same_selection(ids, scores, ref_ids, ref_scores, True)
 

@@ -41,7 +41,8 @@ def _key_score(key):
 
 @triton.jit
 def _key_block(key):
-    return 2147483647 - (key & 0xFFFFFFFF).to(tl.int32)
+    low = key - ((key >> 32) << 32)  # the low 32 bits, as a non-negative int64
+    return 2147483647 - low.to(tl.int32)
 
 
 @triton.jit
@@ -53,7 +54,7 @@ def _score_chunk_topk_kernel(
     stride_bt,
     stride_ct, stride_cg, stride_cc,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CHUNK: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr, KC: tl.constexpr, KC_P: tl.constexpr, IEEE: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * GP
     pid = tl.program_id(0)
@@ -102,14 +103,14 @@ def _score_chunk_topk_kernel(
 
     ids = shard_rank + (lo + cols) * shard_world
     keys = _score_key(scores, ids[None, :])  # [M, CHUNK]
-    picks = tl.arange(0, TOPK_P)
-    chosen = tl.full([M, TOPK_P], _KEY_FLOOR, tl.int64)
-    for r in range(TOPK):
+    picks = tl.arange(0, KC_P)
+    chosen = tl.full([M, KC_P], _KEY_FLOOR, tl.int64)
+    for r in range(KC):
         top = tl.max(keys, 1)  # [M]
         chosen = tl.where(picks[None, :] == r, top[:, None], chosen)
         keys = tl.where(keys == top[:, None], _KEY_FLOOR, keys)
     tl.store(cand_ptr + tok[:, None] * stride_ct + head[:, None] * stride_cg + chunk * stride_cc + picks[None, :],
-             chosen, mask=row_ok[:, None] & (picks[None, :] < TOPK))
+             chosen, mask=row_ok[:, None] & (picks[None, :] < KC))
 
 
 @triton.jit
@@ -142,27 +143,78 @@ def _merge_candidates_kernel(
     tl.store(scores_ptr + t * stride_st + g * stride_sg + slot, score, mask=keep)
 
 
-def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, topk: int) -> int:
-    """Blocks per scoring program: enough programs to fill the GPU about twice, but chunks of at
-    least ``topk`` blocks (fewer candidates for the merge) and at most 128."""
-    want = 2 * num_sms(device)
+def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, cap: int) -> int:
+    """Blocks per scoring program: enough programs to fill the GPU about four times (the loads of
+    several programs in flight hide the memory latency), at most ``cap`` (registers)."""
+    want = 4 * num_sms(device)
     chunk = next_pow2(triton.cdiv(n_blocks * programs_per_chunk, want))
-    return max(next_pow2(topk), 16, min(chunk, 128))
+    return max(2, min(chunk, cap))
+
+
+def launch_chunk_scores(
+    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int, shard_rank: int, shard_world: int,
+    longest: int, block_t: int | None, chunk_blocks: int | None, num_stages: int | None,
+) -> torch.Tensor:
+    """Score every chunk of blocks and keep each chunk's best: candidate keys ``[T, G, chunks, kc]``
+    int64 with ``kc = min(chunk, topk)``."""
+    T, G, D = index_q.shape
+    B = seq_lens.shape[0]
+    gp = next_pow2(G)
+    if block_t is None:
+        block_t = min(next_pow2(longest), max(1, 128 // gp))
+    block_t = max(block_t, triton.cdiv(16, gp))  # tl.dot needs M >= 16
+    tiles = triton.cdiv(longest, block_t)
+    n_blocks = max(1, block_table.shape[1])
+    rows = block_t * gp
+    chunk = chunk_blocks or _pick_chunk(n_blocks, B * tiles, index_q.device, min(128, 8192 // rows))
+    n_chunks = triton.cdiv(n_blocks, chunk)
+    kc = min(chunk, topk)
+    # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
+    cand = torch.empty(T, G, n_chunks, kc, dtype=torch.int64, device=index_q.device)
+    _score_chunk_topk_kernel[(B * tiles, n_chunks)](
+        index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, cand,
+        float(D) ** 0.5, shard_rank, shard_world, tiles,
+        index_q.stride(0), index_q.stride(1),
+        index_k_cache.stride(0), index_k_cache.stride(1),
+        block_table.stride(0),
+        cand.stride(0), cand.stride(1), cand.stride(2),
+        G=G, GP=gp, BLOCK_T=block_t, D=D, BLOCK_SIZE=index_k_cache.shape[1], CHUNK=chunk, KC=kc,
+        KC_P=next_pow2(kc), IEEE=index_q.dtype == torch.float32, num_warps=4 if rows <= 64 else 8,
+        num_stages=num_stages or 3,
+    )
+    return cand
+
+
+def launch_candidate_merge(cand: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``."""
+    T, G = cand.shape[:2]
+    ids = torch.empty(T, G, topk, dtype=torch.int32, device=cand.device)
+    scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
+    n_cand = cand.shape[2] * cand.shape[3]
+    _merge_candidates_kernel[(T, G)](
+        cand, ids, scores, n_cand,
+        cand.stride(0), cand.stride(1),
+        ids.stride(0), ids.stride(1),
+        scores.stride(0), scores.stride(1),
+        TOPK=topk, TOPK_P=next_pow2(topk), N_P=next_pow2(n_cand), num_warps=8 if n_cand > 1024 else 4,
+    )
+    return ids, scores
 
 
 def select_blocks_triton(
     index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
     shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
-    block_t: int | None = None, chunk_blocks: int | None = None,
+    block_t: int | None = None, chunk_blocks: int | None = None, num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
 
     index_q ``[T, G, D]`` (fp32/bf16/fp16); index_k_cache ``[pages, block, D]`` in index_q's dtype or
     float8_e4m3fn. Returns (ids ``[T, G, topk]`` int32 ascending, -1 padded; scores ``[T, G, topk]``
     fp32, +inf for the forced local block, -inf for padding). ``max_q_len`` saves a host sync;
-    ``block_t`` (query tokens per program) and ``chunk_blocks`` (blocks per program) override the
-    heuristics.
+    ``block_t`` (query tokens per program), ``chunk_blocks`` (blocks per program) and ``num_stages``
+    override the heuristics.
     """
     name = "select_blocks"
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -177,39 +229,11 @@ def select_blocks_triton(
     bs = index_k_cache.shape[1]
     if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):
         raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")
-    ids = torch.full((T, G, topk), -1, dtype=torch.int32, device=index_q.device)
-    scores = torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device)
     longest = max_query_len(cu_seqlens_q, max_q_len)
     if T == 0 or longest == 0 or topk == 0:
-        return ids, scores
-    B = seq_lens.shape[0]
-    gp = next_pow2(G)
-    if block_t is None:
-        block_t = min(next_pow2(longest), max(1, 128 // gp))
-    block_t = max(block_t, triton.cdiv(16, gp))  # tl.dot needs M >= 16
-    tiles = triton.cdiv(longest, block_t)
-    n_blocks = max(1, block_table.shape[1])
-    chunk = chunk_blocks or _pick_chunk(n_blocks, B * tiles, index_q.device, topk)
-    n_chunks = triton.cdiv(n_blocks, chunk)
-    # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
-    cand = torch.empty(T, G, n_chunks, topk, dtype=torch.int64, device=index_q.device)
-    rows = block_t * gp
-    _score_chunk_topk_kernel[(B * tiles, n_chunks)](
-        index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, cand,
-        float(D) ** 0.5, shard_rank, shard_world, tiles,
-        index_q.stride(0), index_q.stride(1),
-        index_k_cache.stride(0), index_k_cache.stride(1),
-        block_table.stride(0),
-        cand.stride(0), cand.stride(1), cand.stride(2),
-        G=G, GP=gp, BLOCK_T=block_t, D=D, BLOCK_SIZE=bs, CHUNK=chunk, TOPK=topk, TOPK_P=next_pow2(topk),
-        IEEE=index_q.dtype == torch.float32, num_warps=4 if rows <= 64 else 8, num_stages=3,
-    )
-    n_cand = n_chunks * topk
-    _merge_candidates_kernel[(T, G)](
-        cand, ids, scores, n_cand,
-        cand.stride(0), cand.stride(1),
-        ids.stride(0), ids.stride(1),
-        scores.stride(0), scores.stride(1),
-        TOPK=topk, TOPK_P=next_pow2(topk), N_P=next_pow2(n_cand), num_warps=8 if n_cand > 1024 else 4,
-    )
-    return ids, scores
+        return (torch.full((T, G, topk), -1, dtype=torch.int32, device=index_q.device),
+                torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device))
+    cand = launch_chunk_scores(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
+                               shard_rank=shard_rank, shard_world=shard_world, longest=longest, block_t=block_t,
+                               chunk_blocks=chunk_blocks, num_stages=num_stages)
+    return launch_candidate_merge(cand, topk)

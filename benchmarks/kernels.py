@@ -1,0 +1,406 @@
+"""MSA kernels on one GPU at the MiniMax-M3 attention shape, against dense torch SDPA.
+
+Decode (index + top-k + sparse attention over a paged cache) for context lengths up to 1M and
+batches 1/4/8, the same step of dense SDPA decode over a contiguous cache (fastest of the cuDNN,
+flash and efficient backends), the byte floor (bytes that must be read / device-to-device copy
+bandwidth measured in this run); prefill of one MSA layer over 128K (and 1M) tokens in chunks vs
+dense causal SDPA. Every kernel is checked against its reference at a smaller shape first, and a
+kernel that fails its check gets no speed. Writes ``benchmarks/results/kernels-<gpu>.json``.
+
+    python benchmarks/kernels.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from msa.kernels.dense_attention.triton import paged_attention_triton  # noqa: E402
+from msa.kernels.indexer.reference import select_blocks_reference  # noqa: E402
+from msa.kernels.indexer.triton import select_blocks_triton  # noqa: E402
+from msa.kernels.merge.reference import merge_attention_states_reference  # noqa: E402
+from msa.kernels.merge.triton import merge_attention_states_triton  # noqa: E402
+from msa.kernels.sparse_attention.reference import paged_attention_reference  # noqa: E402
+from msa.kernels.sparse_attention.triton import sparse_attention_triton  # noqa: E402
+
+HEADS, KV_HEADS, DIM, BLOCK, TOPK = 64, 4, 128, 128, 16
+SCALE = 1 / math.sqrt(DIM)
+DEV = "cuda"
+BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+# ---------------------------------------------------------------- timing and bandwidth
+
+def graph_time_us(fn, rep_ms: int = 200) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph, with L2 flushed before each replay."""
+    fn()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median") * 1e3
+
+
+def event_time_ms(fn, reps: int = 3) -> float:
+    """Median of ``reps`` event-timed calls after one warm-up (for long, multi-launch runs)."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    src = torch.empty(2**30, dtype=torch.uint8, device=DEV).random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------- problem construction
+
+def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: int = 0) -> dict:
+    """Random decode/prefill inputs over shuffled pages: B sequences of L tokens, the last q_len
+    of each being queries."""
+    gen = torch.Generator(device=DEV).manual_seed(seed)
+    nb = triton.cdiv(L, BLOCK)
+    pages = B * nb
+    table = torch.randperm(pages, device=DEV, generator=gen).view(B, nb).int()
+    k = torch.randn(pages, BLOCK, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(pages, BLOCK, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen)
+    ik = torch.randn(pages, BLOCK, DIM, device=DEV, dtype=torch.bfloat16, generator=gen).to(index_dtype)
+    T = B * q_len
+    return dict(
+        q=torch.randn(T, HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
+        iq=torch.randn(T, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
+        k=k, v=v, ik=ik, table=table,
+        cu=torch.arange(0, T + 1, q_len, device=DEV, dtype=torch.int32),
+        seq_lens=torch.full((B,), L, device=DEV, dtype=torch.int32),
+        q_len=q_len,
+    )
+
+
+def msa_step(p: dict):
+    ids, _ = select_blocks_triton(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK,
+                                  max_q_len=p["q_len"])
+    return sparse_attention_triton(p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE,
+                                   max_q_len=p["q_len"])
+
+
+# ---------------------------------------------------------------- correctness gates
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def check_kernels() -> dict:
+    """Each kernel against its reference at a smaller shape: mixed batch, decode + MTP rows."""
+    out = {}
+    for name, idx_dtype in (("index_bf16", torch.bfloat16), ("index_fp8", torch.float8_e4m3fn)):
+        p = paged_problem(2, 20000, 3, idx_dtype, seed=1)
+        p["seq_lens"][1] = 12345
+        ids, sc = select_blocks_triton(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
+        rids, rsc = select_blocks_reference(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
+        a, r = torch.sort(sc, -1).values, torch.sort(rsc, -1).values
+        fin = torch.isfinite(r)
+        score_err = float((a[fin] - r[fin]).abs().max()) if fin.any() else 0.0
+        same = float((ids == rids).float().mean())
+        ok = torch.equal(fin, torch.isfinite(a)) and score_err < 3e-2 and same > 0.95
+        out[name] = dict(ok=ok, id_agreement=same, max_score_err=score_err)
+    p = paged_problem(2, 20000, 3, torch.bfloat16, seed=2)
+    p["seq_lens"][1] = 12345
+    ids, _ = select_blocks_reference(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
+    args = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    for name, sparse in (("sparse_attention", True), ("dense_attention", False)):
+        if sparse:
+            o, lse = sparse_attention_triton(*args, ids, scale=SCALE)
+        else:
+            o, lse = paged_attention_triton(*args, scale=SCALE)
+        ro, rlse = paged_attention_reference(*args, ids if sparse else None, scale=SCALE)
+        err = rel_err(o, ro)
+        out[name] = dict(ok=err < 1e-2 and not o.isnan().any() and rel_err(lse, rlse) < 1e-3, rel_err=err)
+    outs = torch.randn(4, 64, HEADS, DIM, device=DEV, dtype=torch.bfloat16)
+    lses = torch.randn(4, 64, HEADS, device=DEV)
+    lses[1] = float("-inf")
+    o, lse = merge_attention_states_triton(outs, lses)
+    ro, rlse = merge_attention_states_reference(outs, lses)
+    out["merge"] = dict(ok=rel_err(o, ro) < 1e-2 and rel_err(lse, rlse) < 1e-5, rel_err=rel_err(o, ro))
+    return out
+
+
+# ---------------------------------------------------------------- dense baselines
+
+def sdpa_decode_fn(B: int, L: int, q_len: int, backend: str):
+    q = torch.randn(B, HEADS, q_len, DIM, device=DEV, dtype=torch.bfloat16)
+    k = torch.randn(B, KV_HEADS, L, DIM, device=DEV, dtype=torch.bfloat16)
+    v = torch.randn(B, KV_HEADS, L, DIM, device=DEV, dtype=torch.bfloat16)
+
+    def fn():
+        with sdpa_kernel(BACKENDS[backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
+    return fn
+
+
+def fastest_sdpa(make, time_fn) -> tuple[float | None, str | None, dict]:
+    """Time every SDPA backend that accepts the problem; return the fastest."""
+    times = {}
+    for name in BACKENDS:
+        try:
+            times[name] = time_fn(make(name))
+        except Exception as e:  # a backend that rejects the shape or GQA
+            times[name] = f"unsupported: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        torch.cuda.empty_cache()
+    good = {k: t for k, t in times.items() if isinstance(t, float)}
+    if not good:
+        return None, None, times
+    best = min(good, key=good.get)
+    return good[best], best, times
+
+
+# ---------------------------------------------------------------- decode and prefill
+
+def decode_row(B: int, L: int, bw: float, checks: dict, fp8: bool) -> dict:
+    idx_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
+    p = paged_problem(B, L, 1, idx_dtype)
+    row = dict(batch=B, context=L, index_keys="fp8" if fp8 else "bf16")
+    index_ok = checks["index_fp8" if fp8 else "index_bf16"]["ok"]
+    attn_ok = checks["sparse_attention"]["ok"] and checks["merge"]["ok"]
+    ids, _ = select_blocks_triton(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1)
+    if index_ok:
+        row["index_us"] = graph_time_us(lambda: select_blocks_triton(
+            p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1))
+    if attn_ok:
+        row["sparse_attention_us"] = graph_time_us(lambda: sparse_attention_triton(
+            p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1))
+    if index_ok and attn_ok:
+        row["msa_us"] = graph_time_us(lambda: msa_step(p))
+    n_blocks = min(TOPK, triton.cdiv(L, BLOCK))
+    floor_bytes = B * (L * DIM * p["ik"].element_size() + KV_HEADS * n_blocks * BLOCK * DIM * 2 * 2)
+    row["floor_us"] = floor_bytes / bw * 1e6
+    if "msa_us" in row:
+        row["fraction_of_floor"] = row["floor_us"] / row["msa_us"]
+    if checks["dense_attention"]["ok"] and not fp8:
+        row["triton_dense_paged_us"] = graph_time_us(lambda: paged_attention_triton(
+            p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=1))
+    del p
+    torch.cuda.empty_cache()
+    return row
+
+
+def dense_decode(B: int, L: int, bw: float) -> dict:
+    t, best, all_times = fastest_sdpa(lambda name: sdpa_decode_fn(B, L, 1, name), graph_time_us)
+    torch.cuda.empty_cache()
+    return dict(sdpa_us=t, sdpa_backend=best, sdpa_all_us=all_times,
+                dense_floor_us=B * L * KV_HEADS * DIM * 2 * 2 / bw * 1e6)
+
+
+def msa_prefill_ms(L: int, chunk: int, index_dtype=torch.bfloat16) -> dict:
+    """One MSA layer over L tokens of one sequence, in chunks: each chunk selects blocks over its
+    prefix (causal inside the chunk) and attends to them."""
+    p = paged_problem(1, L, L, index_dtype)
+    cus = torch.tensor([0, chunk], device=DEV, dtype=torch.int32)
+    steps = []
+    for s in range(0, L, chunk):
+        n = min(chunk, L - s)
+        cu = cus if n == chunk else torch.tensor([0, n], device=DEV, dtype=torch.int32)
+        sl = torch.tensor([s + n], device=DEV, dtype=torch.int32)
+        steps.append((slice(s, s + n), cu, sl, n))
+
+    def index_only():
+        return [select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)[0]
+                for r, cu, sl, n in steps]
+
+    all_ids = index_only()
+
+    def attention_only():
+        for (r, cu, sl, n), ids in zip(steps, all_ids, strict=True):
+            sparse_attention_triton(p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n)
+
+    def both():
+        for r, cu, sl, n in steps:
+            ids, _ = select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)
+            sparse_attention_triton(p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n)
+
+    reps = 3 if L <= 2**17 else 1
+    res = dict(context=L, chunk=chunk, index_ms=event_time_ms(index_only, reps),
+               sparse_attention_ms=event_time_ms(attention_only, reps), msa_ms=event_time_ms(both, reps))
+    # Floors: the index and attention matmul FLOPs over the measured bf16 matmul rate.
+    res["index_tflop"] = KV_HEADS * 2 * DIM * L * (L + 1) / 2 / 1e12
+    n_keys = sum(min(TOPK * BLOCK, (t // BLOCK) * BLOCK + t % BLOCK + 1) for t in range(0, L, 64)) * 64
+    res["attention_tflop"] = HEADS * 4 * DIM * n_keys / 1e12
+    del p, all_ids
+    torch.cuda.empty_cache()
+    return res
+
+
+def dense_prefill_ms(L: int) -> dict:
+    def make(name):
+        q = torch.randn(1, HEADS, L, DIM, device=DEV, dtype=torch.bfloat16)
+        k = torch.randn(1, KV_HEADS, L, DIM, device=DEV, dtype=torch.bfloat16)
+        v = torch.randn(1, KV_HEADS, L, DIM, device=DEV, dtype=torch.bfloat16)
+
+        def fn():
+            with sdpa_kernel(BACKENDS[name]):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+        return fn
+    t, best, all_times = fastest_sdpa(make, lambda fn: event_time_ms(fn, 2))
+    return dict(sdpa_ms=t, sdpa_backend=best, sdpa_all_ms=all_times,
+                dense_tflop=HEADS * 4 * DIM * L * (L + 1) / 2 / 1e12)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=25, rep=200, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------- report
+
+def fits(B: int, L: int) -> bool:
+    need = B * L * (KV_HEADS * DIM * 2 * 2 * 2 + DIM * 2) * 1.2  # paged + contiguous K/V, index keys
+    return need < torch.cuda.get_device_properties(0).total_memory * 0.8
+
+
+def print_table(res: dict) -> None:
+    print(f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  copy {res['copy_bw_gbs']:.0f} GB/s")
+    print(f"{'B':>2} {'L':>8} {'idx':>4} {'index':>8} {'attn':>8} {'MSA':>8} {'floor':>8} {'%floor':>6} "
+          f"{'SDPA':>9} {'backend':>9} {'speedup':>7}")
+    for r in res["decode"]:
+        msa, sd = r.get("msa_us"), r.get("sdpa_us")
+        f = lambda x: f"{x:8.1f}" if isinstance(x, float) else f"{'-':>8}"
+        print(f"{r['batch']:>2} {r['context']:>8} {r['index_keys']:>4} {f(r.get('index_us'))} "
+              f"{f(r.get('sparse_attention_us'))} {f(msa)} {f(r['floor_us'])} "
+              f"{100 * r.get('fraction_of_floor', 0):5.0f}% {f(sd)} {str(r.get('sdpa_backend')):>9} "
+              f"{(sd / msa if msa and sd else 0):6.1f}x")
+    for r in res["prefill"]:
+        print(f"prefill L={r['context']}: MSA {r['msa_ms']:.1f} ms (index {r['index_ms']:.1f}, attention "
+              f"{r['sparse_attention_ms']:.1f}), dense SDPA {r.get('sdpa_ms')} ms ({r.get('sdpa_backend')}), "
+              f"speedup {r.get('speedup', float('nan')):.1f}x")
+    print(f"decode crossover (batch 1, bf16 index keys): {res.get('decode_crossover')}")
+
+
+def sweep() -> None:
+    """Tuning sweep (not part of the report): per-kernel times over chunk size, pipelining depth
+    and split count, and the cost of a kernel launch inside a graph."""
+    from msa.kernels.indexer.triton import launch_candidate_merge, launch_chunk_scores
+    x = torch.zeros(16, device=DEV)
+    for n in (1, 4):
+        print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
+    for L in (32768, 131072, 1048576):
+        for dt in (torch.bfloat16, torch.float8_e4m3fn):
+            p = paged_problem(1, L, 1, dt)
+            a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+            for chunk in (2, 4, 8, 16, 32, 64, 128):
+                if triton.cdiv(L, BLOCK) < chunk * 8:
+                    continue
+                for st in (2, 3, 4):
+                    kw = dict(topk=TOPK, shard_rank=0, shard_world=1, longest=1, block_t=None, chunk_blocks=chunk,
+                              num_stages=st)
+                    cand = launch_chunk_scores(*a, **kw)
+                    ts = graph_time_us(lambda kw=kw: launch_chunk_scores(*a, **kw))
+                    tm = graph_time_us(lambda cand=cand: launch_candidate_merge(cand, TOPK))
+                    tt = graph_time_us(lambda chunk=chunk, st=st: select_blocks_triton(
+                        *a, topk=TOPK, max_q_len=1, chunk_blocks=chunk, num_stages=st))
+                    print(f"L={L} {str(dt)[6:]} chunk={chunk} stages={st}: scores {ts:.1f} merge {tm:.1f} "
+                          f"select {tt:.1f} us", flush=True)
+            ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
+            for ns in (1, 2, 4, 8, 16):
+                t = graph_time_us(lambda ns=ns: sparse_attention_triton(
+                    p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1,
+                    num_splits=ns))
+                print(f"L={L} sparse attention splits={ns}: {t:.1f} us", flush=True)
+            del p
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a few lengths only")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--no-1m-prefill", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="tuning sweep only")
+    args = ap.parse_args()
+    if args.sweep:
+        sweep()
+        return
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    res = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
+               shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=DIM, block=BLOCK, topk=TOPK),
+               date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    bw = copy_bandwidth()
+    res["copy_bw_gbs"] = bw / 1e9
+    res["matmul_tflops"] = matmul_rate() / 1e12
+    res["checks"] = checks = check_kernels()
+    print(json.dumps(checks, indent=1), flush=True)
+
+    lengths = [2048, 8192, 32768, 131072, 524288, 1048576] if not args.quick else [32768, 1048576]
+    batches = [1, 4, 8] if not args.quick else [1]
+    res["decode"] = []
+    for L in lengths:
+        for B in batches:
+            if not fits(B, L):
+                continue
+            dense = dense_decode(B, L, bw)
+            for fp8 in (False, True):
+                if fp8 and B != 1 and L not in (131072, 1048576):
+                    continue
+                row = decode_row(B, L, bw, checks, fp8)
+                row.update(dense)
+                if row.get("msa_us") and row.get("sdpa_us"):
+                    row["speedup_vs_sdpa"] = row["sdpa_us"] / row["msa_us"]
+                res["decode"].append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "sdpa_all_us"}), flush=True)
+    slower = [r["context"] for r in res["decode"]
+              if r["batch"] == 1 and r["index_keys"] == "bf16" and r.get("speedup_vs_sdpa", 0) < 1]
+    res["decode_crossover"] = (f"dense faster up to L={max(slower)}" if slower else
+                               f"MSA faster at every measured length (from L={lengths[0]})")
+
+    res["prefill"] = []
+    if checks["index_bf16"]["ok"] and checks["sparse_attention"]["ok"]:
+        for L in ([131072] if args.no_1m_prefill or args.quick else [131072, 1048576]):
+            r = msa_prefill_ms(L, 8192)
+            if L <= 131072:
+                r.update(dense_prefill_ms(L))
+                if r.get("sdpa_ms"):
+                    r["speedup"] = r["sdpa_ms"] / r["msa_ms"]
+            r["index_floor_ms"] = r["index_tflop"] / res["matmul_tflops"] * 1e3
+            r["attention_floor_ms"] = r["attention_tflop"] / res["matmul_tflops"] * 1e3
+            res["prefill"].append(r)
+            print(json.dumps(r), flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    name = props.name.replace(" ", "-").replace("/", "-")
+    path = os.path.join(args.out, f"kernels-{name}{'-quick' if args.quick else ''}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print_table(res)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
