@@ -79,8 +79,8 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
     if first.get("type") == "json_invalid":
-        return OpenAIError(400, f"the request body is not valid JSON: {first.get('ctx', {}).get('error', '')}",
-                           code="invalid_json")
+        reason = first.get("ctx", {}).get("error", "")
+        return OpenAIError(400, f"the request body is not valid JSON: {reason}", code="invalid_json")
     loc = tuple(first.get("loc", ()))
     if first.get("type") == "missing" and loc in (("body",), ()):
         return OpenAIError(400, "the request needs a JSON body", code="invalid_json")

@@ -44,7 +44,8 @@ class ParsedToolCall:
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
     def to_openai(self, index: int | None = None) -> dict:
-        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        function = {"name": self.name, "arguments": self.arguments}
+        call = {"id": self.id, "type": "function", "function": function}
         return call if index is None else {"index": index, **call}
 
 

@@ -75,7 +75,8 @@ def test_defaults_and_tool_choice():
     req = ChatCompletionRequest.model_validate({"model": "m", "messages": USER, "tools": TOOLS,
                                                 "max_tokens": 5, "max_completion_tokens": 7})
     assert req.completion_limit == 7 and req.effective_tool_choice == "auto"
-    assert CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]}).prompts() == [[1, 2], [3]]
+    batch = CompletionRequest.model_validate({"model": "m", "prompt": [[1, 2], [3]]})
+    assert batch.prompts() == [[1, 2], [3]]
     assert CompletionRequest.model_validate({"model": "m", "prompt": [1, 2]}).prompts() == [[1, 2]]
 
 

@@ -21,7 +21,8 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich", "day
 def test_single_call_becomes_tool_call_without_content():
     content, calls = parse_tool_calls(CALL)
     assert content is None
-    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Zürich", "days": 2})]
+    parsed = [(c.name, json.loads(c.arguments)) for c in calls]
+    assert parsed == [("get_weather", {"city": "Zürich", "days": 2})]
     assert calls[0].id.startswith("call_")
 
 

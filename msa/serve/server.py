@@ -1,0 +1,188 @@
+"""``OpenAIServer``: what the HTTP routes share around one engine — its tokenizer, the served
+model name and key, metrics, the request budget checks, and engine calls that abort when abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import AsyncIterator
+
+from msa.cluster.protocol import Engine, EngineError, InvalidRequestError, SamplingParams, TokenOutput
+from msa.platform.tokenizer import Tokenizer
+from msa.serve.errors import OpenAIError, from_engine_error
+from msa.serve.metrics import RequestTimer, ServeMetrics
+from msa.serve.schemas import new_id
+from msa.serve.tools import special_marker_ids
+
+
+class OpenAIServer:
+    """Serves ``engine`` (already started) under ``model_name``; ``api_key`` None means no auth."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None = None,
+                 health_timeout_s: float = 30.0) -> None:
+        self.engine, self.tokenizer = engine, tokenizer
+        self.model_name, self.api_key = model_name, api_key
+        self.health_timeout_s = health_timeout_s
+        self.metrics = ServeMetrics(engine.stats, model_name)
+        self.marker_ids = special_marker_ids(tokenizer)
+        self._token_texts: dict[int, str] = {}
+
+    # Checks ------------------------------------------------------------------------------------
+
+    def check_api_key(self, authorization: str | None) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = (authorization or "").partition(" ")
+        matches = hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+        if scheme.lower() != "bearer" or not matches:
+            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              code="invalid_api_key")
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(404, f"the model '{model}' does not exist; this server serves "
+                              f"'{self.model_name}'", param="model", code="model_not_found")
+
+    def completion_budget(self, num_prompt_tokens: int, requested: int | None, prompt_field: str) -> int:
+        """max_tokens for the engine: the request's, or all the context the prompt leaves."""
+        limit = self.engine.max_context_length
+        if num_prompt_tokens >= limit:
+            raise OpenAIError(400, f"the prompt has {num_prompt_tokens} tokens, but this model's context "
+                              f"holds at most {limit} tokens (prompt + completion)",
+                              param=prompt_field, code="context_length_exceeded")
+        return requested if requested is not None else limit - num_prompt_tokens
+
+    @staticmethod
+    def sampling_params(**fields: object) -> SamplingParams:
+        try:
+            return SamplingParams(**fields)
+        except InvalidRequestError as e:
+            raise OpenAIError(400, str(e), code="invalid_value") from e
+
+    # Tokens as text ----------------------------------------------------------------------------
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    def piece(self, out: TokenOutput, restore_markers: bool) -> str:
+        """The output's text; with ``restore_markers`` the tool-call markers that decoding skipped
+        are put back after it (each step's text precedes its own tokens)."""
+        if not restore_markers or not self.marker_ids:
+            return out.text
+        return out.text + "".join(self.marker_ids.get(t, "") for t in out.token_ids)
+
+    # Engine calls ------------------------------------------------------------------------------
+
+    async def open_stream(self, prompt_ids: list[int], params: SamplingParams, timer: RequestTimer,
+                          prompt_field: str) -> GenerationStream:
+        stream = GenerationStream(self, prompt_ids, params, timer, prompt_field)
+        await stream.open()
+        return stream
+
+    async def health(self) -> None:
+        try:
+            await asyncio.wait_for(self.engine.check_health(), self.health_timeout_s)
+        except asyncio.TimeoutError as e:
+            raise OpenAIError(503, f"the engine did not answer a health step within "
+                              f"{self.health_timeout_s} s", code="engine_unhealthy") from e
+        except EngineError as e:
+            raise OpenAIError(503, f"the engine is unhealthy: {e}", code="engine_dead") from e
+
+
+class GenerationStream:
+    """One engine request. ``open`` waits for its first output so admission errors become an HTTP
+    status before any byte is sent; closing it before every choice finished aborts the request,
+    which frees its KV pages (a client that went away)."""
+
+    def __init__(self, server: OpenAIServer, prompt_ids: list[int], params: SamplingParams,
+                 timer: RequestTimer, prompt_field: str) -> None:
+        self.server, self.params, self.timer = server, params, timer
+        self.request_id = new_id("req")
+        self.num_prompt_tokens = len(prompt_ids)
+        self._prompt_field = prompt_field
+        self._outputs = server.engine.generate(self.request_id, prompt_ids, params)
+        self._first: TokenOutput | None = None
+        self._finished = 0
+
+    async def _next(self) -> TokenOutput:
+        try:
+            out = await self._outputs.__anext__()
+        except EngineError as e:
+            status_error = from_engine_error(e, self._prompt_field)
+            raise status_error from e
+        self.timer.output(out.index, len(out.token_ids))
+        if out.finish_reason is not None:
+            self._finished += 1
+            if self._finished == self.params.n:
+                self.timer.finished(out.finish_reason)
+        return out
+
+    async def open(self) -> None:
+        self.timer.submitted(self.num_prompt_tokens)
+        try:
+            self._first = await self._next()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[TokenOutput]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        while self._finished < self.params.n:
+            yield await self._next()
+
+    @property
+    def done(self) -> bool:
+        return self._finished >= self.params.n
+
+    async def close(self) -> None:
+        if not self.done:
+            with contextlib.suppress(EngineError):
+                await self.server.engine.abort(self.request_id)
+        await self._outputs.aclose()
+
+
+async def merge_streams(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, TokenOutput]]:
+    """Outputs of several requests as they come, each with the position of its stream."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(position: int, stream: GenerationStream) -> None:
+        try:
+            async for out in stream:
+                await queue.put((position, out))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            await queue.put(e)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def arrival_time() -> float:
+    return time.perf_counter()
