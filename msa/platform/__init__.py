@@ -1,0 +1,5 @@
+"""Shared by every part of msa: model config (``config``), checkpoint I/O (``checkpoint``),
+tokenizer and chat template (``tokenizer``) and the ``msa`` command line (``cli``).
+
+Import the submodule you need; this package imports nothing heavy on its own.
+"""
