@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,21 @@ def _model_name(checkpoint_name: str) -> str | None:
     return checkpoint_name.removeprefix(VL_PREFIX)
 
 
+def _names_in_model(checkpoint_names: Iterable[str]) -> tuple[dict[str, str], list[str]]:
+    """(module key -> checkpoint name, checkpoint names that repeat a key already taken)."""
+    to_model: dict[str, str] = {}
+    duplicates = []
+    for ckpt_name in checkpoint_names:
+        name = _model_name(ckpt_name)
+        if name is None:
+            continue
+        if name in to_model:
+            duplicates.append(ckpt_name)  # both the flat and the VL name of one tensor
+        else:
+            to_model[name] = ckpt_name
+    return to_model, duplicates
+
+
 def _mismatch_lines(kind: str, rows: list) -> list[str]:
     lines = [f"  {kind} {name}: expected {list(e) if e is not None else 'none'}, "
              f"found {list(f) if f is not None else 'none'}" for name, e, f in rows[:_SHOWN_PER_KIND]]
@@ -158,16 +174,7 @@ def load_checkpoint(model: nn.Module, directory: str | Path, *, dtype: torch.dty
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     files = _tensor_files(directory)
     shapes = _tensor_shapes(files)
-    to_model: dict[str, str] = {}
-    duplicates = []
-    for ckpt_name in files:
-        name = _model_name(ckpt_name)
-        if name is None:
-            continue
-        if name in to_model:
-            duplicates.append(ckpt_name)  # both the flat and the VL name of one tensor
-        else:
-            to_model[name] = ckpt_name
+    to_model, duplicates = _names_in_model(files)
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
     _check_match(directory, expected, {n: shapes[c] for n, c in to_model.items()}, duplicates)
     by_file = _by_file({name: files[ckpt] for name, ckpt in to_model.items()})

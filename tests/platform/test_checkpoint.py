@@ -207,3 +207,13 @@ def test_model_loaded_from_directory_computes_the_same_logits(tmp_path):
         expected = model(ids, cache_free_batch([11], config.sparse.block_size))
         got = loaded(ids, cache_free_batch([11], config.sparse.block_size))
     assert torch.equal(expected, got)
+
+
+def test_a_tensor_under_both_names_is_unexpected(tmp_path):
+    tensors = dict(ToyLM().state_dict())
+    tensors["language_model.lm_head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    with pytest.raises(CheckpointError, match="1 unexpected") as caught:
+        load_checkpoint(ToyLM(), tmp_path, progress=False)
+    [(name, _, _)] = caught.value.unexpected
+    assert name in ("lm_head.weight", "language_model.lm_head.weight") and name in str(caught.value)
