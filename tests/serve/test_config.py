@@ -1,0 +1,45 @@
+"""Serve application arguments: validation, the engine config and replica resources they imply."""
+
+import pytest
+
+from msa.platform.config import ConfigError
+from msa.serve.config import DEFAULT_CPU_PAGES, ServeConfig
+
+
+def test_defaults_serve_the_tiny_preset_on_cpu():
+    config = ServeConfig.from_args({}).resolved(cluster_gpus=0)
+    engine = config.engine_config()
+    assert (config.model_name, engine.device, engine.dtype, engine.num_pages) == \
+        ("tiny", "cpu", "float32", DEFAULT_CPU_PAGES)
+    assert config.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 0}
+
+
+def test_gpu_cluster_single_shard_replica_holds_the_gpu_and_sharded_one_does_not():
+    single = ServeConfig(model="m3_proxy").resolved(cluster_gpus=8)
+    assert single.engine_config().device == "cuda" and single.engine_config().dtype == "bfloat16"
+    assert single.replica_actor_options()["num_gpus"] == 1
+    sharded = ServeConfig(model="m3_proxy", tp=2, sp=2).resolved(cluster_gpus=8)
+    assert sharded.replica_actor_options()["num_gpus"] == 0
+    assert sharded.engine_config().world_size == 4
+
+
+def test_engine_passthrough_and_names():
+    config = ServeConfig(model="/ckpt/MiniMax-M3", served_model_name=None, device="cuda",
+                         engine={"max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.8})
+    assert config.model_name == "MiniMax-M3"
+    engine = config.engine_config()
+    assert engine.max_num_batched_tokens == 8192 and engine.gpu_memory_utilization == 0.8
+
+
+@pytest.mark.parametrize("args, field", [
+    ({"model": "giant"}, "model"),
+    ({"tp": 0}, "tp"),
+    ({"max_waiting": -1}, "max_waiting"),
+    ({"device": "tpu"}, "device"),
+    ({"api_key": ""}, "api_key"),
+    ({"engine": {"warp_speed": 9}}, "engine"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_bad_arguments_name_the_field(args, field):
+    with pytest.raises(ConfigError, match=field):
+        ServeConfig.from_args(args)
