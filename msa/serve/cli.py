@@ -1,0 +1,94 @@
+"""``msa serve``: start (or join, with RAY_ADDRESS) a Ray cluster and serve the OpenAI-compatible
+app on it until Ctrl-C. ``register`` adds the subcommand to the ``msa`` parser."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any
+
+from msa.platform.config import PRESETS
+
+APP_NAME = "msa"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``serve`` to the ``msa`` subcommands; its ``run`` default blocks until Ctrl-C."""
+    p = subparsers.add_parser(
+        "serve", help="serve a model over an OpenAI-compatible HTTP API (Ray Serve)",
+        description="Start a local Ray instance (or join the cluster at RAY_ADDRESS) and serve the model at "
+                    "http://HOST:PORT/v1 (chat/completions, completions, models), with /health and /metrics.")
+    p.add_argument("--model", default="tiny",
+                   help=f"checkpoint directory or preset {sorted(PRESETS)} (default: tiny, random weights)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per replica (default: 1)")
+    p.add_argument("--sp", type=int, default=1, help="sequence-sharded KV ranks per replica (default: 1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--api-key", default=os.environ.get("MSA_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MSA_API_KEY, else none)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients send as 'model' (default: the preset or directory name)")
+    p.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default: 1)")
+    p.add_argument("--max-waiting", type=int, default=1024,
+                   help="queued sequences per replica before requests get 429 (default: 1024)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step (default: 64)")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages per shard (default: sized from GPU memory; 1024 on the CPU)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when the cluster has GPUs, else cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="default: bfloat16 on GPUs, float32 on the CPU")
+    p.set_defaults(run=run_serve)
+
+
+def app_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``build_app`` arguments (``ServeConfig`` fields) given by the flags; unset ones are left out."""
+    values = {"model": args.model, "tp": args.tp, "sp": args.sp, "api_key": args.api_key,
+              "served_model_name": args.served_model_name, "num_replicas": args.num_replicas,
+              "max_waiting": args.max_waiting, "max_num_seqs": args.max_num_seqs, "num_pages": args.num_pages,
+              "device": args.device, "dtype": args.dtype}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import ray
+    from ray import serve
+
+    from msa.serve.app import build_app
+    from msa.serve.config import ServeConfig
+
+    config_args = app_args(args)
+    ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
+    joined = bool(os.environ.get("RAY_ADDRESS"))
+    ray.init(**({} if joined else {"include_dashboard": False}))
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(config_args), name=APP_NAME, route_prefix="/")
+        name = config_args.get("served_model_name") or ServeConfig.from_args(config_args).model_name
+        print(f"msa serve: '{name}' is ready at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("msa serve: stopping", file=sys.stderr, flush=True)
+    finally:
+        # On a joined cluster only this app goes; a cluster started here goes with it.
+        if joined:
+            serve.delete(APP_NAME)
+        else:
+            serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m msa.serve.cli serve ...``: the subcommand on its own."""
+    parser = argparse.ArgumentParser(prog="msa")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

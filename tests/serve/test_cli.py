@@ -1,0 +1,71 @@
+"""``msa serve``: flags to application args, and the command itself serving until Ctrl-C."""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from msa.serve.cli import app_args, register
+from tests.serve.test_openai_server import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="msa")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+def test_flags_become_build_app_args():
+    args = parse(["serve", "--model", "m3_proxy", "--tp", "2", "--sp", "4", "--port", "9000",
+                  "--api-key", "k", "--served-model-name", "m3"])
+    assert app_args(args) == {"model": "m3_proxy", "tp": 2, "sp": 4, "api_key": "k",
+                              "served_model_name": "m3", "num_replicas": 1, "max_waiting": 1024,
+                              "max_num_seqs": 64}
+    assert (args.host, args.port, args.command) == ("127.0.0.1", 9000, "serve")
+
+
+def test_defaults_serve_tiny_without_a_key(monkeypatch):
+    monkeypatch.delenv("MSA_API_KEY", raising=False)
+    args = parse(["serve"])
+    assert app_args(args)["model"] == "tiny" and "api_key" not in app_args(args)
+
+
+def test_bad_flag_values_are_rejected_before_ray_starts():
+    from msa.platform.config import ConfigError
+    from msa.serve.cli import run_serve
+
+    with pytest.raises(ConfigError, match="tp"):
+        run_serve(parse(["serve", "--tp", "0"]))
+
+
+def test_msa_serve_answers_a_chat_request_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [sys.executable, "-m", "msa.serve.cli", "serve", "--port", str(port), "--num-pages", "256"]
+    log = tmp_path / "serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "is ready at" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(1)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=90)
+    output = log.read_text()
+    assert proc.returncode == 0, output
+    assert "is ready at" in output and "stopping" in output
