@@ -1,0 +1,197 @@
+"""The policy trainer: one data-parallel rank of DeepSpeed, run as a Ray actor.
+
+Log-probabilities come from a cache-free forward of whole packed episodes
+(``cache_free_batch`` + ``model(ids, batch)``), so they are differentiable and equal what the
+engine computes token by token. The frozen reference model (for the KL term) is the initial policy.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from msa.model import cache_free_batch
+from msa.platform.checkpoint import keeps_fp32, load_model
+from msa.rl.algorithms import policy_loss_sums
+from msa.rl.batch import PackedBatch, TrainSample, pack
+from msa.rl.config import AlgorithmSection, ModelSection, TrainerSection
+
+
+def free_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port for the rank-0 rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    try:
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+    except Exception:
+        ip = "127.0.0.1"
+    return ip, port
+
+
+def deepspeed_config(section: TrainerSection, *, bf16: bool) -> dict[str, Any]:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # a micro-batch is one packed row of episodes
+        "gradient_accumulation_steps": section.grad_accum_steps,
+        "gradient_clipping": section.grad_clip,
+        "zero_optimization": {"stage": section.zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyTrainer:
+    """Rank ``rank`` of ``world``. Call ``setup`` once (it joins the process group), then
+    ``train_step`` per rollout batch; ``named_weights`` feeds the engine's weight update."""
+
+    def __init__(self, rank: int, world: int, model: ModelSection, trainer: TrainerSection,
+                 algorithm: AlgorithmSection) -> None:
+        self.rank, self.world = rank, world
+        self.model_section, self.section, self.algorithm = model, trainer, algorithm
+        self.engine = None
+        self.reference = None
+
+    def address(self) -> tuple[str, int]:
+        return free_address()
+
+    def setup(self, master_addr: str, master_port: int) -> int:
+        """Join the process group, build the policy (and reference), wrap it in DeepSpeed.
+        Returns the parameter count."""
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
+        cuda = self.model_section.device == "cuda"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        model, self.model_config = load_model(self.model_section.source, dtype=torch.float32,
+                                              device=self.device, seed=self.model_section.seed, progress=False)
+        model.train()
+        if self.algorithm.kl_coef > 0:
+            reference, _ = load_model(self.model_section.source, dtype=torch.bfloat16 if cuda else torch.float32,
+                                      device=self.device, seed=self.model_section.seed, progress=False)
+            self.reference = reference.eval().requires_grad_(False)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.section.lr, betas=self.section.betas,
+                                      weight_decay=self.section.weight_decay, fused=cuda)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                               config=deepspeed_config(self.section, bf16=cuda))
+        return sum(p.numel() for p in model.parameters())
+
+    # Log-probabilities ---------------------------------------------------------------------------
+
+    def _token_logprobs(self, module: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+        """log p(target) ``[N]`` fp32 for the batch's trained tokens."""
+        attn = cache_free_batch(batch.lengths, self.model_config.sparse.block_size, device=self.device)
+        logits = module(batch.input_ids, attn, rows=batch.pred_rows)
+        return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.targets[:, None])[:, 0]
+
+    @torch.no_grad()
+    def logprobs(self, samples: list[TrainSample]) -> list[list[float]]:
+        """Per sample, the policy's log-probabilities of its trained tokens, in order."""
+        batch = pack(samples, self.device)
+        flat = self._token_logprobs(self.engine.module, batch).cpu().tolist()
+        out, start = [], 0
+        for s in samples:
+            out.append(flat[start:start + s.num_loss_tokens])
+            start += s.num_loss_tokens
+        return out
+
+    # Training ----------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[list[TrainSample]], global_tokens: int) -> dict[str, float]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches. ``global_tokens``: trained
+        tokens over every rank's micro-batches, so the loss is a token mean over the whole step."""
+        if len(micro_batches) != self.section.grad_accum_steps:
+            raise ValueError(f"expected {self.section.grad_accum_steps} micro-batches, got {len(micro_batches)}")
+        engine = self.engine
+        engine.train()
+        # DeepSpeed divides each micro-batch loss by the accumulation steps and averages ranks.
+        scale = self.section.grad_accum_steps * self.world / max(global_tokens, 1)
+        totals = dict.fromkeys(("loss", "pg", "kl", "clipped", "ratio", "tokens"), 0.0)
+        for samples in micro_batches:
+            terms = self._micro_step(samples, scale)
+            for key, value in terms.items():
+                totals[key] += value
+        grad_norm = engine.get_global_grad_norm()
+        tokens = max(totals.pop("tokens"), 1.0)
+        metrics = {f"train/{k}": v / tokens for k, v in totals.items()}
+        metrics["train/tokens"] = tokens
+        metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["train/lr"] = engine.get_lr()[0]
+        return metrics
+
+    def _micro_step(self, samples: list[TrainSample], scale: float) -> dict[str, float]:
+        engine = self.engine
+        batch = pack(samples, self.device)
+        if batch.targets.numel() == 0:
+            # Every rank must run the same number of backward passes; this one adds a zero gradient.
+            loss = sum(p.sum() for p in engine.module.parameters()) * 0.0
+            engine.backward(loss)
+            engine.step()
+            return {"tokens": 0.0}
+        logprobs = self._token_logprobs(engine, batch)
+        ref = None
+        if self.reference is not None:
+            with torch.no_grad():
+                ref = self._token_logprobs(self.reference, batch)
+        terms = policy_loss_sums(logprobs, batch.old_logprobs, batch.advantages, torch.ones_like(logprobs),
+                                 clip_low=self.algorithm.clip_low, clip_high=self.algorithm.clip_high,
+                                 kl_coef=self.algorithm.kl_coef, ref_logprobs=ref)
+        engine.backward(terms.loss * scale)
+        engine.step()
+        return {"loss": float(terms.loss), "pg": float(terms.pg), "kl": float(terms.kl),
+                "clipped": float(terms.clipped), "ratio": float(terms.ratio), "tokens": float(logprobs.numel())}
+
+    # Weights and checkpoints -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def named_weights(self, dtype: str | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Full (unsharded) policy weights on the CPU by state_dict name, cast to ``dtype`` if given
+        (the fp32 router tensors stay fp32, as the engine keeps them)."""
+        module = self.engine.module
+        params = list(module.parameters())
+        if self.section.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params):
+                return self._copy_state(module, dtype)
+        return self._copy_state(module, dtype)
+
+    @staticmethod
+    def _copy_state(module: torch.nn.Module, dtype: str | None) -> list[tuple[str, torch.Tensor]]:
+        cast = getattr(torch, dtype) if dtype else None
+        out = []
+        for name, tensor in module.state_dict().items():
+            tensor = tensor.detach()
+            if cast is not None and tensor.is_floating_point() and not keeps_fp32(name):
+                tensor = tensor.to(cast)
+            out.append((name, tensor.to("cpu", copy=True)))
+        return out
+
+    def save(self, directory: str, tag: str) -> None:
+        """Model, optimizer and scheduler state (DeepSpeed layout) plus this rank's RNG states."""
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        self.engine.save_checkpoint(directory, tag=tag, client_state={"rng": rng})
+
+    def load(self, directory: str, tag: str) -> None:
+        path, client = self.engine.load_checkpoint(directory, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint {tag!r} under {directory}")
+        rng = client["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def checkpoint_exists(self, directory: str, tag: str) -> bool:
+        return (Path(directory) / tag).is_dir()
