@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msa.platform.config import ConfigError
+from msa.platform.config import ConfigError, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,14 +20,15 @@ def _check(ok: bool, name: str, allowed: str, value: object) -> None:
 class EngineConfig:
     """One engine replica: ``tp`` tensor-parallel ranks times ``sp`` sequence-sharded ranks.
 
-    model: a preset name ("tiny", "m3_proxy", "m3") or a checkpoint directory.
+    model: a preset name ("tiny", "m3_proxy", "m3"), a checkpoint directory, or a ModelConfig
+    (random weights drawn after ``torch.manual_seed(seed)``, as for a preset).
     num_pages: KV pages per shard; when None, GPU shards size their cache from free memory x
     ``gpu_memory_utilization`` after the weights, CPU shards from ``kv_cache_memory_bytes``.
     max_num_batched_tokens: per-step token budget shared by decodes and prefill chunks.
     max_waiting: requests allowed to queue before ``generate`` raises EngineOverloadedError.
     """
 
-    model: str = "tiny"
+    model: str | ModelConfig = "tiny"
     tp: int = 1
     sp: int = 1
     device: str = "cpu"

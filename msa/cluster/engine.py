@@ -36,7 +36,7 @@ from msa.cluster.sampler import SampleResult
 from msa.cluster.scheduler import Scheduler, StepPlan
 from msa.cluster.sequence import Sequence
 from msa.cluster.weights import WeightBucket, pack_buckets
-from msa.platform.config import load_config, preset
+from msa.platform.config import ModelConfig, load_config, preset
 from msa.platform.tokenizer import Tokenizer
 
 __all__ = ["EngineConfig", "MSAEngine"]
@@ -58,7 +58,7 @@ class _Request:
 
 def _tokenizer_for(config: EngineConfig) -> Tokenizer:
     source = config.tokenizer or config.model
-    if Path(source).is_dir() and (Path(source) / "tokenizer.json").exists():
+    if isinstance(source, str) and Path(source).is_dir() and (Path(source) / "tokenizer.json").exists():
         return Tokenizer.from_directory(source)
     return Tokenizer.byte_level_default()
 
@@ -69,7 +69,10 @@ class MSAEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_config = load_config(config.model) if Path(config.model).exists() else preset(config.model)
+        if isinstance(config.model, ModelConfig):
+            self.model_config = config.model
+        else:
+            self.model_config = load_config(config.model) if Path(config.model).exists() else preset(config.model)
         check_parallel_shape(self.model_config, config.tp)
         self.block_size = self.model_config.sparse.block_size
         self.executor: ModelExecutor | None = None

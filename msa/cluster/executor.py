@@ -58,6 +58,10 @@ class ModelExecutor(abc.ABC):
     async def discard_weights(self) -> None: ...
 
     @abc.abstractmethod
+    async def fill_cache_random(self, seed: int) -> None:
+        """Random values in every KV page of every shard (benchmarks of decode at long context)."""
+
+    @abc.abstractmethod
     async def shutdown(self) -> None: ...
 
 
@@ -96,6 +100,9 @@ class LocalExecutor(ModelExecutor):
 
     async def discard_weights(self) -> None:
         self.shard.discard_weights()
+
+    async def fill_cache_random(self, seed: int) -> None:
+        await self._call(self.shard.fill_cache_random, seed, timeout=self.config.start_timeout_s)
 
     async def shutdown(self) -> None:
         self.shard = None
@@ -163,6 +170,9 @@ class RayExecutor(ModelExecutor):
 
     async def discard_weights(self) -> None:
         await self._all("discard_weights", timeout=self.config.step_timeout_s)
+
+    async def fill_cache_random(self, seed: int) -> None:
+        await self._all("fill_cache_random", seed, timeout=self.config.start_timeout_s)
 
     async def shutdown(self) -> None:
         import ray

@@ -52,6 +52,7 @@ class SampleResult:
     logprobs: list[float]
     top_logprobs: list[dict[int, float] | None]
     logits: torch.Tensor | None = None
+    profile: dict | None = None
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], *, keep_logits: bool = False) -> SampleResult:

@@ -21,7 +21,8 @@ from msa.cluster.sequence import Sequence, SequenceStatus
 class StepPlan:
     """What every shard runs in one step. Sequence b computes ``num_new[b]`` tokens (its slice of
     the packed ``token_ids``) on top of ``num_cached[b]`` cached ones; ``page_tables[r][b]`` are its
-    pages on sequence shard r. ``samples`` names the rows whose last token's logits are sampled."""
+    pages on sequence shard r. ``samples`` names the rows whose last token's logits are sampled.
+    ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels."""
 
     seq_ids: list[int]
     token_ids: list[int]
@@ -30,6 +31,7 @@ class StepPlan:
     page_tables: list[list[list[int]]]
     samples: list[SampleRequest]
     return_logits: bool = False
+    profile: bool = False
     weight_version: int = 0
 
     @property

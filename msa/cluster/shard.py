@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -27,7 +28,9 @@ from msa.cluster.sampler import SampleResult, sample
 from msa.cluster.scheduler import StepPlan
 from msa.cluster.weights import WeightBucket, unpack_bucket
 from msa.model.kv_cache import PagedKVCache, build_batch, cache_free_batch
-from msa.platform.checkpoint import load_model
+from msa.model.model import MiniMaxM3ForCausalLM
+from msa.platform.checkpoint import cast_model, load_model
+from msa.platform.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 class ShardSpec:
     """What a shard needs to build itself; ``rank`` = sp_rank * tp + tp_rank."""
 
-    model: str
+    model: str | ModelConfig
     dtype: torch.dtype
     device: str
     seed: int
@@ -86,9 +89,15 @@ class ModelShard:
             torch.set_num_threads(1)  # shard actors share the host's cores
         backend = "nccl" if s.device == "cuda" else "gloo"
         self.groups = init_parallel_groups(s.rank, s.tp, s.sp, port, backend, s.collective_timeout_s)
-        model, _ = load_model(s.model, dtype=s.dtype, device="cpu", seed=s.seed, progress=False)
-        self.model = apply_tensor_parallel(model, self.groups).to(self.device).eval()
+        self.model = apply_tensor_parallel(self._load(), self.groups).to(self.device).eval()
         return self._page_capacity()
+
+    def _load(self) -> MiniMaxM3ForCausalLM:
+        s = self.spec
+        if isinstance(s.model, ModelConfig):
+            torch.manual_seed(s.seed)
+            return cast_model(MiniMaxM3ForCausalLM(s.model), dtype=s.dtype, device="cpu")
+        return load_model(s.model, dtype=s.dtype, device="cpu", seed=s.seed, progress=False)[0]
 
     def _kv_heads(self) -> int:
         return self.model.config.num_key_value_heads // self.spec.tp
@@ -123,9 +132,46 @@ class ModelShard:
         self.cache = PagedKVCache(self.model.config, num_pages, dtype=self.spec.dtype, device=self.device,
                                   kv_heads=self._kv_heads(), num_mtp=0)
 
-    @torch.no_grad()
     def execute(self, plan: StepPlan) -> SampleResult | None:
         """Run one step; rank 0 returns the sampled tokens, the other ranks None."""
+        if plan.profile and self.groups.rank == 0:
+            return self._profiled(plan)
+        return self._execute(plan)
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def _profiled(self, plan: StepPlan) -> SampleResult:
+        """The step under torch.profiler: wall seconds and self device time (us) per kernel name."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self._synchronize()
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            result = self._execute(plan)
+            self._synchronize()
+        wall = time.perf_counter() - start
+        kernels: dict[str, float] = {}
+        for event in prof.key_averages():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                kernels[event.key] = kernels.get(event.key, 0.0) + float(event.self_device_time_total)
+        result.profile = {"wall_s": wall, "device_kernels_us": kernels}
+        return result
+
+    @torch.no_grad()
+    def fill_cache_random(self, seed: int) -> None:
+        """Fill every cache page with random values: decode cost at a context length can then be
+        measured without first prefilling it (benchmarks)."""
+        torch.manual_seed(seed + self.groups.rank)
+        for tensors in (self.cache.k, self.cache.v, self.cache.index_k):
+            for t in tensors:
+                if t is not None:
+                    t.normal_()
+
+    @torch.no_grad()
+    def _execute(self, plan: StepPlan) -> SampleResult | None:
         g = self.groups
         cp = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
         batch = build_batch(plan.page_tables[g.sp_rank], plan.num_cached, plan.num_new,

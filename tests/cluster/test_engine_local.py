@@ -8,10 +8,23 @@ import pytest
 import torch
 
 from msa.cluster.engine import EngineConfig, MSAEngine
-from msa.cluster.protocol import EngineOverloadedError, InvalidRequestError, RequestTooLongError, \
-    SamplingParams, WeightUpdateError
+from msa.cluster.protocol import (
+    EngineOverloadedError,
+    InvalidRequestError,
+    RequestTooLongError,
+    SamplingParams,
+    WeightUpdateError,
+)
 from msa.cluster.weights import pack_buckets
-from tests.cluster.conftest import collect, full_logprobs, greedy, greedy_reference, prompt, tiny_model, tokens_of
+from tests.cluster.conftest import (
+    collect,
+    full_logprobs,
+    greedy,
+    greedy_reference,
+    prompt,
+    tiny_model,
+    tokens_of,
+)
 
 LENGTHS = [3, 17, 41, 58]  # 4-token blocks, top-4: the longer prompts select sparsely
 
