@@ -8,6 +8,7 @@ is up (``serve.ingress`` in its late-bound form), because its routes close over 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import ray
@@ -24,6 +25,7 @@ from msa.serve.server import OpenAIServer
 log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "MSAOpenAIServer"
+API_KEY_ENV = "MSA_API_KEY"
 
 
 @serve.ingress()
@@ -35,8 +37,10 @@ class OpenAIDeployment:
         engine_config = config.engine_config()
         self.engine = MSAEngine(engine_config)
         await self.engine.start()
+        # Deployed from a manifest, the key comes from the node's environment (a Kubernetes Secret).
+        api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
         self.server = OpenAIServer(self.engine, self.engine.tokenizer, model_name=config.model_name,
-                                   api_key=config.api_key, health_timeout_s=engine_config.health_timeout_s)
+                                   api_key=api_key, health_timeout_s=engine_config.health_timeout_s)
         log.info("serving %s as '%s' (tp=%d, sp=%d, %s)", config.model, config.model_name, config.tp,
                  config.sp, engine_config.device)
 
