@@ -54,7 +54,7 @@ def _score_chunk_topk_kernel(
     stride_bt,
     stride_ct, stride_cg, stride_cc,
     G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CHUNK: tl.constexpr, KC: tl.constexpr, KC_P: tl.constexpr, IEEE: tl.constexpr,
+    CHUNK: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr, KC_P: tl.constexpr, IEEE: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * GP
     pid = tl.program_id(0)
@@ -82,24 +82,34 @@ def _score_chunk_topk_kernel(
     last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
     n_local = tl.maximum(0, (last_qpos // BLOCK_SIZE + 1 - shard_rank + shard_world - 1) // shard_world)
     lo = chunk * CHUNK
-    hi = tl.minimum(lo + CHUNK, n_local)
     cols = tl.arange(0, CHUNK)
-    scores = tl.full([M, CHUNK], float("-inf"), tl.float32)
-    for i in range(lo, hi):
-        page = tl.load(block_table_ptr + b * stride_bt + i).to(tl.int64)
-        blk = shard_rank + i * shard_world
-        kpos = blk * BLOCK_SIZE + offs_s
-        k = tl.load(ik_ptr + page * stride_kp + offs_s[:, None] * stride_ks + offs_d[None, :],
-                    mask=(kpos < seq_len)[:, None], other=0.0)  # [BLOCK_SIZE, D]
+    # The chunk's pages up front, so no block waits on a block-table read.
+    pages = tl.load(block_table_ptr + b * stride_bt + lo + cols, mask=lo + cols < n_local, other=0).to(tl.int64)
+    STEPS: tl.constexpr = CHUNK // NB
+    steps = tl.arange(0, STEPS)
+    sub = tl.arange(0, NB)
+    scores = tl.full([M, STEPS, NB], float("-inf"), tl.float32)
+    for j in range(0, tl.cdiv(tl.minimum(CHUNK, n_local - lo), NB)):
+        # NB blocks per step: one [NB * BLOCK_SIZE, D] tile keeps more bytes in flight.
+        here = j * NB + sub  # [NB] positions in the chunk
+        page = tl.sum(tl.where(cols[None, :] == here[:, None], pages[None, :], 0), 1)  # [NB]
+        blk = shard_rank + (lo + here) * shard_world
+        kpos = blk[:, None] * BLOCK_SIZE + offs_s[None, :]  # [NB, BLOCK_SIZE]
+        live = (lo + here < n_local)[:, None] & (kpos < seq_len)
+        k = tl.load(ik_ptr + page[:, None, None] * stride_kp + offs_s[None, :, None] * stride_ks
+                    + offs_d[None, None, :], mask=live[:, :, None], other=0.0)  # [NB, BLOCK_SIZE, D]
+        k = tl.reshape(k, [NB * BLOCK_SIZE, D]).to(q.dtype)
         if IEEE:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision="ieee")
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
-            s = tl.dot(q, tl.trans(k.to(q.dtype)))
-        s = tl.where(kpos[None, :] <= qpos[:, None], s, float("-inf"))  # [M, BLOCK_SIZE]
+            s = tl.dot(q, tl.trans(k))
+        s = tl.reshape(s, [M, NB, BLOCK_SIZE])
+        s = tl.where(kpos[None, :, :] <= qpos[:, None, None], s, float("-inf"))
         # Scaling after the max keeps ties exact (rounding is monotone).
-        best = tl.max(s, 1) / score_scale
-        best = tl.where(qpos // BLOCK_SIZE == blk, float("inf"), best)  # the forced local block
-        scores = tl.where(cols[None, :] == i - lo, best[:, None], scores)
+        best = tl.max(s, 2) / score_scale  # [M, NB]
+        best = tl.where((qpos // BLOCK_SIZE)[:, None] == blk[None, :], float("inf"), best)  # forced local block
+        scores = tl.where(steps[None, :, None] == j, best[:, None, :], scores)
+    scores = tl.reshape(scores, [M, CHUNK])
 
     ids = shard_rank + (lo + cols) * shard_world
     keys = _score_key(scores, ids[None, :])  # [M, CHUNK]
@@ -144,9 +154,9 @@ def _merge_candidates_kernel(
 
 
 def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, cap: int) -> int:
-    """Blocks per scoring program: enough programs to fill the GPU about four times (the loads of
+    """Blocks per scoring program: enough programs to fill the GPU about twice (the loads of
     several programs in flight hide the memory latency), at most ``cap`` (registers)."""
-    want = 4 * num_sms(device)
+    want = 2 * num_sms(device)
     chunk = next_pow2(triton.cdiv(n_blocks * programs_per_chunk, want))
     return max(2, min(chunk, cap))
 
@@ -155,6 +165,7 @@ def launch_chunk_scores(
     index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int, shard_rank: int, shard_world: int,
     longest: int, block_t: int | None, chunk_blocks: int | None, num_stages: int | None,
+    step_blocks: int | None = None, num_warps: int | None = None,
 ) -> torch.Tensor:
     """Score every chunk of blocks and keep each chunk's best: candidate keys ``[T, G, chunks, kc]``
     int64 with ``kc = min(chunk, topk)``."""
@@ -162,7 +173,7 @@ def launch_chunk_scores(
     B = seq_lens.shape[0]
     gp = next_pow2(G)
     if block_t is None:
-        block_t = min(next_pow2(longest), max(1, 128 // gp))
+        block_t = min(next_pow2(longest), max(1, 256 // gp))
     block_t = max(block_t, triton.cdiv(16, gp))  # tl.dot needs M >= 16
     tiles = triton.cdiv(longest, block_t)
     n_blocks = max(1, block_table.shape[1])
@@ -170,6 +181,11 @@ def launch_chunk_scores(
     chunk = chunk_blocks or _pick_chunk(n_blocks, B * tiles, index_q.device, min(128, 8192 // rows))
     n_chunks = triton.cdiv(n_blocks, chunk)
     kc = min(chunk, topk)
+    # Decode rows are few, so the loads set the pace: several blocks per step. Prefill is matmul
+    # bound: one block per step and the pipeliner overlaps the next load.
+    nb = min(chunk, step_blocks or (2 if rows <= 32 else 1))
+    step_bytes = nb * index_k_cache.shape[1] * D * index_k_cache.element_size()
+    stages = max(1, min(3, (160 * 1024) // step_bytes))  # pipelined copies must fit in shared memory
     # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
     cand = torch.empty(T, G, n_chunks, kc, dtype=torch.int64, device=index_q.device)
     _score_chunk_topk_kernel[(B * tiles, n_chunks)](
@@ -179,14 +195,16 @@ def launch_chunk_scores(
         index_k_cache.stride(0), index_k_cache.stride(1),
         block_table.stride(0),
         cand.stride(0), cand.stride(1), cand.stride(2),
-        G=G, GP=gp, BLOCK_T=block_t, D=D, BLOCK_SIZE=index_k_cache.shape[1], CHUNK=chunk, KC=kc,
-        KC_P=next_pow2(kc), IEEE=index_q.dtype == torch.float32, num_warps=4 if rows <= 64 else 8,
-        num_stages=num_stages or 3,
+        G=G, GP=gp, BLOCK_T=block_t, D=D, BLOCK_SIZE=index_k_cache.shape[1], CHUNK=chunk, NB=nb,
+        KC=kc, KC_P=next_pow2(kc), IEEE=index_q.dtype == torch.float32,
+        num_warps=num_warps or (4 if rows * nb <= 64 else 8),
+        num_stages=num_stages or stages,
     )
     return cand
 
 
-def launch_candidate_merge(cand: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_candidate_merge(cand: torch.Tensor, topk: int,
+                           num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``."""
     T, G = cand.shape[:2]
     ids = torch.empty(T, G, topk, dtype=torch.int32, device=cand.device)
@@ -197,7 +215,8 @@ def launch_candidate_merge(cand: torch.Tensor, topk: int) -> tuple[torch.Tensor,
         cand.stride(0), cand.stride(1),
         ids.stride(0), ids.stride(1),
         scores.stride(0), scores.stride(1),
-        TOPK=topk, TOPK_P=next_pow2(topk), N_P=next_pow2(n_cand), num_warps=8 if n_cand > 1024 else 4,
+        TOPK=topk, TOPK_P=next_pow2(topk), N_P=next_pow2(n_cand),
+        num_warps=num_warps or (1 if n_cand <= 256 else 4),  # one warp: reductions without barriers
     )
     return ids, scores
 
@@ -207,14 +226,15 @@ def select_blocks_triton(
     cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
     shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
     block_t: int | None = None, chunk_blocks: int | None = None, num_stages: int | None = None,
+    step_blocks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
 
     index_q ``[T, G, D]`` (fp32/bf16/fp16); index_k_cache ``[pages, block, D]`` in index_q's dtype or
     float8_e4m3fn. Returns (ids ``[T, G, topk]`` int32 ascending, -1 padded; scores ``[T, G, topk]``
     fp32, +inf for the forced local block, -inf for padding). ``max_q_len`` saves a host sync;
-    ``block_t`` (query tokens per program), ``chunk_blocks`` (blocks per program) and ``num_stages``
-    override the heuristics.
+    ``block_t`` (query tokens per program), ``chunk_blocks`` (blocks per program), ``step_blocks``
+    (blocks per load) and ``num_stages`` override the heuristics.
     """
     name = "select_blocks"
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -235,5 +255,5 @@ def select_blocks_triton(
                 torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device))
     cand = launch_chunk_scores(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
                                shard_rank=shard_rank, shard_world=shard_world, longest=longest, block_t=block_t,
-                               chunk_blocks=chunk_blocks, num_stages=num_stages)
+                               chunk_blocks=chunk_blocks, num_stages=num_stages, step_blocks=step_blocks)
     return launch_candidate_merge(cand, topk)

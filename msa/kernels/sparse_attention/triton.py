@@ -5,7 +5,8 @@ group's query heads and tokens form the rows of one ``tl.dot`` (M = BLOCK_T x he
 each K/V block is read once for all of them. In sparse mode the program walks the union of the
 tile's selected blocks in ascending order (each row only sees its own token's blocks); in dense
 mode it walks every visible block of this shard. Decode splits that walk over ``num_splits``
-programs (split-K) writing fp32 partials that ``merge_states_into`` combines by log-sum-exp.
+programs (split-K) writing fp32 partials; the last split of each (tile, group) to finish, known by
+an atomic ticket, combines them by log-sum-exp in the same launch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import triton
 import triton.language as tl
 
 from msa.kernels._launch import check_int32, check_last_dim_contiguous, max_query_len, next_pow2, num_sms
-from msa.kernels.merge.triton import merge_states_into
 
 _LOG2E = 1.4426950408889634
 
@@ -23,7 +23,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr, cu_q_ptr, seq_lens_ptr, ids_ptr,
-    out_ptr, lse_ptr,
+    out_ptr, lse_ptr, final_out_ptr, final_lse_ptr, tickets_ptr,
     qk_scale, shard_rank, shard_world, tiles_per_seq, num_splits,
     stride_qt, stride_qh,
     stride_kp, stride_ks, stride_kh,
@@ -32,9 +32,10 @@ def _paged_attention_kernel(
     stride_it, stride_ig,
     stride_os, stride_ot, stride_oh,
     stride_ls, stride_lt,
+    stride_fot, stride_foh, stride_flt,
     HEADS_PER_GROUP: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    SPARSE: tl.constexpr, IEEE: tl.constexpr,
+    SPARSE: tl.constexpr, IEEE: tl.constexpr, COMBINE: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * HEADS_P
     pid = tl.program_id(0)
@@ -78,6 +79,8 @@ def _paged_attention_kernel(
         smaller = first[None, :] & (cand[None, :] < cand[:, None])
         rank = tl.where(first, tl.sum(smaller.to(tl.int32), 1), -1)  # [N]
         n_iter = tl.sum(first.to(tl.int32), 0)
+        # Every page of the union up front, so no block waits on a block-table read.
+        pages = tl.load(block_table_ptr + b * stride_bt + (cand - shard_rank) // shard_world, mask=first, other=0)
     else:
         last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
         n_global = last_qpos // BLOCK_SIZE + 1
@@ -89,17 +92,19 @@ def _paged_attention_kernel(
     for it in range(split, n_iter, num_splits):
         if SPARSE:
             blk = tl.min(tl.where(rank == it, cand, 1073741824), 0)
-            local = (blk - shard_rank) // shard_world
+            page = tl.sum(tl.where(rank == it, pages, 0), 0).to(tl.int64)
             visible = tl.sum((row_ids == blk).to(tl.int32), 1) > 0  # [M]
         else:
-            local = it
             blk = shard_rank + it * shard_world
+            page = tl.load(block_table_ptr + b * stride_bt + it).to(tl.int64)
             visible = row_ok
-        page = tl.load(block_table_ptr + b * stride_bt + local).to(tl.int64)
         kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
         written = kpos < seq_len
         k = tl.load(k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
                     mask=written[:, None], other=0.0)  # [BLOCK_SIZE, D]
+        # V is requested with K so both reads are in flight together.
+        v = tl.load(v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
+                    mask=written[:, None], other=0.0)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -112,8 +117,6 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
-                    mask=written[:, None], other=0.0)
         if IEEE:
             pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
         else:
@@ -127,6 +130,48 @@ def _paged_attention_kernel(
     tl.store(out_ptr + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
+    if COMBINE:
+        # Split-K combine by the last split to finish this (tile, group): no second launch, and
+        # the partials it reads were just written, so they come from L2.
+        tl.debug_barrier()
+        ticket = tl.atomic_add(tickets_ptr + pid * tl.num_programs(1) + g, 1, sem="acq_rel")
+        if ticket == num_splits - 1:
+            m = tl.full([M], float("-inf"), tl.float32)
+            for r in range(num_splits):
+                m = tl.maximum(m, tl.load(lse_ptr + r * stride_ls + tok * stride_lt + head, mask=row_ok,
+                                          other=float("-inf"), cache_modifier=".cg"))
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            total = tl.zeros([M], tl.float32)
+            merged = tl.zeros([M, HEAD_DIM], tl.float32)
+            for r in range(num_splits):
+                lse_r = tl.load(lse_ptr + r * stride_ls + tok * stride_lt + head, mask=row_ok,
+                                other=float("-inf"), cache_modifier=".cg")
+                w = tl.exp(lse_r - m_safe)  # 0 for a split that saw no key
+                o_r = tl.load(out_ptr + r * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                              + offs_d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                merged += w[:, None] * o_r
+                total += w
+            seen = total > 0
+            final = merged / tl.where(seen, total, 1.0)[:, None]
+            final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+            tl.store(final_out_ptr + tok[:, None] * stride_fot + head[:, None] * stride_foh + offs_d[None, :],
+                     final.to(final_out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(final_lse_ptr + tok * stride_flt + head, final_lse, mask=row_ok)
+            tl.store(tickets_ptr + pid * tl.num_programs(1) + g, 0)  # ready for the next launch
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (tile, group), that the kernel leaves zeroed again. Kept per
+    device so decode steps reuse them (and CUDA graphs capture no memset); launches sharing them
+    must be ordered on one stream."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
 
 
 def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -166,9 +211,10 @@ def launch_paged_attention(
     heads_p = next_pow2(group)
     sparse = block_ids is not None
     if block_t is None:
-        # Prefill: dense tiles of up to 128 rows; sparse tiles of 64 rows (the union of the tile's
-        # selections grows with its tokens, so larger tiles mostly add masked work).
-        rows = 64 if sparse else 128
+        # Dense: tiles of up to 128 rows. Sparse: one token's heads (16 rows for M3): the union of
+        # several tokens' selections grows with the tokens, and the masked work costs more than
+        # the K/V reads it saves.
+        rows = 16 if sparse else 128
         block_t = max(1, min(next_pow2(longest), rows // heads_p))
     block_t = max(block_t, triton.cdiv(16, heads_p))  # tl.dot needs M >= 16
     tiles = triton.cdiv(longest, block_t)
@@ -184,15 +230,17 @@ def launch_paged_attention(
         work = block_table.shape[1]
     if num_splits is None:
         programs = B * tiles * H_kv
-        num_splits = max(1, min(work, triton.cdiv(2 * num_sms(q.device), programs)))
+        # About one program per SM: each split then walks a couple of blocks.
+        num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
     if num_splits > 1:
         part_out = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out[None], lse[None]
     grid = (B * tiles, H_kv, num_splits)
+    tickets = _tickets(q.device, B * tiles * H_kv) if num_splits > 1 else lse
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, ids_arg, part_out, part_lse,
+        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, ids_arg, part_out, part_lse, out, lse, tickets,
         scale * _LOG2E, shard_rank, shard_world, tiles, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -201,12 +249,11 @@ def launch_paged_attention(
         stride_it, stride_ig,
         part_out.stride(0), part_out.stride(1), part_out.stride(2),
         part_lse.stride(0), part_lse.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0),
         HEADS_PER_GROUP=group, HEADS_P=heads_p, BLOCK_T=block_t, HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
-        TOPK=topk, TOPK_P=next_pow2(topk), SPARSE=sparse, IEEE=q.dtype == torch.float32,
+        TOPK=topk, TOPK_P=next_pow2(topk), SPARSE=sparse, IEEE=q.dtype == torch.float32, COMBINE=num_splits > 1,
         num_warps=4 if block_t * heads_p <= 64 else 8, num_stages=2,
     )
-    if num_splits > 1:
-        merge_states_into(part_out, part_lse, out, lse)
     return out, lse
 
 
