@@ -147,7 +147,7 @@ class PolicyTrainer:
                                  kl_coef=self.algorithm.kl_coef, ref_logprobs=ref)
         engine.backward(terms.loss * scale)
         engine.step()
-        return {"loss": float(terms.loss), "pg": float(terms.pg), "kl": float(terms.kl),
+        return {"loss": float(terms.loss.detach()), "pg": float(terms.pg), "kl": float(terms.kl),
                 "clipped": float(terms.clipped), "ratio": float(terms.ratio), "tokens": float(logprobs.numel())}
 
     # Weights and checkpoints -------------------------------------------------------------------
