@@ -91,7 +91,7 @@ async def create_chat_completion(server: OpenAIServer, req: ChatCompletionReques
     params = server.sampling_params(
         max_tokens=server.completion_budget(len(prompt_ids), req.completion_limit, "messages"),
         temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k), seed=req.seed, n=req.n,
-        stop=req.stop, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        stop=req.stop, ignore_eos=req.ignore_eos, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
     timer = server.metrics.track(arrival, "chat")
     stream = await server.open_stream(prompt_ids, params, timer, "messages")
     parse_tools = bool(req.tools) and req.effective_tool_choice != "none"

@@ -47,7 +47,7 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest,
     params = [server.sampling_params(
         max_tokens=server.completion_budget(len(ids), req.max_tokens, "prompt"),
         temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k), seed=req.seed, n=req.n,
-        stop=req.stop, logprobs=req.logprobs)
+        stop=req.stop, ignore_eos=req.ignore_eos, logprobs=req.logprobs)
         for ids in prompt_ids]
     streams: list[GenerationStream] = []
     try:

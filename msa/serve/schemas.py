@@ -40,6 +40,8 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Not in OpenAI's API; vLLM's extension of the same name, for benchmarks that need fixed lengths.
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod

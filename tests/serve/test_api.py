@@ -217,3 +217,11 @@ def test_model_format_tokens_through_the_engine_detokenizer_become_tool_calls(pr
     assert [json.loads(c["function"]["arguments"]) for c in message["tool_calls"]] == [{"city": "Paris"}]
     assert [c.name for c in streamed_calls] == ["get_weather"]
     assert message["content"] == ("Checking." if not prefill else None)
+
+
+def test_ignore_eos_generates_exactly_max_tokens(app_client):
+    r = app_client.client.post("/v1/completions", json={
+        "model": "tiny", "prompt": "a", "max_tokens": 40, "n": 4, "ignore_eos": True, "seed": 2})
+    body = r.json()
+    assert body["usage"]["completion_tokens"] == 4 * 40
+    assert {c["finish_reason"] for c in body["choices"]} == {"length"}

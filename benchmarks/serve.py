@@ -1,0 +1,260 @@
+"""What Ray Serve costs on top of the engine: TTFT, inter-token latency and output tokens/s at 1, 8
+and 32 concurrent streams, measured directly on an in-process ``MSAEngine`` and through the Serve
+app (HTTP, streaming /v1/completions) with the same engine config and the same requests.
+
+    python benchmarks/serve.py --preset tiny                       # CPU, writes serve-cpu-tiny.json
+    python benchmarks/serve.py --model /models/MiniMax-M3 --tp 4 --sp 2 --device cuda
+
+Every request has a fixed token-id prompt and generates exactly ``--max-tokens`` tokens
+(``ignore_eos``), with ``logprobs=0`` so each token is one streamed chunk on both paths. Before any
+timing, one greedy request must give the same text on both paths, or no speed is reported.
+Targets: Serve adds at most 20 ms to median TTFT and costs at most 5% of output tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msa.cluster.engine import MSAEngine  # noqa: E402
+from msa.cluster.protocol import SamplingParams  # noqa: E402
+from msa.serve.config import ServeConfig  # noqa: E402
+
+TTFT_BUDGET_MS = 20.0
+THROUGHPUT_LOSS_BUDGET = 0.05
+
+
+@dataclass
+class StreamTiming:
+    ttft: float
+    gaps: list[float] = field(default_factory=list)
+    tokens: int = 0
+
+
+def summarize(timings: list[StreamTiming], wall: float) -> dict:
+    ttfts = sorted(t.ttft * 1e3 for t in timings)
+    gaps = sorted(g * 1e3 for t in timings for g in t.gaps)
+    tokens = sum(t.tokens for t in timings)
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    return {"requests": len(timings), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "ttft_ms_median": round(statistics.median(ttfts), 2), "ttft_ms_p90": round(pct(ttfts, 0.9), 2),
+            "itl_ms_median": round(statistics.median(gaps), 2) if gaps else None,
+            "itl_ms_p90": round(pct(gaps, 0.9), 2) if gaps else None,
+            "output_tokens_per_s": round(tokens / wall, 1)}
+
+
+def make_prompts(count: int, length: int, vocab: int = 256) -> list[list[int]]:
+    return [[(31 * i + 7 * j + 3) % vocab for j in range(length)] for i in range(count)]
+
+
+# Direct: the engine in this process -------------------------------------------------------------
+
+async def engine_stream(engine: MSAEngine, request_id: str, prompt: list[int], args) -> StreamTiming:
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=1, ignore_eos=True, logprobs=0)
+    start = time.perf_counter()
+    timing, last = None, start
+    async for out in engine.generate(request_id, prompt, params):
+        now = time.perf_counter()
+        if not out.token_ids:
+            continue
+        if timing is None:
+            timing = StreamTiming(ttft=now - start)
+        else:
+            timing.gaps.append(now - last)
+        timing.tokens += len(out.token_ids)
+        last = now
+    return timing
+
+
+async def engine_greedy_text(engine: MSAEngine, prompt: list[int], max_tokens: int) -> str:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return "".join([out.text async for out in engine.generate("check", prompt, params)])
+
+
+# Through Serve: HTTP streaming --------------------------------------------------------------------
+
+async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], args) -> StreamTiming:
+    body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 1,
+            "ignore_eos": True, "logprobs": 0, "stream": True}
+    start = time.perf_counter()
+    timing, last = None, start
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            now = time.perf_counter()
+            tokens = len(json.loads(line[6:])["choices"][0]["logprobs"]["tokens"])
+            if tokens == 0:
+                continue
+            if timing is None:
+                timing = StreamTiming(ttft=now - start)
+            else:
+                timing.gaps.append(now - last)
+            timing.tokens += tokens
+            last = now
+    return timing
+
+
+async def http_greedy_text(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> str:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "ignore_eos": True}
+    response = await client.post("/v1/completions", json=body)
+    response.raise_for_status()
+    return response.json()["choices"][0]["text"]
+
+
+# Driver -----------------------------------------------------------------------------------------
+
+async def run_level(one_stream, prompts: list[list[int]], concurrency: int, tag: str) -> dict:
+    """Closed loop: ``concurrency`` workers send the prompts back to back; ``one_stream(name, prompt)``."""
+    queue = list(enumerate(prompts))
+    timings: list[StreamTiming] = []
+
+    async def worker() -> None:
+        while queue:
+            i, prompt = queue.pop()
+            timings.append(await one_stream(f"{tag}-{i}", prompt))
+
+    start = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    return summarize(timings, time.perf_counter() - start)
+
+
+async def run_levels(one_stream, args, label: str) -> dict:
+    """Per concurrency level: one warm-up round, then ``requests_per_stream`` requests per stream."""
+    results = {}
+    for level in args.concurrency:
+        await run_level(one_stream, make_prompts(level, args.prompt_tokens), level, f"warm{level}")
+        prompts = make_prompts(level * args.requests_per_stream, args.prompt_tokens)
+        results[level] = await run_level(one_stream, prompts, level, f"c{level}")
+        print(f"{label:<6} c={level:>2}: {results[level]}", flush=True)
+    return results
+
+
+async def bench_engine(config: ServeConfig, args) -> tuple[dict, str]:
+    engine = MSAEngine(config.engine_config())
+    await engine.start()
+    try:
+        check = await engine_greedy_text(engine, make_prompts(1, args.prompt_tokens)[0], args.max_tokens)
+        one = lambda name, prompt: engine_stream(engine, name, prompt, args)
+        results = await run_levels(one, args, "engine")
+        return results, check
+    finally:
+        await engine.shutdown()
+
+
+async def bench_serve(base_url: str, model: str, args) -> tuple[dict, str]:
+    limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
+    async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
+        check = await http_greedy_text(client, model, make_prompts(1, args.prompt_tokens)[0], args.max_tokens)
+        one = lambda name, prompt: http_stream(client, model, prompt, args)
+        results = await run_levels(one, args, "serve")
+        return results, check
+
+
+def start_serve(config_args: dict) -> tuple[str, str]:
+    import ray
+    from ray import serve
+
+    from msa.serve.app import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 4}))
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(config_args), name="msa-bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}", ServeConfig.from_args(config_args).model_name
+
+
+def compare(engine: dict, served: dict) -> dict:
+    added = served["ttft_ms_median"] - engine["ttft_ms_median"]
+    loss = 1.0 - served["output_tokens_per_s"] / engine["output_tokens_per_s"]
+    return {"ttft_ms_added_median": round(added, 2), "throughput_loss": round(loss, 4),
+            "meets_ttft_target": added <= TTFT_BUDGET_MS,
+            "meets_throughput_target": loss <= THROUGHPUT_LOSS_BUDGET}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default=None, help="model preset (tiny, m3_proxy, m3)")
+    p.add_argument("--model", default=None, help="checkpoint directory (instead of --preset)")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--sp", type=int, default=1)
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    p.add_argument("--num-pages", type=int, default=None)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--requests-per-stream", type=int, default=3)
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: benchmarks/results/serve-<device>-<model>.json")
+    args = p.parse_args()
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = args.model or args.preset or "tiny"
+    config_args = {"model": model, "tp": args.tp, "sp": args.sp, "device": device,
+                   "max_num_seqs": max(64, max(args.concurrency)), "max_waiting": 4096}
+    if args.num_pages is not None or device == "cpu":
+        # On the CPU the cache is sized by pages: room for every stream's prompt and output at once.
+        config_args["num_pages"] = args.num_pages or 4096
+    config = ServeConfig.from_args(config_args)
+
+    engine_results, engine_text = asyncio.run(bench_engine(config, args))
+    base_url, served_name = start_serve(config_args)
+    try:
+        serve_results, serve_text = asyncio.run(bench_serve(base_url, served_name, args))
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+
+    out = args.out or ROOT / "benchmarks" / "results" / f"serve-{device}-{Path(model).name}.json"
+    report = {
+        "benchmark": "serve overhead: Ray Serve HTTP streaming vs the engine in-process",
+        "numbers": f"{device.upper()} numbers" + (" (tiny preset, random weights; not GPU performance)"
+                                                  if device == "cpu" else ""),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
+        "config": {**config_args, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                   "requests_per_stream": args.requests_per_stream},
+        "targets": {"ttft_ms_added_median_max": TTFT_BUDGET_MS,
+                    "throughput_loss_max": THROUGHPUT_LOSS_BUDGET},
+        "correctness": {"greedy_text_equal": engine_text == serve_text},
+    }
+    if engine_text != serve_text:
+        report["error"] = "greedy outputs differ between the engine and Serve; no speed is reported"
+        print(report["error"], file=sys.stderr)
+    else:
+        report["levels"] = [{"concurrency": c, "engine": engine_results[c], "serve": serve_results[c],
+                             **compare(engine_results[c], serve_results[c])} for c in args.concurrency]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if engine_text == serve_text else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
