@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import hmac
 import time
 from collections.abc import AsyncIterator
 
 from msa.cluster.protocol import Engine, EngineError, InvalidRequestError, SamplingParams, TokenOutput
-from msa.platform.tokenizer import Tokenizer
+from msa.platform.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from msa.serve.errors import OpenAIError, from_engine_error
 from msa.serve.metrics import RequestTimer, ServeMetrics
 from msa.serve.schemas import new_id
@@ -23,7 +24,12 @@ class OpenAIServer:
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None = None,
                  health_timeout_s: float = 30.0) -> None:
-        self.engine, self.tokenizer = engine, tokenizer
+        self.engine = engine
+        if not tokenizer.chat_template:
+            # A checkpoint without a chat template gets the documented default (ChatML + <tool_call>).
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+        self.tokenizer = tokenizer
         self.model_name, self.api_key = model_name, api_key
         self.health_timeout_s = health_timeout_s
         self.metrics = ServeMetrics(engine.stats, model_name)
@@ -81,6 +87,8 @@ class OpenAIServer:
 
     async def open_stream(self, prompt_ids: list[int], params: SamplingParams, timer: RequestTimer,
                           prompt_field: str) -> GenerationStream:
+        if not self.engine.stats().healthy:
+            raise OpenAIError(503, "the engine is not running", code="engine_dead")
         stream = GenerationStream(self, prompt_ids, params, timer, prompt_field)
         await stream.open()
         return stream

@@ -154,21 +154,21 @@ def test_malformed_json_wrong_key_and_no_key(app_client):
 
 
 def test_disconnect_mid_stream_aborts_and_frees_pages(app_client):
-    body = {"model": "tiny", "messages": USER, "max_tokens": 900, "stream": True}
+    body = {"model": "tiny", "messages": USER, "max_tokens": 900, "ignore_eos": True, "stream": True}
     portal = app_client.client.portal
     sent = portal.call(call_then_disconnect, app_client.app, "/v1/chat/completions", body, 4)
     assert sent[0]["status"] == 200
     assert not any(b"[DONE]" in m.get("body", b"") for m in sent)
-    assert wait_until(lambda: app_client.engine.stats().pages_used == [0])
+    assert wait_until(lambda: app_client.engine.stats().pages_used == [0], timeout=5)
     assert app_client.engine.stats().running == 0
 
 
 def test_disconnect_while_waiting_for_a_whole_response_aborts(app_client):
-    body = {"model": "tiny", "messages": USER, "max_tokens": 900}
+    body = {"model": "tiny", "messages": USER, "max_tokens": 900, "ignore_eos": True}
     portal = app_client.client.portal
     sent = portal.call(call_then_disconnect, app_client.app, "/v1/chat/completions", body, 0)
     assert sent[0]["status"] == 499
-    assert wait_until(lambda: app_client.engine.stats().pages_used == [0])
+    assert wait_until(lambda: app_client.engine.stats().pages_used == [0], timeout=5)
 
 
 def test_health_and_metrics(app_client):
@@ -197,6 +197,8 @@ def test_full_queue_is_429_with_retry_after_and_a_dead_engine_is_503():
         assert client.get("/health").status_code == 200
         client.portal.call(engine.shutdown)
         assert_error(client.get("/health"), 503)
+        body = {"model": "tiny", "messages": USER, "max_tokens": 2}
+        assert assert_error(client.post("/v1/chat/completions", json=body), 503)["code"] == "engine_dead"
 
 
 @pytest.mark.parametrize("prefill, generated", [
@@ -225,3 +227,12 @@ def test_ignore_eos_generates_exactly_max_tokens(app_client):
     body = r.json()
     assert body["usage"]["completion_tokens"] == 4 * 40
     assert {c["finish_reason"] for c in body["choices"]} == {"length"}
+
+
+def test_a_tokenizer_without_chat_template_gets_the_documented_default():
+    tok = Tokenizer.byte_level_default()
+    tok.chat_template = None
+    server = OpenAIServer(tiny_engine(), tok, model_name="tiny")
+    default = Tokenizer.byte_level_default().apply_chat_template(USER)
+    assert server.tokenizer.apply_chat_template(USER) == default
+    assert tok.chat_template is None

@@ -110,7 +110,7 @@ def test_concurrent_requests(client):
 
 
 def test_client_disconnect_mid_stream_frees_the_kv_pages(base_url):
-    body = {"model": "tiny", "messages": USER, "max_tokens": 1000, "stream": True}
+    body = {"model": "tiny", "messages": USER, "max_tokens": 2000, "ignore_eos": True, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=60) as r:
         assert r.status_code == 200
@@ -120,7 +120,16 @@ def test_client_disconnect_mid_stream_frees_the_kv_pages(base_url):
             if lines == 5:
                 assert engine_gauge(base_url, "msa_kv_pages_used") > 0
                 break
-    assert wait_until(lambda: engine_gauge(base_url, "msa_kv_pages_used") == 0, timeout=30)
+    assert wait_until(lambda: engine_gauge(base_url, "msa_kv_pages_used") == 0, timeout=10)
+    assert engine_gauge(base_url, "msa_requests_running") == 0
+
+
+def test_client_giving_up_on_a_whole_response_frees_the_kv_pages(base_url):
+    body = {"model": "tiny", "messages": USER, "max_tokens": 2000, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=1.5)
+    assert wait_until(lambda: engine_gauge(base_url, "msa_kv_pages_used") == 0, timeout=10)
     assert engine_gauge(base_url, "msa_requests_running") == 0
 
 
@@ -184,12 +193,12 @@ def test_sequence_sharded_replica_through_serve(base_url):
         r = sharded.chat.completions.create(model="tiny-sp2", messages=USER, max_tokens=6, logprobs=True)
         assert r.usage.prompt_tokens == chat_prompt_tokens(USER)
         assert len(r.choices[0].logprobs.content) == r.usage.completion_tokens
-        body = {"model": "tiny-sp2", "messages": USER, "max_tokens": 1000, "stream": True}
+        body = {"model": "tiny-sp2", "messages": USER, "max_tokens": 2000, "ignore_eos": True, "stream": True}
         headers = {"Authorization": f"Bearer {API_KEY}"}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as s:
             for i, _ in enumerate(s.iter_lines()):
                 if i == 20:
                     break
-        assert wait_until(lambda: shard_pages_used(url, "tiny-sp2") == [0, 0], timeout=30)
+        assert wait_until(lambda: shard_pages_used(url, "tiny-sp2") == [0, 0], timeout=10)
     finally:
         serve.delete("msa-sp2")
