@@ -116,7 +116,8 @@ async def decode_steps(engine: MSAEngine, context: int, batch: int, args: argpar
     rng = random.Random(context * 31 + batch)
     vocab = engine.model_config.vocab_size
     params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
-    seqs = [Sequence(f"b{i}", 0, [rng.randrange(vocab) for _ in range(context)], params, 0, sp) for i in range(batch)]
+    prompts = [[rng.randrange(vocab) for _ in range(context)] for _ in range(batch)]
+    seqs = [Sequence(f"b{i}", 0, p, params, 0, sp) for i, p in enumerate(prompts)]
     for seq in seqs:
         adopt_synthetic_context(scheduler, seq, total)
     by_id = {s.seq_id: s for s in seqs}
@@ -143,7 +144,8 @@ async def real_prefill_steps(engine: MSAEngine, context: int, batch: int, args: 
 
     async def one(i: int) -> list[float]:
         prompt = [rng.randrange(vocab) for _ in range(context)]
-        stamps = [time.perf_counter() async for _ in engine.generate(f"p{context}-{batch}-{i}", prompt, params)]
+        stream = engine.generate(f"p{context}-{batch}-{i}", prompt, params)
+        stamps = [time.perf_counter() async for _ in stream]
         return [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:], strict=False)]
 
     gaps = await asyncio.gather(*[one(i) for i in range(batch)])
@@ -199,7 +201,8 @@ async def bench_layout(args: argparse.Namespace, tp: int, sp: int, kernels: set[
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="CPU dry run: tiny model, short contexts, CPU actors")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU dry run: tiny model, short contexts, CPU actors")
     ap.add_argument("--layouts", default=None, help="tp x sp list, e.g. 1x1,1x2,2x1,2x2,1x4")
     ap.add_argument("--contexts", default=None, help="comma-separated context lengths")
     ap.add_argument("--batches", default=None, help="comma-separated decode batch sizes")
@@ -217,7 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.num_pages = 512 if smoke else None
     args.layouts = [tuple(int(x) for x in item.split("x"))
                     for item in (args.layouts or ("1x1,1x2" if smoke else "1x1,1x2,2x1,2x2,1x4")).split(",")]
-    args.contexts = [int(x) for x in (args.contexts or ("48,200" if smoke else "32768,131072,1048576")).split(",")]
+    contexts = args.contexts or ("48,200" if smoke else "32768,131072,1048576")
+    args.contexts = [int(x) for x in contexts.split(",")]
     args.batches = [int(x) for x in (args.batches or ("1,2" if smoke else "1,8")).split(",")]
     args.steps = args.steps or (3 if smoke else 20)
     if smoke:
@@ -236,7 +240,8 @@ async def main(args: argparse.Namespace) -> dict:
     kernels = attention_kernel_names()
     report = {
         "benchmark": "engine decode", "smoke": args.smoke, "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device_name": (torch.cuda.get_device_name() if args.device == "cuda"
+                        else platform.processor() or "cpu"),
         "torch": torch.__version__, "dtype": args.dtype, "context": args.prefill,
         "model": "tiny" if args.smoke else "m3_proxy (4 layers: 1 dense + 3 MSA/MoE, 8 experts)",
         "contexts": args.contexts, "batches": args.batches, "steps": args.steps,

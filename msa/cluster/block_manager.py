@@ -41,13 +41,15 @@ class BlockManager:
 
     def can_hold(self, seq: Sequence, num_tokens: int) -> bool:
         """Whether the free pages suffice for ``seq`` to hold its first ``num_tokens`` tokens."""
-        return all(need <= len(free) for need, free in zip(self._missing(seq, num_tokens), self._free, strict=True))
+        missing = self._missing(seq, num_tokens)
+        return all(need <= len(free) for need, free in zip(missing, self._free, strict=True))
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Give ``seq`` the pages for its first ``num_tokens`` tokens (check ``can_hold`` first)."""
         missing = self._missing(seq, num_tokens)
         if not self.can_hold(seq, num_tokens):
-            raise RuntimeError(f"out of KV pages for {seq}: needs {missing}, free {[len(f) for f in self._free]}")
+            free = [len(f) for f in self._free]
+            raise RuntimeError(f"out of KV pages for {seq}: needs {missing}, free {free}")
         for rank, need in enumerate(missing):
             seq.pages[rank].extend(self._free[rank].popleft() for _ in range(need))
 

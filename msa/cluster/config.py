@@ -47,7 +47,8 @@ class EngineConfig:
     tokenizer: str | None = None
 
     def __post_init__(self) -> None:
-        for name in ("tp", "sp", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "weight_bucket_bytes"):
+        counts = ("tp", "sp", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "weight_bucket_bytes")
+        for name in counts:
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'", self.device)

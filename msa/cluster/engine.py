@@ -72,7 +72,8 @@ class MSAEngine:
         if isinstance(config.model, ModelConfig):
             self.model_config = config.model
         else:
-            self.model_config = load_config(config.model) if Path(config.model).exists() else preset(config.model)
+            path = Path(config.model)
+            self.model_config = load_config(path) if path.exists() else preset(config.model)
         check_parallel_shape(self.model_config, config.tp)
         self.block_size = self.model_config.sparse.block_size
         self.executor: ModelExecutor | None = None
@@ -292,10 +293,13 @@ class MSAEngine:
                 raise
 
     def stats(self) -> EngineStats:
+        """Requests with a choice in the running batch, requests with all choices waiting, pages per
+        sequence shard (the tensor-parallel ranks of a shard hold the same pages)."""
         blocks = self.scheduler.block_manager if self.scheduler else None
+        running = {s.request_id for s in self.scheduler.running} if self.scheduler else set()
+        waiting = {s.request_id for s in self.scheduler.waiting} - running if self.scheduler else set()
         return EngineStats(
-            running=len(self.scheduler.running) if self.scheduler else 0,
-            waiting=len(self.scheduler.waiting) if self.scheduler else 0,
+            running=len(running), waiting=len(waiting),
             pages_used=blocks.pages_used if blocks else [],
             pages_total=[blocks.num_pages] * blocks.sp if blocks else [],
             rejected=self._rejected, weight_version=self.weight_version,

@@ -79,7 +79,8 @@ class LocalExecutor(ModelExecutor):
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
         except asyncio.TimeoutError as e:
-            raise EngineDeadError(f"the local shard did not answer {fn.__name__} within {timeout:.0f} s") from e
+            raise EngineDeadError(f"the local shard did not answer {fn.__name__} "
+                                  f"within {timeout:.0f} s") from e
 
     async def start(self) -> int:
         pages = await self._call(self.shard.setup, 0, timeout=self.config.start_timeout_s)
@@ -136,11 +137,12 @@ class RayExecutor(ModelExecutor):
 
         from msa.cluster.placement import ReplicaPlacement
 
-        self.placement = ReplicaPlacement(self.config.tp, self.config.sp, use_gpu=self.config.device == "cuda")
+        config = self.config
+        self.placement = ReplicaPlacement(config.tp, config.sp, use_gpu=config.device == "cuda")
         await self.placement.ready(self.config.start_timeout_s)
         actor = ray.remote(ModelShard)
-        self.shards = [actor.options(**self.placement.actor_options(rank)).remote(shard_spec(self.config, rank))
-                       for rank in range(self.config.world_size)]
+        self.shards = [actor.options(**self.placement.actor_options(rank)).remote(shard_spec(config, rank))
+                       for rank in range(config.world_size)]
         port = await asyncio.wait_for(self.shards[0].free_port.remote(), self.config.start_timeout_s)
         capacities = await self._all("setup", port, timeout=self.config.start_timeout_s)
         pages = min(capacities)

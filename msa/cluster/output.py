@@ -40,7 +40,8 @@ class ChoiceStream:
                     break
         return best
 
-    def append(self, token: int, logprob: float, top: dict[int, float] | None, weight_version: int) -> TokenOutput:
+    def append(self, token: int, logprob: float, top: dict[int, float] | None,
+               weight_version: int) -> TokenOutput:
         """Record one sampled token and return the output to stream for it."""
         self.num_tokens += 1
         longest_stop = max((len(s) for s in self.params.stop), default=0)

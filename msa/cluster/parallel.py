@@ -79,7 +79,8 @@ class ParallelGroups:
         return self.sp_rank * self.tp + self.tp_rank
 
 
-def init_parallel_groups(rank: int, tp: int, sp: int, port: int, backend: str, timeout_s: float) -> ParallelGroups:
+def init_parallel_groups(rank: int, tp: int, sp: int, port: int, backend: str,
+                         timeout_s: float) -> ParallelGroups:
     """Join the replica's process group over a TCP store on 127.0.0.1:``port`` (all shards of a
     replica share one node) and create every tensor- and context-parallel group."""
     groups = ParallelGroups(tp_rank=rank % tp, tp=tp, sp_rank=rank // tp, sp=sp)
@@ -150,8 +151,8 @@ def slice_for_rank(model: MiniMaxM3ForCausalLM, named_tensors: list[tuple[str, t
         if local not in params:
             raise WeightUpdateError(f"weight update names an unknown tensor {name!r}")
         if params[local].shape != value.shape:
-            raise WeightUpdateError(f"weight update tensor {name!r} of shape {tuple(tensor.shape)} gives this "
-                                    f"rank a slice {tuple(value.shape)}, but the model holds "
+            raise WeightUpdateError(f"weight update tensor {name!r} of shape {tuple(tensor.shape)} gives "
+                                    f"this rank a slice {tuple(value.shape)}, but the model holds "
                                     f"{tuple(params[local].shape)}")
         out.append((local, value))
     return out
@@ -170,7 +171,8 @@ class ContextParallelGroup:
         dist.all_gather(parts, t, group=self.group)
         return torch.stack(parts)
 
-    def gather_block_candidates(self, ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_block_candidates(self, ids: torch.Tensor,
+                                scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._gather(ids), self._gather(scores)
 
     def gather_attention(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

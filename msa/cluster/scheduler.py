@@ -78,9 +78,12 @@ class Scheduler:
         for seq in list(self.running):
             if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed != 1:
                 continue
-            while seq.status is SequenceStatus.RUNNING and not self.block_manager.can_hold(seq, seq.num_tokens):
-                self._preempt(self.running[-1])
+            while not self.block_manager.can_hold(seq, seq.num_tokens):
+                victim = self.running[-1]  # the newest; at worst seq itself
+                self._preempt(victim)
                 preempted = True
+                if victim is seq:
+                    break
             if seq.status is SequenceStatus.RUNNING:
                 self.block_manager.allocate(seq, seq.num_tokens)
                 chunks.append(_Chunk(seq, 1))

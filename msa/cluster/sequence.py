@@ -59,5 +59,5 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}/{self.index}, tokens={self.num_tokens}, "
-                f"cached={self.num_cached}, {self.status.value})")
+        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}/{self.index}, "
+                f"tokens={self.num_tokens}, cached={self.num_cached}, {self.status.value})")

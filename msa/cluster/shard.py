@@ -103,8 +103,8 @@ class ModelShard:
         return self.model.config.num_key_value_heads // self.spec.tp
 
     def bytes_per_page(self) -> int:
-        return PagedKVCache.bytes_per_page(self.model.config, dtype=self.spec.dtype, kv_heads=self._kv_heads(),
-                                           num_mtp=0)
+        return PagedKVCache.bytes_per_page(self.model.config, dtype=self.spec.dtype,
+                                           kv_heads=self._kv_heads(), num_mtp=0)
 
     def _page_capacity(self) -> int:
         s = self.spec
@@ -112,13 +112,17 @@ class ModelShard:
             return s.num_pages
         if s.device == "cpu":
             return s.kv_cache_memory_bytes // self.bytes_per_page()
+        # Peak activations of the largest step, measured by running one (cache-free) of that size.
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         self._profile_forward(s.max_num_batched_tokens)
+        torch.cuda.synchronize()
+        weights = torch.cuda.memory_allocated()
+        activations = torch.cuda.max_memory_allocated() - weights
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info()
-        in_use = total - free
-        activations = torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()
-        budget = total * s.gpu_memory_utilization - in_use - activations
+        outside_torch = total - free - torch.cuda.memory_reserved()  # CUDA context, NCCL, other processes
+        budget = total * s.gpu_memory_utilization - outside_torch - weights - activations
         return max(0, int(budget // self.bytes_per_page()))
 
     @torch.no_grad()
@@ -207,7 +211,8 @@ class ModelShard:
     def commit_weights(self, version: int) -> int:
         """Copy the staged tensors of ``version`` into the model; later steps run on it."""
         if self._staged_version != version:
-            raise WeightUpdateError(f"no staged weights of version {version} (staged: {self._staged_version})")
+            raise WeightUpdateError(f"no staged weights of version {version} "
+                                    f"(staged: {self._staged_version})")
         params = dict(self.model.named_parameters())
         for name, value in self._staged:
             params[name].copy_(value)

@@ -73,7 +73,8 @@ def unpack_bucket(bucket: WeightBucket) -> list[tuple[str, torch.Tensor]]:
     actual = _digest(bucket.payload)
     if actual != bucket.checksum:
         raise WeightUpdateError(f"weight bucket {bucket.index} of version {bucket.version} "
-                                f"({len(bucket.names)} tensors, first {bucket.names[:1]}) failed its sha256 check: "
+                                f"({len(bucket.names)} tensors, first {bucket.names[:1]}) "
+                                f"failed its sha256 check: "
                                 f"expected {bucket.checksum[:16]}..., got {actual[:16]}...")
     data = torch.from_numpy(np.ascontiguousarray(bucket.payload))
     out, offset = [], 0

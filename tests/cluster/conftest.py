@@ -29,8 +29,16 @@ def prompt(length: int, salt: int = 0) -> list[int]:
     return [(37 * i + 11 * salt + 5) % 250 for i in range(length)]
 
 
+_greedy_memo: dict[tuple, tuple[MiniMaxM3ForCausalLM, list[int]]] = {}
+
+
 def greedy_reference(model: MiniMaxM3ForCausalLM, ids: list[int], max_tokens: int) -> list[int]:
-    return list(generate_stream(model, ids, max_tokens=max_tokens, temperature=0.0))
+    """Single-process greedy tokens, memoised per model object (the memo keeps the model alive, so
+    its id is never reused by another) since several tests ask for the same ones."""
+    key = (id(model), tuple(ids), max_tokens)
+    if key not in _greedy_memo:
+        _greedy_memo[key] = (model, list(generate_stream(model, ids, max_tokens=max_tokens, temperature=0.0)))
+    return list(_greedy_memo[key][1])
 
 
 def full_logprobs(model: MiniMaxM3ForCausalLM, ids: list[int]) -> torch.Tensor:
@@ -44,7 +52,8 @@ def greedy(max_tokens: int, **kw) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, **kw)
 
 
-async def collect(engine, request_id: str, ids: list[int], params: SamplingParams) -> dict[int, list[TokenOutput]]:
+async def collect(engine, request_id: str, ids: list[int],
+                  params: SamplingParams) -> dict[int, list[TokenOutput]]:
     """All outputs of a request, by choice index."""
     outs: dict[int, list[TokenOutput]] = {}
     async for out in engine.generate(request_id, ids, params):

@@ -16,6 +16,8 @@ from msa.cluster.protocol import (
     WeightUpdateError,
 )
 from msa.cluster.weights import pack_buckets
+from msa.model import PagedKVCache
+from msa.platform.config import ConfigError, tiny
 from tests.cluster.conftest import (
     collect,
     full_logprobs,
@@ -227,3 +229,23 @@ def test_update_weights_switches_to_the_new_model_and_rejects_a_corrupt_bucket()
     torch.testing.assert_close(chosen, want[torch.arange(6), torch.tensor(got)], rtol=0, atol=1e-4)
     assert {o.weight_version for o in before[0]} == {0} and {o.weight_version for o in after[0]} == {3}
     assert tokens_of(still[0]) == got and stats.weight_version == 3
+
+
+def test_cpu_cache_is_sized_from_a_memory_budget_and_bad_configs_name_the_field():
+    per_page = PagedKVCache.bytes_per_page(tiny(), dtype=torch.float32, num_mtp=0)
+
+    async def main():
+        engine = await started(num_pages=None, kv_cache_memory_bytes=50 * per_page + per_page // 2)
+        try:
+            return engine.stats(), engine.max_context_length
+        finally:
+            await engine.shutdown()
+
+    stats, limit = asyncio.run(main())
+    assert stats.pages_total == [50] and limit == 50 * 4
+    with pytest.raises(ConfigError, match="num_pages"):
+        EngineConfig(model="tiny", device="cpu")
+    with pytest.raises(ConfigError, match="max_num_batched_tokens"):
+        engine_config(max_num_seqs=64, max_num_batched_tokens=32)
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        MSAEngine(engine_config(tp=4))
