@@ -1,0 +1,196 @@
+"""Where an RL step's time goes: rollout, train and weight sync; weight-sync GB/s; GPU idle share.
+
+    python benchmarks/rl.py --preset tiny --device cpu            # writes results/rl-cpu-tiny.json
+    python benchmarks/rl.py --preset m3_proxy --device cuda --prompts 32 --group-size 8 --max-tokens 256
+
+Runs the real loop (``msa.rl.train``: engine rollouts, DeepSpeed trainer actors, weight sync) for
+``--warmup + --steps`` steps on the repeat-char task and reports the timed steps. Before timing,
+one update is synced and the engine's log-probabilities must equal the trainer's on freshly
+generated tokens (fp32: 1e-4, bf16: 0.1), or no number is reported.
+Targets: weight sync >= 10 GB/s and <= 3% of the step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import ray  # noqa: E402
+
+from msa.cluster.engine import MSAEngine  # noqa: E402
+from msa.cluster.protocol import SamplingParams  # noqa: E402
+from msa.rl.batch import TrainSample  # noqa: E402
+from msa.rl.config import RLConfig  # noqa: E402
+from msa.rl.placement import TrainerGroup, runtime_env  # noqa: E402
+from msa.rl.sync import sync_weights  # noqa: E402
+from msa.rl.train import engine_config, train  # noqa: E402
+
+SYNC_GBPS_TARGET = 10.0
+SYNC_SHARE_TARGET = 0.03
+
+
+def run_config(args: argparse.Namespace, output_dir: str) -> RLConfig:
+    cuda = args.device == "cuda"
+    return RLConfig.from_dict({
+        "model": {"source": args.preset, "device": args.device},
+        "engine": {"num_pages": None if cuda else 512, "max_num_seqs": max(64, args.prompts * args.group_size),
+                   "max_num_batched_tokens": 16384 if cuda else 2048, "gpu_memory_utilization": 0.35},
+        "data": {"path": str(ROOT / "examples/data/repeat_char.jsonl")},
+        "env": {"name": "repeat_char", "options": {"length": args.max_tokens}},
+        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group_size, "max_tokens": args.max_tokens,
+                    "max_concurrency": args.prompts * args.group_size},
+        "trainer": {"gpus_per_trainer": 1 if cuda else 0, "zero_stage": args.zero_stage, "lr": 1e-5},
+        "run": {"steps": args.warmup + args.steps, "output_dir": output_dir, "resume": False},
+        "logging": {"wandb_mode": "disabled", "progress_bar": False},
+    })
+
+
+def check_sync_correctness(config: RLConfig) -> float:
+    """Largest |engine - trainer| log-probability over fresh tokens after a sync; raises if too large."""
+    trainers = TrainerGroup(config)
+    actor = trainers.actors[0]
+    ray.get(actor.setup.remote(*ray.get(actor.address.remote())))
+
+    async def main() -> float:
+        engine = MSAEngine(engine_config(config))
+        await engine.start()
+        try:
+            await sync_weights(engine, actor, version=1, dtype=config.model.dtype)
+            prompt = engine.tokenizer.encode("Repeat the character a")
+            params = SamplingParams(max_tokens=8, seed=0, ignore_eos=True, logprobs=0)
+            tokens, engine_lps = [], []
+            async for out in engine.generate("sync-check", prompt, params):
+                tokens += out.token_ids
+                engine_lps += out.logprobs
+            sample = TrainSample(input_ids=prompt + tokens, loss_mask=[0] * len(prompt) + [1] * len(tokens),
+                                 old_logprobs=[0.0] * (len(prompt) + len(tokens)), advantage=0.0)
+            trainer_lps = ray.get(actor.logprobs.remote([sample]))[0]
+            return max(abs(a - b) for a, b in zip(engine_lps, trainer_lps, strict=True))
+        finally:
+            await engine.shutdown()
+
+    try:
+        error = asyncio.run(main())
+    finally:
+        trainers.shutdown()
+    tolerance = 1e-4 if config.model.dtype == "float32" else 0.1
+    if not error <= tolerance:
+        raise SystemExit(f"engine and trainer disagree after weight sync by {error:.3g} (> {tolerance}); "
+                         "no timing is reported")
+    return error
+
+
+class GpuIdleSampler:
+    """Samples GPU utilisation (NVML, every 50 ms) over all visible GPUs while running."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> bool:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:
+            return False
+
+        def loop() -> None:
+            while not self._stop.wait(0.05):
+                utils = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in handles]
+                self.samples.append(sum(utils) / len(utils))
+
+        self._thread = threading.Thread(target=loop, daemon=True)
+        self._thread.start()
+        return True
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        return 1.0 - statistics.fmean(self.samples) / 100.0 if self.samples else None
+
+
+def summarize(history: list[dict], warmup: int) -> dict:
+    timed = history[warmup:]
+    mean = lambda key: statistics.fmean(row[key] for row in timed)
+    step, sync = mean("time/step"), mean("sync/seconds")
+    return {
+        "steps_timed": len(timed),
+        "step_s": round(step, 4), "rollout_s": round(mean("time/rollout"), 4), "train_s": round(mean("time/train"), 4),
+        "sync_s": round(sync, 4), "sync_gather_s": round(mean("sync/gather_seconds"), 4),
+        "sync_load_s": round(mean("sync/load_seconds"), 4), "sync_gb": round(mean("sync/gb"), 6),
+        "sync_gbps": round(mean("sync/gbps"), 4), "sync_share_of_step": round(sync / step, 5),
+        "per_step": [{k: round(row[k], 4) for k in ("time/step", "time/rollout", "time/train", "sync/seconds")}
+                     for row in timed],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--zero-stage", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--label", default=None, help="machine name for the results (default: from the device)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    ray.init(runtime_env=runtime_env(), include_dashboard=False, log_to_driver=False)
+    with tempfile.TemporaryDirectory(prefix="msa-rl-bench-") as tmp:
+        config = run_config(args, tmp)
+        sync_error = check_sync_correctness(config)
+        sampler = GpuIdleSampler()
+        sampling = sampler.start() if args.device == "cuda" else False
+        wall = time.perf_counter()
+        summary = asyncio.run(train(config))
+        wall = time.perf_counter() - wall
+        idle = sampler.stop() if sampling else None
+    ray.shutdown()
+
+    if args.device == "cuda":
+        import torch
+
+        machine = args.label or torch.cuda.get_device_name(0)
+    else:
+        machine = args.label or f"CPU ({platform.processor() or platform.machine()})"
+    result = {
+        "benchmark": "rl", "machine": machine, "device": args.device, "preset": args.preset,
+        "config": {"prompts": args.prompts, "group_size": args.group_size, "max_tokens": args.max_tokens,
+                   "zero_stage": args.zero_stage, "warmup": args.warmup, "steps": args.steps,
+                   "dtype": config.model.dtype},
+        "sync_check_max_logprob_error": sync_error,
+        **summarize(summary.history, args.warmup),
+        "gpu_idle_fraction": None if idle is None else round(idle, 4),
+        "gpu_idle_note": None if idle is not None else "no GPU: NVML unavailable on this machine",
+        "wall_s": round(wall, 2),
+        "targets": {"sync_gbps_min": SYNC_GBPS_TARGET, "sync_share_max": SYNC_SHARE_TARGET},
+    }
+    result["meets_targets"] = (result["sync_gbps"] >= SYNC_GBPS_TARGET
+                               and result["sync_share_of_step"] <= SYNC_SHARE_TARGET)
+    out = Path(args.out or ROOT / "benchmarks/results" / f"rl-{args.device}-{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "per_step"}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
