@@ -37,11 +37,15 @@ from msa.kernels.sparse_attention.triton import sparse_attention_triton  # noqa:
 HEADS, KV_HEADS, DIM, BLOCK, TOPK = 64, 4, 128, 128, 16
 SCALE = 1 / math.sqrt(DIM)
 DEV = "cuda"
-BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION}
+BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+}
 
 
 # ---------------------------------------------------------------- timing and bandwidth
+
 
 def graph_time_us(fn, rep_ms: int = 200) -> float:
     """Median time of ``fn`` replayed from a CUDA graph, with L2 flushed before each replay."""
@@ -82,6 +86,7 @@ def copy_bandwidth() -> float:
 
 # ---------------------------------------------------------------- problem construction
 
+
 def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: int = 0) -> dict:
     """Random decode/prefill inputs over shuffled pages: B sequences of L tokens, the last q_len
     of each being queries."""
@@ -96,7 +101,10 @@ def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: in
     return dict(
         q=torch.randn(T, HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
         iq=torch.randn(T, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
-        k=k, v=v, ik=ik, table=table,
+        k=k,
+        v=v,
+        ik=ik,
+        table=table,
         cu=torch.arange(0, T + 1, q_len, device=DEV, dtype=torch.int32),
         seq_lens=torch.full((B,), L, device=DEV, dtype=torch.int32),
         q_len=q_len,
@@ -104,13 +112,16 @@ def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: in
 
 
 def msa_step(p: dict):
-    ids, _ = select_blocks_triton(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK,
-                                  max_q_len=p["q_len"])
-    return sparse_attention_triton(p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE,
-                                   max_q_len=p["q_len"])
+    ids, _ = select_blocks_triton(
+        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=p["q_len"]
+    )
+    return sparse_attention_triton(
+        p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=p["q_len"]
+    )
 
 
 # ---------------------------------------------------------------- correctness gates
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
@@ -153,6 +164,7 @@ def check_kernels() -> dict:
 
 # ---------------------------------------------------------------- dense baselines
 
+
 def sdpa_decode_fn(B: int, L: int, q_len: int, backend: str):
     q = torch.randn(B, HEADS, q_len, DIM, device=DEV, dtype=torch.bfloat16)
     k = torch.randn(B, KV_HEADS, L, DIM, device=DEV, dtype=torch.bfloat16)
@@ -161,6 +173,7 @@ def sdpa_decode_fn(B: int, L: int, q_len: int, backend: str):
     def fn():
         with sdpa_kernel(BACKENDS[backend]):
             return F.scaled_dot_product_attention(q, k, v, scale=SCALE, enable_gqa=True)
+
     return fn
 
 
@@ -182,19 +195,28 @@ def fastest_sdpa(make, time_fn) -> tuple[float | None, str | None, dict]:
 
 # ---------------------------------------------------------------- decode and prefill
 
+
 def decode_row(B: int, L: int, bw: float, checks: dict, fp8: bool) -> dict:
     idx_dtype = torch.float8_e4m3fn if fp8 else torch.bfloat16
     p = paged_problem(B, L, 1, idx_dtype)
     row = dict(batch=B, context=L, index_keys="fp8" if fp8 else "bf16")
     index_ok = checks["index_fp8" if fp8 else "index_bf16"]["ok"]
     attn_ok = checks["sparse_attention"]["ok"] and checks["merge"]["ok"]
-    ids, _ = select_blocks_triton(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1)
+    ids, _ = select_blocks_triton(
+        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
+    )
     if index_ok:
-        row["index_us"] = graph_time_us(lambda: select_blocks_triton(
-            p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1))
+        row["index_us"] = graph_time_us(
+            lambda: select_blocks_triton(
+                p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
+            )
+        )
     if attn_ok:
-        row["sparse_attention_us"] = graph_time_us(lambda: sparse_attention_triton(
-            p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1))
+        row["sparse_attention_us"] = graph_time_us(
+            lambda: sparse_attention_triton(
+                p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1
+            )
+        )
     if index_ok and attn_ok:
         row["msa_us"] = graph_time_us(lambda: msa_step(p))
     n_blocks = min(TOPK, triton.cdiv(L, BLOCK))
@@ -203,18 +225,23 @@ def decode_row(B: int, L: int, bw: float, checks: dict, fp8: bool) -> dict:
     if "msa_us" in row:
         row["fraction_of_floor"] = row["floor_us"] / row["msa_us"]
     if checks["dense_attention"]["ok"] and not fp8:
-        row["triton_dense_paged_us"] = graph_time_us(lambda: paged_attention_triton(
-            p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=1))
-    del p
-    torch.cuda.empty_cache()
+        row["triton_dense_paged_us"] = graph_time_us(
+            lambda: paged_attention_triton(
+                p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=1
+            )
+        )
     return row
 
 
 def dense_decode(B: int, L: int, bw: float) -> dict:
     t, best, all_times = fastest_sdpa(lambda name: sdpa_decode_fn(B, L, 1, name), graph_time_us)
     torch.cuda.empty_cache()
-    return dict(sdpa_us=t, sdpa_backend=best, sdpa_all_us=all_times,
-                dense_floor_us=B * L * KV_HEADS * DIM * 2 * 2 / bw * 1e6)
+    return dict(
+        sdpa_us=t,
+        sdpa_backend=best,
+        sdpa_all_us=all_times,
+        dense_floor_us=B * L * KV_HEADS * DIM * 2 * 2 / bw * 1e6,
+    )
 
 
 def msa_prefill_ms(L: int, chunk: int, index_dtype=torch.bfloat16) -> dict:
@@ -230,29 +257,38 @@ def msa_prefill_ms(L: int, chunk: int, index_dtype=torch.bfloat16) -> dict:
         steps.append((slice(s, s + n), cu, sl, n))
 
     def index_only():
-        return [select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)[0]
-                for r, cu, sl, n in steps]
+        return [
+            select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)[0]
+            for r, cu, sl, n in steps
+        ]
 
     all_ids = index_only()
 
     def attention_only():
         for (r, cu, sl, n), ids in zip(steps, all_ids, strict=True):
-            sparse_attention_triton(p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n)
+            sparse_attention_triton(
+                p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n
+            )
 
     def both():
         for r, cu, sl, n in steps:
             ids, _ = select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)
-            sparse_attention_triton(p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n)
+            sparse_attention_triton(
+                p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n
+            )
 
     reps = 3 if L <= 2**17 else 1
-    res = dict(context=L, chunk=chunk, index_ms=event_time_ms(index_only, reps),
-               sparse_attention_ms=event_time_ms(attention_only, reps), msa_ms=event_time_ms(both, reps))
+    res = dict(
+        context=L,
+        chunk=chunk,
+        index_ms=event_time_ms(index_only, reps),
+        sparse_attention_ms=event_time_ms(attention_only, reps),
+        msa_ms=event_time_ms(both, reps),
+    )
     # Floors: the index and attention matmul FLOPs over the measured bf16 matmul rate.
     res["index_tflop"] = KV_HEADS * 2 * DIM * L * (L + 1) / 2 / 1e12
     n_keys = sum(min(TOPK * BLOCK, (t // BLOCK) * BLOCK + t % BLOCK + 1) for t in range(0, L, 64)) * 64
     res["attention_tflop"] = HEADS * 4 * DIM * n_keys / 1e12
-    del p, all_ids
-    torch.cuda.empty_cache()
     return res
 
 
@@ -265,10 +301,16 @@ def dense_prefill_ms(L: int) -> dict:
         def fn():
             with sdpa_kernel(BACKENDS[name]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+
         return fn
+
     t, best, all_times = fastest_sdpa(make, lambda fn: event_time_ms(fn, 2))
-    return dict(sdpa_ms=t, sdpa_backend=best, sdpa_all_ms=all_times,
-                dense_tflop=HEADS * 4 * DIM * L * (L + 1) / 2 / 1e12)
+    return dict(
+        sdpa_ms=t,
+        sdpa_backend=best,
+        sdpa_all_ms=all_times,
+        dense_tflop=HEADS * 4 * DIM * L * (L + 1) / 2 / 1e12,
+    )
 
 
 def dense_prefill_once_ms(L: int, backend: str) -> dict:
@@ -284,8 +326,12 @@ def dense_prefill_once_ms(L: int, backend: str) -> dict:
     torch.cuda.synchronize()
     del q, k, v
     torch.cuda.empty_cache()
-    return dict(sdpa_ms=start.elapsed_time(end), sdpa_backend=backend, sdpa_runs=1,
-                dense_tflop=HEADS * 4 * DIM * L * (L + 1) / 2 / 1e12)
+    return dict(
+        sdpa_ms=start.elapsed_time(end),
+        sdpa_backend=backend,
+        sdpa_runs=1,
+        dense_tflop=HEADS * 4 * DIM * L * (L + 1) / 2 / 1e12,
+    )
 
 
 def matmul_rate() -> float:
@@ -297,6 +343,7 @@ def matmul_rate() -> float:
 
 # ---------------------------------------------------------------- report
 
+
 def fits(B: int, L: int) -> bool:
     need = B * L * (KV_HEADS * DIM * 2 * 2 * 2 + DIM * 2) * 1.2  # paged + contiguous K/V, index keys
     return need < torch.cuda.get_device_properties(0).total_memory * 0.8
@@ -304,61 +351,83 @@ def fits(B: int, L: int) -> bool:
 
 def print_table(res: dict) -> None:
     print(f"\n{res['gpu']}  torch {res['torch']}  triton {res['triton']}  copy {res['copy_bw_gbs']:.0f} GB/s")
-    print(f"{'B':>2} {'L':>8} {'idx':>4} {'index':>8} {'attn':>8} {'MSA':>8} {'floor':>8} {'%floor':>6} "
-          f"{'SDPA':>9} {'backend':>9} {'speedup':>7}")
+    print(
+        f"{'B':>2} {'L':>8} {'idx':>4} {'index':>8} {'attn':>8} {'MSA':>8} {'floor':>8} {'%floor':>6} "
+        f"{'SDPA':>9} {'backend':>9} {'speedup':>7}"
+    )
     for r in res["decode"]:
         msa, sd = r.get("msa_us"), r.get("sdpa_us")
         f = lambda x: f"{x:8.1f}" if isinstance(x, float) else f"{'-':>8}"
-        print(f"{r['batch']:>2} {r['context']:>8} {r['index_keys']:>4} {f(r.get('index_us'))} "
-              f"{f(r.get('sparse_attention_us'))} {f(msa)} {f(r['floor_us'])} "
-              f"{100 * r.get('fraction_of_floor', 0):5.0f}% {f(sd)} {str(r.get('sdpa_backend')):>9} "
-              f"{(sd / msa if msa and sd else 0):6.1f}x")
+        print(
+            f"{r['batch']:>2} {r['context']:>8} {r['index_keys']:>4} {f(r.get('index_us'))} "
+            f"{f(r.get('sparse_attention_us'))} {f(msa)} {f(r['floor_us'])} "
+            f"{100 * r.get('fraction_of_floor', 0):5.0f}% {f(sd)} {str(r.get('sdpa_backend')):>9} "
+            f"{(sd / msa if msa and sd else 0):6.1f}x"
+        )
     for r in res["prefill"]:
-        print(f"prefill L={r['context']}: MSA {r['msa_ms']:.1f} ms (index {r['index_ms']:.1f}, attention "
-              f"{r['sparse_attention_ms']:.1f}), dense SDPA {r.get('sdpa_ms')} ms ({r.get('sdpa_backend')}), "
-              f"speedup {r.get('speedup', float('nan')):.1f}x")
+        print(
+            f"prefill L={r['context']}: MSA {r['msa_ms']:.1f} ms (index {r['index_ms']:.1f}, attention "
+            f"{r['sparse_attention_ms']:.1f}), dense SDPA {r.get('sdpa_ms')} ms ({r.get('sdpa_backend')}), "
+            f"speedup {r.get('speedup', float('nan')):.1f}x"
+        )
     print(f"decode crossover (batch 1, bf16 index keys): {res.get('decode_crossover')}")
 
 
 def sweep() -> None:
     """Tuning sweep (not part of the report): per-kernel times over chunk size, pipelining depth
     and split count, and the cost of a kernel launch inside a graph."""
-    from msa.kernels.indexer.triton import launch_candidate_merge, launch_chunk_scores
+
     x = torch.zeros(16, device=DEV)
     for n in (1, 4):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
-    for L in (32768, 1048576):
+    p = paged_problem(1, 131072, 8192, torch.bfloat16)
+    ids, _ = select_blocks_triton(
+        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=8192
+    )
+    for nw, st in ((4, 2), (4, 1), (4, 3), (2, 1), (2, 2), (8, 2)):
+        t = event_time_ms(
+            lambda nw=nw, st=st: sparse_attention_triton(
+                p["q"],
+                p["k"],
+                p["v"],
+                p["table"],
+                p["cu"],
+                p["seq_lens"],
+                ids,
+                scale=SCALE,
+                max_q_len=8192,
+                num_warps=nw,
+                num_stages=st,
+            ),
+            3,
+        )
+        print(f"prefill chunk attention warps={nw} stages={st}: {t:.2f} ms", flush=True)
+    t = event_time_ms(
+        lambda: select_blocks_triton(
+            p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=8192
+        ),
+        3,
+    )
+    print(f"prefill chunk index: {t:.2f} ms", flush=True)
+    for L, B in ((1048576, 1), (131072, 8)):
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
-            p = paged_problem(1, L, 1, dt)
-            a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
-            for chunk, nb, st, nw in ((4, 1, 3, 4), (4, 1, 3, 8), (4, 1, 4, 4), (4, 1, 2, 4), (8, 1, 4, 4),
-                                      (8, 1, 3, 8), (4, 2, 2, 8), (2, 1, 2, 4), (2, 2, 1, 8)):
-                kw = dict(topk=TOPK, shard_rank=0, shard_world=1, longest=1, block_t=None, chunk_blocks=chunk,
-                          num_stages=st, step_blocks=nb, num_warps=nw)
-                try:
-                    cand = launch_chunk_scores(*a, **kw)
-                except Exception as e:  # a config over the shared-memory limit
-                    print(f"L={L} {kw}: {type(e).__name__}")
-                    continue
-                ts = graph_time_us(lambda kw=kw: launch_chunk_scores(*a, **kw), 100)
-                print(f"L={L} {str(dt)[6:]} chunk={chunk} step={nb} stages={st} warps={nw}: scores {ts:.1f} us",
-                      flush=True)
-            for chunk in (4, 32, 64):
-                cand = launch_chunk_scores(*a, topk=TOPK, shard_rank=0, shard_world=1, longest=1, block_t=None,
-                                           chunk_blocks=chunk, num_stages=None)
-                for nw in (1, 2, 4, 8, 16):
-                    tm = graph_time_us(lambda cand=cand, nw=nw: launch_candidate_merge(cand, TOPK, nw), 100)
-                    print(f"L={L} merge of {cand.shape[2] * cand.shape[3]} warps={nw}: {tm:.1f} us", flush=True)
-            print(f"L={L} {str(dt)[6:]} default select {graph_time_us(lambda: select_blocks_triton(*a, topk=TOPK, max_q_len=1)):.1f} us "
-                  f"msa step {graph_time_us(lambda: msa_step(p)):.1f} us", flush=True)
-            ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
-            for ns in (8,):
-                t = graph_time_us(lambda ns=ns: sparse_attention_triton(
-                    p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1,
-                    num_splits=ns))
-                print(f"L={L} sparse attention splits={ns}: {t:.1f} us", flush=True)
-            del p
-            torch.cuda.empty_cache()
+            sweep_decode(L, B, dt)
+
+
+def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
+    p = paged_problem(B, L, 1, dt)
+    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    t = graph_time_us(lambda: select_blocks_triton(*a, topk=TOPK, max_q_len=1))
+    print(f"L={L} B={B} {str(dt)[6:]} select {t:.1f} us", flush=True)
+    ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
+    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
+    for nw, st in ((4, 2), (4, 1), (8, 2), (8, 1), (2, 1)):
+        t = graph_time_us(
+            lambda nw=nw, st=st: sparse_attention_triton(
+                *kv, scale=SCALE, max_q_len=1, num_warps=nw, num_stages=st
+            )
+        )
+        print(f"L={L} B={B} sparse attention warps={nw} stages={st}: {t:.1f} us", flush=True)
 
 
 def main() -> None:
@@ -373,9 +442,14 @@ def main() -> None:
         return
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
-    res = dict(gpu=props.name, sms=props.multi_processor_count, torch=torch.__version__, triton=triton.__version__,
-               shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=DIM, block=BLOCK, topk=TOPK),
-               date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    res = dict(
+        gpu=props.name,
+        sms=props.multi_processor_count,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        shape=dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=DIM, block=BLOCK, topk=TOPK),
+        date=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
     bw = copy_bandwidth()
     res["copy_bw_gbs"] = bw / 1e9
     res["matmul_tflops"] = matmul_rate() / 1e12
@@ -402,22 +476,30 @@ def main() -> None:
                 if fp8 and B != 1 and L not in (131072, 1048576):
                     continue
                 row = decode_row(B, L, bw, checks, fp8)
+                torch.cuda.empty_cache()
                 row.update(dense)
                 if row.get("msa_us") and row.get("sdpa_us"):
                     row["speedup_vs_sdpa"] = row["sdpa_us"] / row["msa_us"]
                 res["decode"].append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "sdpa_all_us"}), flush=True)
-    slower = [r["context"] for r in res["decode"]
-              if r["batch"] == 1 and r["index_keys"] == "bf16" and r.get("speedup_vs_sdpa", 0) < 1]
-    res["decode_crossover"] = (f"dense faster up to L={max(slower)}" if slower else
-                               f"MSA faster at every measured length (from L={lengths[0]})")
+    slower = [
+        r["context"]
+        for r in res["decode"]
+        if r["batch"] == 1 and r["index_keys"] == "bf16" and r.get("speedup_vs_sdpa", 0) < 1
+    ]
+    res["decode_crossover"] = (
+        f"dense faster up to L={max(slower)}"
+        if slower
+        else f"MSA faster at every measured length (from L={lengths[0]})"
+    )
 
     save()
     res["prefill"] = []
     best = None
     if checks["index_bf16"]["ok"] and checks["sparse_attention"]["ok"]:
-        for L in ([131072] if args.no_1m_prefill or args.quick else [131072, 1048576]):
+        for L in [131072] if args.no_1m_prefill or args.quick else [131072, 1048576]:
             r = msa_prefill_ms(L, 8192)
+            torch.cuda.empty_cache()
             if L <= 131072:
                 r.update(dense_prefill_ms(L))
                 best = r.get("sdpa_backend")

@@ -12,6 +12,7 @@ from msa.kernels._paged import num_local_blocks
 @dataclass
 class Batch:
     """Packed queries of B sequences: the last ``q_lens[b]`` of ``seq_lens[b]`` tokens."""
+
     seq_lens: torch.Tensor  # [B] int32
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
 
@@ -24,13 +25,21 @@ def make_batch(seq_lens: list[int], q_lens: list[int], device: str | torch.devic
     cu = [0]
     for q in q_lens:
         cu.append(cu[-1] + q)
-    return Batch(torch.tensor(seq_lens, dtype=torch.int32, device=device),
-                 torch.tensor(cu, dtype=torch.int32, device=device))
+    return Batch(
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        torch.tensor(cu, dtype=torch.int32, device=device),
+    )
 
 
-def paginate(tokens: list[torch.Tensor], block_size: int, shard_rank: int = 0, shard_world: int = 1,
-             spare_pages: int = 2, generator: torch.Generator | None = None,
-             poison: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def paginate(
+    tokens: list[torch.Tensor],
+    block_size: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    spare_pages: int = 2,
+    generator: torch.Generator | None = None,
+    poison: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scatter each sequence's tokens ``[L_b, ...]`` into shuffled pages of a fresh cache.
 
     Returns (cache ``[pages, block_size, ...]``, block_table ``[B, max local blocks]`` int32). Only
@@ -52,6 +61,6 @@ def paginate(tokens: list[torch.Tensor], block_size: int, shard_rank: int = 0, s
             page = order.pop()
             table[b, i] = page
             blk = shard_rank + i * shard_world
-            chunk = t[blk * block_size:(blk + 1) * block_size]
-            cache[page, :chunk.shape[0]] = chunk
+            chunk = t[blk * block_size : (blk + 1) * block_size]
+            cache[page, : chunk.shape[0]] = chunk
     return cache, table.to(device)

@@ -26,8 +26,9 @@ CASES = {
 CPU = dict(heads=8, kv_heads=2, dim=32, block=16, topk=3)
 
 
-def build(seq_lens, q_lens, *, heads, kv_heads, dim, block, topk, dtype=torch.float32, device="cpu",
-          world=1, seed=0):
+def build(
+    seq_lens, q_lens, *, heads, kv_heads, dim, block, topk, dtype=torch.float32, device="cpu", world=1, seed=0
+):
     """Random q, per-shard paged K/V, and a valid MSA selection per (token, kv head)."""
     g = torch.Generator().manual_seed(seed)
     batch = make_batch(seq_lens, q_lens, device)
@@ -46,8 +47,9 @@ def build(seq_lens, q_lens, *, heads, kv_heads, dim, block, topk, dtype=torch.fl
     iq = torch.randn(T, kv_heads, dim, generator=g)
     ik = [torch.randn(n, dim, generator=g) for n in seq_lens]
     ik_cache, ik_table = paginate(ik, block, poison=False)
-    ids, _ = select_blocks_reference(iq, ik_cache, ik_table, batch.cu_seqlens_q.cpu(), batch.seq_lens.cpu(),
-                                     topk=topk)
+    ids, _ = select_blocks_reference(
+        iq, ik_cache, ik_table, batch.cu_seqlens_q.cpu(), batch.seq_lens.cpu(), topk=topk
+    )
     return batch, q, shards, ids.to(device)
 
 
@@ -55,8 +57,9 @@ def attend(q, shard, batch, ids, rank, world, scale, sparse, backend):
     k_cache, v_cache, table = shard
     args = (q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens)
     if backend == "reference":
-        return paged_attention_reference(*args, ids if sparse else None, scale=scale, shard_rank=rank,
-                                         shard_world=world)
+        return paged_attention_reference(
+            *args, ids if sparse else None, scale=scale, shard_rank=rank, shard_world=world
+        )
     if sparse:
         return sparse_attention(*args, ids, scale=scale, shard_rank=rank, shard_world=world)
     return paged_attention(*args, scale=scale, shard_rank=rank, shard_world=world)
@@ -124,17 +127,23 @@ def test_reference_with_all_blocks_is_dense_sdpa(case):
     batch, q, shards, ids = build(seq_lens, q_lens, **cfg)
     k_cache, v_cache, table = shards[0]
     scale = 1 / math.sqrt(cfg["dim"])
-    out, lse = paged_attention_reference(q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens, ids,
-                                         scale=scale)
+    out, lse = paged_attention_reference(
+        q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens, ids, scale=scale
+    )
     group = cfg["heads"] // cfg["kv_heads"]
-    for b, (n, ql) in enumerate(zip(seq_lens, q_lens)):
+    for b, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
         s, e = int(batch.cu_seqlens_q[b]), int(batch.cu_seqlens_q[b + 1])
-        pages = table[b, :-(-n // cfg["block"])].long()
+        pages = table[b, : -(-n // cfg["block"])].long()
         k = k_cache[pages].flatten(0, 1)[:n].transpose(0, 1)  # [H_kv, n, D]
         v = v_cache[pages].flatten(0, 1)[:n].transpose(0, 1)
         mask = torch.arange(n)[None, :] <= (n - ql + torch.arange(ql))[:, None]
-        ref = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k.repeat_interleave(group, 0),
-                                             v.repeat_interleave(group, 0), attn_mask=mask, scale=scale)
+        ref = F.scaled_dot_product_attention(
+            q[s:e].transpose(0, 1),
+            k.repeat_interleave(group, 0),
+            v.repeat_interleave(group, 0),
+            attn_mask=mask,
+            scale=scale,
+        )
         torch.testing.assert_close(out[s:e], ref.transpose(0, 1), atol=1e-5, rtol=1e-5)
         logits = torch.einsum("qhd,hnd->qhn", q[s:e], k.repeat_interleave(group, 0)) * scale
         ref_lse = torch.logsumexp(logits.masked_fill(~mask[:, None, :], float("-inf")), -1)

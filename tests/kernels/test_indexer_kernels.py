@@ -22,8 +22,20 @@ CASES = {
 CPU = dict(groups=2, dim=32, block=16, topk=4)
 
 
-def build(seq_lens, q_lens, *, groups, dim, block, topk, dtype=torch.float32, device="cpu", world=1,
-          ties=False, seed=0):
+def build(
+    seq_lens,
+    q_lens,
+    *,
+    groups,
+    dim,
+    block,
+    topk,
+    dtype=torch.float32,
+    device="cpu",
+    world=1,
+    ties=False,
+    seed=0,
+):
     """Index queries and per-shard paged index keys. With ``ties`` the values are small integers and
     whole blocks repeat, so many block scores are exactly equal."""
     g = torch.Generator().manual_seed(seed)
@@ -38,18 +50,31 @@ def build(seq_lens, q_lens, *, groups, dim, block, topk, dtype=torch.float32, de
         iq = torch.randn(batch.total_q, groups, dim, generator=g)
         ik = [torch.randn(n, dim, generator=g) for n in seq_lens]
     iq = iq.to(device, dtype)
-    shards = [paginate([k.to(device, dtype) for k in ik], block, r, world, generator=torch.Generator().manual_seed(r))
-              for r in range(world)]
+    shards = [
+        paginate(
+            [k.to(device, dtype) for k in ik], block, r, world, generator=torch.Generator().manual_seed(r)
+        )
+        for r in range(world)
+    ]
     return batch, iq, shards
 
 
 def select(iq, shard, batch, topk, rank, world, backend):
     cache, table = shard
     if backend == "reference":
-        return select_blocks_reference(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk,
-                                       shard_rank=rank, shard_world=world)
-    return select_blocks(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk, shard_rank=rank,
-                         shard_world=world)
+        return select_blocks_reference(
+            iq,
+            cache,
+            table,
+            batch.cu_seqlens_q,
+            batch.seq_lens,
+            topk=topk,
+            shard_rank=rank,
+            shard_world=world,
+        )
+    return select_blocks(
+        iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk, shard_rank=rank, shard_world=world
+    )
 
 
 def check_same_selection(ids, scores, ref_ids, ref_scores, exact):
@@ -103,10 +128,12 @@ def test_select_blocks_chunks_merge_candidates(chunk):
     """Chunks of fewer blocks than topk (each keeps all its blocks) and of more (each keeps its
     topk): the merge sees many chunks' candidates."""
     from msa.kernels.indexer.triton import select_blocks_triton
+
     batch, iq, shards = build([700, 300], [2, 1], **CPU)
     cache, table = shards[0]
-    ids, scores = select_blocks_triton(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=4,
-                                       chunk_blocks=chunk)
+    ids, scores = select_blocks_triton(
+        iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=4, chunk_blocks=chunk
+    )
     ref_ids, ref_scores = select(iq, shards[0], batch, 4, 0, 1, "reference")
     check_same_selection(ids, scores, ref_ids, ref_scores, True)
 
@@ -157,7 +184,7 @@ def test_reference_matches_loop_over_positions(case):
     cache, table = shards[0]
     block, topk = CPU["block"], CPU["topk"]
     ids, scores = select_blocks_reference(iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk)
-    for b, (n, ql) in enumerate(zip(seq_lens, q_lens)):
+    for b, (n, ql) in enumerate(zip(seq_lens, q_lens, strict=True)):
         for j in range(ql):
             t = int(batch.cu_seqlens_q[b]) + j
             pos = n - ql + j
@@ -171,6 +198,6 @@ def test_reference_matches_loop_over_positions(case):
                 ranked = sorted(best, key=lambda blk: (-best[blk], blk))[:topk]
                 want = sorted(ranked) + [-1] * (topk - len(ranked))
                 assert ids[t, g].tolist() == want
-                for blk, s in zip(ids[t, g].tolist(), scores[t, g].tolist()):
+                for blk, s in zip(ids[t, g].tolist(), scores[t, g].tolist(), strict=True):
                     if blk >= 0:
                         assert s == pytest.approx(best[blk], rel=1e-5, abs=1e-5)

@@ -26,7 +26,9 @@ def partial_states(R, T, H, D, dtype, device, empty_shard=None, seed=0):
 def test_merge_matches_reference(shape, empty, monkeypatch):
     monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
     R, T, H, D = shape
-    outs, lses = partial_states(R, T, H, D, torch.float32, "cpu", empty_shard=1 if empty == 1 and R > 1 else None)
+    outs, lses = partial_states(
+        R, T, H, D, torch.float32, "cpu", empty_shard=1 if empty == 1 and R > 1 else None
+    )
     if empty == "all":
         outs[:, 1] = 0.0
         lses[:, 1] = float("-inf")
@@ -67,7 +69,9 @@ def test_store_tokens_skips_other_shards(cache_dtype, monkeypatch):
     out = store_case("cpu", cache_dtype, "triton", monkeypatch)
     assert torch.equal(ref.isnan(), out.isnan())
     # The interpreter truncates to bf16 where the GPU rounds: allow one bf16 step.
-    torch.testing.assert_close(out[~out.isnan()], ref[~ref.isnan()], atol=0, rtol=0 if cache_dtype == torch.float32 else 8e-3)
+    torch.testing.assert_close(
+        out[~out.isnan()], ref[~ref.isnan()], atol=0, rtol=0 if cache_dtype == torch.float32 else 8e-3
+    )
     assert (~ref.isnan()).flatten(0, 1).all(-1).all(-1).sum() == 5  # the five kept rows, nothing else
 
 

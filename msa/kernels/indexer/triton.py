@@ -47,14 +47,35 @@ def _key_block(key):
 
 @triton.jit
 def _score_chunk_topk_kernel(
-    iq_ptr, ik_ptr, block_table_ptr, cu_q_ptr, seq_lens_ptr, cand_ptr,
-    score_scale, shard_rank, shard_world, tiles_per_seq,
-    stride_qt, stride_qg,
-    stride_kp, stride_ks,
+    iq_ptr,
+    ik_ptr,
+    block_table_ptr,
+    cu_q_ptr,
+    seq_lens_ptr,
+    cand_ptr,
+    score_scale,
+    shard_rank,
+    shard_world,
+    tiles_per_seq,
+    stride_qt,
+    stride_qg,
+    stride_kp,
+    stride_ks,
     stride_bt,
-    stride_ct, stride_cg, stride_cc,
-    G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    CHUNK: tl.constexpr, NB: tl.constexpr, KC: tl.constexpr, KC_P: tl.constexpr, IEEE: tl.constexpr,
+    stride_ct,
+    stride_cg,
+    stride_cc,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NB: tl.constexpr,
+    KC: tl.constexpr,
+    KC_P: tl.constexpr,
+    IEEE: tl.constexpr,
+    K_FP8: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * GP
     pid = tl.program_id(0)
@@ -75,8 +96,15 @@ def _score_chunk_topk_kernel(
     qpos = first_pos + tok - q_start  # [M]
     offs_d = tl.arange(0, D)
     offs_s = tl.arange(0, BLOCK_SIZE)
-    q = tl.load(iq_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qg + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # [M, D]
+    q = tl.load(
+        iq_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qg + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )  # [M, D]
+    if K_FP8:
+        # e4m3 widens to fp16 in one instruction (bf16 takes several); fp16 also keeps more of q.
+        q = q.to(tl.float16)
+    first_qpos = first_pos + t0 - q_start
 
     # This shard's blocks that the tile's last token can see; the chunk's share of them.
     last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
@@ -84,7 +112,9 @@ def _score_chunk_topk_kernel(
     lo = chunk * CHUNK
     cols = tl.arange(0, CHUNK)
     # The chunk's pages up front, so no block waits on a block-table read.
-    pages = tl.load(block_table_ptr + b * stride_bt + lo + cols, mask=lo + cols < n_local, other=0).to(tl.int64)
+    pages = tl.load(block_table_ptr + b * stride_bt + lo + cols, mask=lo + cols < n_local, other=0).to(
+        tl.int64
+    )
     STEPS: tl.constexpr = CHUNK // NB
     steps = tl.arange(0, STEPS)
     sub = tl.arange(0, NB)
@@ -96,18 +126,30 @@ def _score_chunk_topk_kernel(
         blk = shard_rank + (lo + here) * shard_world
         kpos = blk[:, None] * BLOCK_SIZE + offs_s[None, :]  # [NB, BLOCK_SIZE]
         live = (lo + here < n_local)[:, None] & (kpos < seq_len)
-        k = tl.load(ik_ptr + page[:, None, None] * stride_kp + offs_s[None, :, None] * stride_ks
-                    + offs_d[None, None, :], mask=live[:, :, None], other=0.0)  # [NB, BLOCK_SIZE, D]
+        k = tl.load(
+            ik_ptr
+            + page[:, None, None] * stride_kp
+            + offs_s[None, :, None] * stride_ks
+            + offs_d[None, None, :],
+            mask=live[:, :, None],
+            other=0.0,
+        )  # [NB, BLOCK_SIZE, D]
         k = tl.reshape(k, [NB * BLOCK_SIZE, D]).to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         s = tl.reshape(s, [M, NB, BLOCK_SIZE])
-        s = tl.where(kpos[None, :, :] <= qpos[:, None, None], s, float("-inf"))
+        # Only steps that reach past the tile's first query need the causal mask (prefill: the
+        # diagonal); a step wholly before it is live and visible to every row.
+        last_key = (shard_rank + (lo + j * NB + NB - 1) * shard_world) * BLOCK_SIZE + BLOCK_SIZE - 1
+        if last_key > first_qpos:
+            s = tl.where(kpos[None, :, :] <= qpos[:, None, None], s, float("-inf"))
         # Scaling after the max keeps ties exact (rounding is monotone).
         best = tl.max(s, 2) / score_scale  # [M, NB]
-        best = tl.where((qpos // BLOCK_SIZE)[:, None] == blk[None, :], float("inf"), best)  # forced local block
+        best = tl.where(
+            (qpos // BLOCK_SIZE)[:, None] == blk[None, :], float("inf"), best
+        )  # forced local block
         scores = tl.where(steps[None, :, None] == j, best[:, None, :], scores)
     scores = tl.reshape(scores, [M, CHUNK])
 
@@ -119,18 +161,28 @@ def _score_chunk_topk_kernel(
         top = tl.max(keys, 1)  # [M]
         chosen = tl.where(picks[None, :] == r, top[:, None], chosen)
         keys = tl.where(keys == top[:, None], _KEY_FLOOR, keys)
-    tl.store(cand_ptr + tok[:, None] * stride_ct + head[:, None] * stride_cg + chunk * stride_cc + picks[None, :],
-             chosen, mask=row_ok[:, None] & (picks[None, :] < KC))
+    tl.store(
+        cand_ptr + tok[:, None] * stride_ct + head[:, None] * stride_cg + chunk * stride_cc + picks[None, :],
+        chosen,
+        mask=row_ok[:, None] & (picks[None, :] < KC),
+    )
 
 
 @triton.jit
 def _merge_candidates_kernel(
-    cand_ptr, ids_ptr, scores_ptr,
+    cand_ptr,
+    ids_ptr,
+    scores_ptr,
     n_cand,
-    stride_ct, stride_cg,
-    stride_it, stride_ig,
-    stride_st, stride_sg,
-    TOPK: tl.constexpr, TOPK_P: tl.constexpr, N_P: tl.constexpr,
+    stride_ct,
+    stride_cg,
+    stride_it,
+    stride_ig,
+    stride_st,
+    stride_sg,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    N_P: tl.constexpr,
 ):
     t = tl.program_id(0)
     g = tl.program_id(1)
@@ -146,7 +198,9 @@ def _merge_candidates_kernel(
     blk = tl.where(valid, _key_block(chosen), 2147483647)
     score = tl.where(valid, _key_score(chosen), float("-inf"))
     # Ascending block order, empty picks last: the rank of each pick among the picks.
-    before = (blk[None, :] < blk[:, None]) | ((blk[None, :] == blk[:, None]) & (picks[None, :] < picks[:, None]))
+    before = (blk[None, :] < blk[:, None]) | (
+        (blk[None, :] == blk[:, None]) & (picks[None, :] < picks[:, None])
+    )
     slot = tl.sum(before.to(tl.int32), 1)
     keep = picks < TOPK
     tl.store(ids_ptr + t * stride_it + g * stride_ig + slot, tl.where(valid, blk, -1), mask=keep)
@@ -162,10 +216,21 @@ def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, ca
 
 
 def launch_chunk_scores(
-    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int, shard_rank: int, shard_world: int,
-    longest: int, block_t: int | None, chunk_blocks: int | None, num_stages: int | None,
-    step_blocks: int | None = None, num_warps: int | None = None,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    topk: int,
+    shard_rank: int,
+    shard_world: int,
+    longest: int,
+    block_t: int | None,
+    chunk_blocks: int | None,
+    num_stages: int | None,
+    step_blocks: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """Score every chunk of blocks and keep each chunk's best: candidate keys ``[T, G, chunks, kc]``
     int64 with ``kc = min(chunk, topk)``."""
@@ -189,43 +254,82 @@ def launch_chunk_scores(
     # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
     cand = torch.empty(T, G, n_chunks, kc, dtype=torch.int64, device=index_q.device)
     _score_chunk_topk_kernel[(B * tiles, n_chunks)](
-        index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, cand,
-        float(D) ** 0.5, shard_rank, shard_world, tiles,
-        index_q.stride(0), index_q.stride(1),
-        index_k_cache.stride(0), index_k_cache.stride(1),
+        index_q,
+        index_k_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        cand,
+        float(D) ** 0.5,
+        shard_rank,
+        shard_world,
+        tiles,
+        index_q.stride(0),
+        index_q.stride(1),
+        index_k_cache.stride(0),
+        index_k_cache.stride(1),
         block_table.stride(0),
-        cand.stride(0), cand.stride(1), cand.stride(2),
-        G=G, GP=gp, BLOCK_T=block_t, D=D, BLOCK_SIZE=index_k_cache.shape[1], CHUNK=chunk, NB=nb,
-        KC=kc, KC_P=next_pow2(kc), IEEE=index_q.dtype == torch.float32,
+        cand.stride(0),
+        cand.stride(1),
+        cand.stride(2),
+        G=G,
+        GP=gp,
+        BLOCK_T=block_t,
+        D=D,
+        BLOCK_SIZE=index_k_cache.shape[1],
+        CHUNK=chunk,
+        NB=nb,
+        KC=kc,
+        KC_P=next_pow2(kc),
+        IEEE=index_q.dtype == torch.float32,
+        K_FP8=index_k_cache.dtype == torch.float8_e4m3fn,
         num_warps=num_warps or (4 if rows * nb <= 64 else 8),
         num_stages=num_stages or stages,
     )
     return cand
 
 
-def launch_candidate_merge(cand: torch.Tensor, topk: int,
-                           num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def launch_candidate_merge(
+    cand: torch.Tensor, topk: int, num_warps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``."""
     T, G = cand.shape[:2]
     ids = torch.empty(T, G, topk, dtype=torch.int32, device=cand.device)
     scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
     n_cand = cand.shape[2] * cand.shape[3]
     _merge_candidates_kernel[(T, G)](
-        cand, ids, scores, n_cand,
-        cand.stride(0), cand.stride(1),
-        ids.stride(0), ids.stride(1),
-        scores.stride(0), scores.stride(1),
-        TOPK=topk, TOPK_P=next_pow2(topk), N_P=next_pow2(n_cand),
+        cand,
+        ids,
+        scores,
+        n_cand,
+        cand.stride(0),
+        cand.stride(1),
+        ids.stride(0),
+        ids.stride(1),
+        scores.stride(0),
+        scores.stride(1),
+        TOPK=topk,
+        TOPK_P=next_pow2(topk),
+        N_P=next_pow2(n_cand),
         num_warps=num_warps or (1 if n_cand <= 256 else 4),  # one warp: reductions without barriers
     )
     return ids, scores
 
 
 def select_blocks_triton(
-    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
-    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
-    block_t: int | None = None, chunk_blocks: int | None = None, num_stages: int | None = None,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    topk: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
+    block_t: int | None = None,
+    chunk_blocks: int | None = None,
+    num_stages: int | None = None,
     step_blocks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
@@ -240,7 +344,9 @@ def select_blocks_triton(
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
     if index_k_cache.dtype not in (index_q.dtype, torch.float8_e4m3fn):
-        raise ValueError(f"{name}: index_k_cache must be {index_q.dtype} or float8_e4m3fn, got {index_k_cache.dtype}")
+        raise ValueError(
+            f"{name}: index_k_cache must be {index_q.dtype} or float8_e4m3fn, got {index_k_cache.dtype}"
+        )
     check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
     check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
     if not 0 <= shard_rank < shard_world:
@@ -251,9 +357,23 @@ def select_blocks_triton(
         raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")
     longest = max_query_len(cu_seqlens_q, max_q_len)
     if T == 0 or longest == 0 or topk == 0:
-        return (torch.full((T, G, topk), -1, dtype=torch.int32, device=index_q.device),
-                torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device))
-    cand = launch_chunk_scores(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                               shard_rank=shard_rank, shard_world=shard_world, longest=longest, block_t=block_t,
-                               chunk_blocks=chunk_blocks, num_stages=num_stages, step_blocks=step_blocks)
+        return (
+            torch.full((T, G, topk), -1, dtype=torch.int32, device=index_q.device),
+            torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device),
+        )
+    cand = launch_chunk_scores(
+        index_q,
+        index_k_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        topk=topk,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+        longest=longest,
+        block_t=block_t,
+        chunk_blocks=chunk_blocks,
+        num_stages=num_stages,
+        step_blocks=step_blocks,
+    )
     return launch_candidate_merge(cand, topk)

@@ -11,13 +11,23 @@ from msa.kernels._launch import check_last_dim_contiguous, next_pow2
 
 @triton.jit
 def _merge_states_kernel(
-    outs_ptr, lses_ptr, out_ptr, lse_ptr,
-    R, H,
-    stride_or, stride_ot, stride_oh,
-    stride_lr, stride_lt,
-    stride_mt, stride_mh,
+    outs_ptr,
+    lses_ptr,
+    out_ptr,
+    lse_ptr,
+    R,
+    H,
+    stride_or,
+    stride_ot,
+    stride_oh,
+    stride_lr,
+    stride_lt,
+    stride_mt,
+    stride_mh,
     stride_et,
-    BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DIM_P: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -38,15 +48,21 @@ def _merge_states_kernel(
     for r in range(R):
         lse_r = tl.load(lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=h_ok, other=float("-inf"))
         w = tl.exp(lse_r - m_safe)  # [BLOCK_H]; 0 for an empty part
-        o = tl.load(outs_ptr + r * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-                    mask=hd_ok, other=0.0).to(tl.float32)
+        o = tl.load(
+            outs_ptr + r * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+            mask=hd_ok,
+            other=0.0,
+        ).to(tl.float32)
         # An empty part's out is zeros by contract; where() keeps a stray NaN there from leaking.
         acc += tl.where(w[:, None] > 0, w[:, None] * o, 0.0)
         total += w
     lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + t * stride_mt + offs_h[:, None] * stride_mh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=hd_ok)
+    tl.store(
+        out_ptr + t * stride_mt + offs_h[:, None] * stride_mh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=hd_ok,
+    )
     tl.store(lse_ptr + t * stride_et + offs_h, lse, mask=h_ok)
 
 
@@ -55,8 +71,10 @@ def merge_states_into(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor,
     dtype) and ``lse [T, H]`` fp32."""
     R, T, H, D = outs.shape
     if lses.shape != (R, T, H) or out.shape != (T, H, D) or lse.shape != (T, H):
-        raise ValueError(f"merge: shapes disagree: outs {tuple(outs.shape)}, lses {tuple(lses.shape)}, "
-                         f"out {tuple(out.shape)}, lse {tuple(lse.shape)}")
+        raise ValueError(
+            f"merge: shapes disagree: outs {tuple(outs.shape)}, lses {tuple(lses.shape)}, "
+            f"out {tuple(out.shape)}, lse {tuple(lse.shape)}"
+        )
     if lses.dtype != torch.float32 or lse.dtype != torch.float32:
         raise ValueError(f"merge: lses and lse must be float32, got {lses.dtype}, {lse.dtype}")
     check_last_dim_contiguous("merge", outs=outs, lses=lses, out=out, lse=lse)
@@ -65,21 +83,36 @@ def merge_states_into(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor,
     block_h = min(16, next_pow2(H))
     grid = (T, triton.cdiv(H, block_h))
     _merge_states_kernel[grid](
-        outs, lses, out, lse, R, H,
-        outs.stride(0), outs.stride(1), outs.stride(2),
-        lses.stride(0), lses.stride(1),
-        out.stride(0), out.stride(1),
+        outs,
+        lses,
+        out,
+        lse,
+        R,
+        H,
+        outs.stride(0),
+        outs.stride(1),
+        outs.stride(2),
+        lses.stride(0),
+        lses.stride(1),
+        out.stride(0),
+        out.stride(1),
         lse.stride(0),
-        BLOCK_H=block_h, HEAD_DIM=D, DIM_P=next_pow2(D),
+        BLOCK_H=block_h,
+        HEAD_DIM=D,
+        DIM_P=next_pow2(D),
     )
 
 
-def merge_attention_states_triton(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states_triton(
+    outs: torch.Tensor, lses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge R partial attention results ``outs [R, T, H, D]`` (any float dtype) with ``lses [R, T, H]``
     (natural log) into (out ``[T, H, D]`` in outs' dtype, lse ``[T, H]`` fp32). A part with lse -inf
     weighs 0; a row whose parts are all -inf gets zeros and lse -inf (never NaN)."""
     R, T, H, D = outs.shape
     out = torch.empty(T, H, D, dtype=outs.dtype, device=outs.device)
     lse = torch.empty(T, H, dtype=torch.float32, device=outs.device)
-    merge_states_into(outs.contiguous() if outs.stride(-1) != 1 else outs, lses.float().contiguous(), out, lse)
+    merge_states_into(
+        outs.contiguous() if outs.stride(-1) != 1 else outs, lses.float().contiguous(), out, lse
+    )
     return out, lse

@@ -22,20 +22,52 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, block_table_ptr, cu_q_ptr, seq_lens_ptr, ids_ptr,
-    out_ptr, lse_ptr, final_out_ptr, final_lse_ptr, tickets_ptr,
-    qk_scale, shard_rank, shard_world, tiles_per_seq, num_splits,
-    stride_qt, stride_qh,
-    stride_kp, stride_ks, stride_kh,
-    stride_vp, stride_vs, stride_vh,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_table_ptr,
+    cu_q_ptr,
+    seq_lens_ptr,
+    ids_ptr,
+    out_ptr,
+    lse_ptr,
+    final_out_ptr,
+    final_lse_ptr,
+    tickets_ptr,
+    qk_scale,
+    shard_rank,
+    shard_world,
+    tiles_per_seq,
+    num_splits,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
     stride_bt,
-    stride_it, stride_ig,
-    stride_os, stride_ot, stride_oh,
-    stride_ls, stride_lt,
-    stride_fot, stride_foh, stride_flt,
-    HEADS_PER_GROUP: tl.constexpr, HEADS_P: tl.constexpr, BLOCK_T: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    SPARSE: tl.constexpr, IEEE: tl.constexpr, COMBINE: tl.constexpr,
+    stride_it,
+    stride_ig,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lt,
+    stride_fot,
+    stride_foh,
+    stride_flt,
+    HEADS_PER_GROUP: tl.constexpr,
+    HEADS_P: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    SPARSE: tl.constexpr,
+    IEEE: tl.constexpr,
+    COMBINE: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * HEADS_P
     pid = tl.program_id(0)
@@ -57,20 +89,29 @@ def _paged_attention_kernel(
     qpos = first_pos + tok - q_start  # [M]
     offs_d = tl.arange(0, HEAD_DIM)
     offs_s = tl.arange(0, BLOCK_SIZE)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)  # [M, D]
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None],
+        other=0.0,
+    )  # [M, D]
 
     if SPARSE:
         # Row view of the selection: which blocks each row's token may see.  [M, TOPK_P]
         offs_k = tl.arange(0, TOPK_P)
-        row_ids = tl.load(ids_ptr + tok[:, None] * stride_it + g * stride_ig + offs_k[None, :],
-                          mask=row_ok[:, None] & (offs_k[None, :] < TOPK), other=-1)
+        row_ids = tl.load(
+            ids_ptr + tok[:, None] * stride_it + g * stride_ig + offs_k[None, :],
+            mask=row_ok[:, None] & (offs_k[None, :] < TOPK),
+            other=-1,
+        )
         # Flat view of the tile's selections, to enumerate their union once.  [N]
         N: tl.constexpr = BLOCK_T * TOPK_P
         flat = tl.arange(0, N)
         ftok = t0 + flat // TOPK_P
-        cand = tl.load(ids_ptr + ftok * stride_it + g * stride_ig + flat % TOPK_P,
-                       mask=(ftok < q_end) & (flat % TOPK_P < TOPK), other=-1)
+        cand = tl.load(
+            ids_ptr + ftok * stride_it + g * stride_ig + flat % TOPK_P,
+            mask=(ftok < q_end) & (flat % TOPK_P < TOPK),
+            other=-1,
+        )
         on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0)
         cand = tl.where(on_shard, cand, 1073741824)
         # First occurrence of each id, then its rank among the distinct ids (ascending).
@@ -80,7 +121,9 @@ def _paged_attention_kernel(
         rank = tl.where(first, tl.sum(smaller.to(tl.int32), 1), -1)  # [N]
         n_iter = tl.sum(first.to(tl.int32), 0)
         # Every page of the union up front, so no block waits on a block-table read.
-        pages = tl.load(block_table_ptr + b * stride_bt + (cand - shard_rank) // shard_world, mask=first, other=0)
+        pages = tl.load(
+            block_table_ptr + b * stride_bt + (cand - shard_rank) // shard_world, mask=first, other=0
+        )
     else:
         last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
         n_global = last_qpos // BLOCK_SIZE + 1
@@ -100,11 +143,17 @@ def _paged_attention_kernel(
             visible = row_ok
         kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
         written = kpos < seq_len
-        k = tl.load(k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
-                    mask=written[:, None], other=0.0)  # [BLOCK_SIZE, D]
+        k = tl.load(
+            k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
+            mask=written[:, None],
+            other=0.0,
+        )  # [BLOCK_SIZE, D]
         # V is requested with K so both reads are in flight together.
-        v = tl.load(v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
-                    mask=written[:, None], other=0.0)
+        v = tl.load(
+            v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
+            mask=written[:, None],
+            other=0.0,
+        )
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -127,8 +176,11 @@ def _paged_attention_kernel(
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    tl.store(out_ptr + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        out_ptr + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(lse_ptr + split * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
     if COMBINE:
         # Split-K combine by the last split to finish this (tile, group): no second launch, and
@@ -138,24 +190,46 @@ def _paged_attention_kernel(
         if ticket == num_splits - 1:
             m = tl.full([M], float("-inf"), tl.float32)
             for r in range(num_splits):
-                m = tl.maximum(m, tl.load(lse_ptr + r * stride_ls + tok * stride_lt + head, mask=row_ok,
-                                          other=float("-inf"), cache_modifier=".cg"))
+                m = tl.maximum(
+                    m,
+                    tl.load(
+                        lse_ptr + r * stride_ls + tok * stride_lt + head,
+                        mask=row_ok,
+                        other=float("-inf"),
+                        cache_modifier=".cg",
+                    ),
+                )
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             total = tl.zeros([M], tl.float32)
             merged = tl.zeros([M, HEAD_DIM], tl.float32)
             for r in range(num_splits):
-                lse_r = tl.load(lse_ptr + r * stride_ls + tok * stride_lt + head, mask=row_ok,
-                                other=float("-inf"), cache_modifier=".cg")
+                lse_r = tl.load(
+                    lse_ptr + r * stride_ls + tok * stride_lt + head,
+                    mask=row_ok,
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
                 w = tl.exp(lse_r - m_safe)  # 0 for a split that saw no key
-                o_r = tl.load(out_ptr + r * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh
-                              + offs_d[None, :], mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+                o_r = tl.load(
+                    out_ptr
+                    + r * stride_os
+                    + tok[:, None] * stride_ot
+                    + head[:, None] * stride_oh
+                    + offs_d[None, :],
+                    mask=row_ok[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
                 merged += w[:, None] * o_r
                 total += w
             seen = total > 0
             final = merged / tl.where(seen, total, 1.0)[:, None]
             final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-            tl.store(final_out_ptr + tok[:, None] * stride_fot + head[:, None] * stride_foh + offs_d[None, :],
-                     final.to(final_out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(
+                final_out_ptr + tok[:, None] * stride_fot + head[:, None] * stride_foh + offs_d[None, :],
+                final.to(final_out_ptr.dtype.element_ty),
+                mask=row_ok[:, None],
+            )
             tl.store(final_lse_ptr + tok * stride_flt + head, final_lse, mask=row_ok)
             tl.store(tickets_ptr + pid * tl.num_programs(1) + g, 0)  # ready for the next launch
 
@@ -178,7 +252,9 @@ def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name}: q must be fp32, bf16 or fp16, got {q.dtype}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"{name}: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must match q ({q.dtype})")
+        raise ValueError(
+            f"{name}: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must match q ({q.dtype})"
+        )
     check_last_dim_contiguous(name, q=q, k_cache=k_cache, v_cache=v_cache)
     D = q.shape[-1]
     if D < 16 or D & (D - 1):
@@ -189,10 +265,23 @@ def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def launch_paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor | None, *, scale: float,
-    shard_rank: int, shard_world: int, max_q_len: int | None, block_t: int | None, num_splits: int | None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_ids: torch.Tensor | None,
+    *,
+    scale: float,
+    shard_rank: int,
+    shard_world: int,
+    max_q_len: int | None,
+    block_t: int | None,
+    num_splits: int | None,
     name: str,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks, picks the tile and the split count, launches, and merges split-K partials."""
     _check_caches(name, q, k_cache, v_cache)
@@ -220,7 +309,9 @@ def launch_paged_attention(
     tiles = triton.cdiv(longest, block_t)
     if sparse:
         if block_ids.dtype != torch.int32 or block_ids.stride(-1) != 1:
-            raise ValueError(f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}")
+            raise ValueError(
+                f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}"
+            )
         topk = block_ids.shape[2]
         ids_arg, stride_it, stride_ig = block_ids, block_ids.stride(0), block_ids.stride(1)
         work = block_t * topk  # most blocks one tile can visit
@@ -240,39 +331,99 @@ def launch_paged_attention(
     grid = (B * tiles, H_kv, num_splits)
     tickets = _tickets(q.device, B * tiles * H_kv) if num_splits > 1 else lse
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, ids_arg, part_out, part_lse, out, lse, tickets,
-        scale * _LOG2E, shard_rank, shard_world, tiles, num_splits,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        ids_arg,
+        part_out,
+        part_lse,
+        out,
+        lse,
+        tickets,
+        scale * _LOG2E,
+        shard_rank,
+        shard_world,
+        tiles,
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
         block_table.stride(0),
-        stride_it, stride_ig,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_lse.stride(0), part_lse.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0),
-        HEADS_PER_GROUP=group, HEADS_P=heads_p, BLOCK_T=block_t, HEAD_DIM=D, BLOCK_SIZE=k_cache.shape[1],
-        TOPK=topk, TOPK_P=next_pow2(topk), SPARSE=sparse, IEEE=q.dtype == torch.float32, COMBINE=num_splits > 1,
-        num_warps=4 if block_t * heads_p <= 64 else 8, num_stages=2,
+        stride_it,
+        stride_ig,
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        HEADS_PER_GROUP=group,
+        HEADS_P=heads_p,
+        BLOCK_T=block_t,
+        HEAD_DIM=D,
+        BLOCK_SIZE=k_cache.shape[1],
+        TOPK=topk,
+        TOPK_P=next_pow2(topk),
+        SPARSE=sparse,
+        IEEE=q.dtype == torch.float32,
+        COMBINE=num_splits > 1,
+        num_warps=num_warps or (4 if block_t * heads_p <= 64 else 8),
+        num_stages=num_stages or 2,
     )
     return out, lse
 
 
 def sparse_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor, *, scale: float,
-    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
-    block_t: int | None = None, num_splits: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_ids: torch.Tensor,
+    *,
+    scale: float,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
+    block_t: int | None = None,
+    num_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA attention (see ``msa.kernels.sparse_attention``) as a Triton split-K kernel.
 
     q ``[T, H, D]``; k_cache, v_cache ``[pages, block, H_kv, D]`` in q's dtype; block_ids
     ``[T, H_kv, K]`` int32 global ids (-1 unused). Returns (out ``[T, H, D]`` q's dtype, lse ``[T, H]``
     fp32, -inf with zeros where a query sees no key on this shard). ``max_q_len`` (the longest query
-    run) saves a host sync; ``block_t`` (query tokens per program) and ``num_splits`` (split-K
-    factor) override the heuristics.
+    run) saves a host sync; ``block_t`` (query tokens per program), ``num_splits`` (split-K
+    factor), ``num_warps`` and ``num_stages`` override the heuristics.
     """
-    return launch_paged_attention(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
-                                  scale=scale, shard_rank=shard_rank, shard_world=shard_world,
-                                  max_q_len=max_q_len, block_t=block_t, num_splits=num_splits,
-                                  name="sparse_attention")
-
+    return launch_paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        block_ids,
+        scale=scale,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+        max_q_len=max_q_len,
+        block_t=block_t,
+        num_splits=num_splits,
+        name="sparse_attention",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )

@@ -34,4 +34,5 @@ def store_tokens_triton(cache: torch.Tensor, values: torch.Tensor, slots: torch.
     row_elems = rows.shape[1]
     block = min(1024, triton.next_power_of_2(row_elems))
     _store_tokens_kernel[(N, triton.cdiv(row_elems, block))](
-        cache, rows, slots.contiguous(), row_elems, rows.stride(0), BLOCK=block)
+        cache, rows, slots.contiguous(), row_elems, rows.stride(0), BLOCK=block
+    )
