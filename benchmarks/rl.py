@@ -42,18 +42,28 @@ SYNC_SHARE_TARGET = 0.03
 
 def run_config(args: argparse.Namespace, output_dir: str) -> RLConfig:
     cuda = args.device == "cuda"
-    return RLConfig.from_dict({
-        "model": {"source": args.preset, "device": args.device},
-        "engine": {"num_pages": None if cuda else 512, "max_num_seqs": max(64, args.prompts * args.group_size),
-                   "max_num_batched_tokens": 16384 if cuda else 2048, "gpu_memory_utilization": 0.35},
-        "data": {"path": str(ROOT / "examples/data/repeat_char.jsonl")},
-        "env": {"name": "repeat_char", "options": {"length": args.max_tokens}},
-        "rollout": {"prompts_per_step": args.prompts, "group_size": args.group_size, "max_tokens": args.max_tokens,
-                    "max_concurrency": args.prompts * args.group_size},
-        "trainer": {"gpus_per_trainer": 1 if cuda else 0, "zero_stage": args.zero_stage, "lr": 1e-5},
-        "run": {"steps": args.warmup + args.steps, "output_dir": output_dir, "resume": False},
-        "logging": {"wandb_mode": "disabled", "progress_bar": False},
-    })
+    return RLConfig.from_dict(
+        {
+            "model": {"source": args.preset, "device": args.device},
+            "engine": {
+                "num_pages": None if cuda else 512,
+                "max_num_seqs": max(64, args.prompts * args.group_size),
+                "max_num_batched_tokens": 16384 if cuda else 2048,
+                "gpu_memory_utilization": 0.35,
+            },
+            "data": {"path": str(ROOT / "examples/data/repeat_char.jsonl")},
+            "env": {"name": "repeat_char", "options": {"length": args.max_tokens}},
+            "rollout": {
+                "prompts_per_step": args.prompts,
+                "group_size": args.group_size,
+                "max_tokens": args.max_tokens,
+                "max_concurrency": args.prompts * args.group_size,
+            },
+            "trainer": {"gpus_per_trainer": 1 if cuda else 0, "zero_stage": args.zero_stage, "lr": 1e-5},
+            "run": {"steps": args.warmup + args.steps, "output_dir": output_dir, "resume": False},
+            "logging": {"wandb_mode": "disabled", "progress_bar": False},
+        }
+    )
 
 
 def check_sync_correctness(config: RLConfig) -> float:
@@ -73,8 +83,12 @@ def check_sync_correctness(config: RLConfig) -> float:
             async for out in engine.generate("sync-check", prompt, params):
                 tokens += out.token_ids
                 engine_lps += out.logprobs
-            sample = TrainSample(input_ids=prompt + tokens, loss_mask=[0] * len(prompt) + [1] * len(tokens),
-                                 old_logprobs=[0.0] * (len(prompt) + len(tokens)), advantage=0.0)
+            sample = TrainSample(
+                input_ids=prompt + tokens,
+                loss_mask=[0] * len(prompt) + [1] * len(tokens),
+                old_logprobs=[0.0] * (len(prompt) + len(tokens)),
+                advantage=0.0,
+            )
             trainer_lps = ray.get(actor.logprobs.remote([sample]))[0]
             return max(abs(a - b) for a, b in zip(engine_lps, trainer_lps, strict=True))
         finally:
@@ -86,8 +100,10 @@ def check_sync_correctness(config: RLConfig) -> float:
         trainers.shutdown()
     tolerance = 1e-4 if config.model.dtype == "float32" else 0.1
     if not error <= tolerance:
-        raise SystemExit(f"engine and trainer disagree after weight sync by {error:.3g} (> {tolerance}); "
-                         "no timing is reported")
+        raise SystemExit(
+            f"engine and trainer disagree after weight sync by {error:.3g} (> {tolerance}); "
+            "no timing is reported"
+        )
     return error
 
 
@@ -130,17 +146,26 @@ def summarize(history: list[dict], warmup: int) -> dict:
     step, sync = mean("time/step"), mean("sync/seconds")
     return {
         "steps_timed": len(timed),
-        "step_s": round(step, 4), "rollout_s": round(mean("time/rollout"), 4), "train_s": round(mean("time/train"), 4),
-        "sync_s": round(sync, 4), "sync_gather_s": round(mean("sync/gather_seconds"), 4),
-        "sync_load_s": round(mean("sync/load_seconds"), 4), "sync_gb": round(mean("sync/gb"), 6),
-        "sync_gbps": round(mean("sync/gbps"), 4), "sync_share_of_step": round(sync / step, 5),
-        "per_step": [{k: round(row[k], 4) for k in ("time/step", "time/rollout", "time/train", "sync/seconds")}
-                     for row in timed],
+        "step_s": round(step, 4),
+        "rollout_s": round(mean("time/rollout"), 4),
+        "train_s": round(mean("time/train"), 4),
+        "sync_s": round(sync, 4),
+        "sync_gather_s": round(mean("sync/gather_seconds"), 4),
+        "sync_load_s": round(mean("sync/load_seconds"), 4),
+        "sync_gb": round(mean("sync/gb"), 6),
+        "sync_gbps": round(mean("sync/gbps"), 4),
+        "sync_share_of_step": round(sync / step, 5),
+        "per_step": [
+            {k: round(row[k], 4) for k in ("time/step", "time/rollout", "time/train", "sync/seconds")}
+            for row in timed
+        ],
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--prompts", type=int, default=8)
@@ -149,7 +174,9 @@ def main() -> None:
     parser.add_argument("--zero-stage", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--label", default=None, help="machine name for the results (default: from the device)")
+    parser.add_argument(
+        "--label", default=None, help="machine name for the results (default: from the device)"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -172,10 +199,19 @@ def main() -> None:
     else:
         machine = args.label or f"CPU ({platform.processor() or platform.machine()})"
     result = {
-        "benchmark": "rl", "machine": machine, "device": args.device, "preset": args.preset,
-        "config": {"prompts": args.prompts, "group_size": args.group_size, "max_tokens": args.max_tokens,
-                   "zero_stage": args.zero_stage, "warmup": args.warmup, "steps": args.steps,
-                   "dtype": config.model.dtype},
+        "benchmark": "rl",
+        "machine": machine,
+        "device": args.device,
+        "preset": args.preset,
+        "config": {
+            "prompts": args.prompts,
+            "group_size": args.group_size,
+            "max_tokens": args.max_tokens,
+            "zero_stage": args.zero_stage,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "dtype": config.model.dtype,
+        },
         "sync_check_max_logprob_error": sync_error,
         **summarize(summary.history, args.warmup),
         "gpu_idle_fraction": None if idle is None else round(idle, 4),
@@ -183,8 +219,9 @@ def main() -> None:
         "wall_s": round(wall, 2),
         "targets": {"sync_gbps_min": SYNC_GBPS_TARGET, "sync_share_max": SYNC_SHARE_TARGET},
     }
-    result["meets_targets"] = (result["sync_gbps"] >= SYNC_GBPS_TARGET
-                               and result["sync_share_of_step"] <= SYNC_SHARE_TARGET)
+    result["meets_targets"] = (
+        result["sync_gbps"] >= SYNC_GBPS_TARGET and result["sync_share_of_step"] <= SYNC_SHARE_TARGET
+    )
     out = Path(args.out or ROOT / "benchmarks/results" / f"rl-{args.device}-{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -59,9 +59,17 @@ class LossTerms:
     ratio: torch.Tensor
 
 
-def policy_loss_sums(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                     mask: torch.Tensor, *, clip_low: float, clip_high: float, kl_coef: float = 0.0,
-                     ref_logprobs: torch.Tensor | None = None) -> LossTerms:
+def policy_loss_sums(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_low: float,
+    clip_high: float,
+    kl_coef: float = 0.0,
+    ref_logprobs: torch.Tensor | None = None,
+) -> LossTerms:
     """Clipped-ratio policy gradient (+ k3 KL) summed over tokens where ``mask`` is 1.
 
     All inputs ``[N]`` fp32 over the same tokens: current and rollout log-probabilities of the
@@ -80,5 +88,10 @@ def policy_loss_sums(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advanta
         kl = kl_k3(logprobs, ref_logprobs)
     per_token = pg + kl_coef * kl
     was_clipped = (clipped < unclipped).to(mask.dtype)
-    return LossTerms(loss=(per_token * mask).sum(), pg=(pg * mask).sum().detach(), kl=(kl * mask).sum().detach(),
-                     clipped=(was_clipped * mask).sum().detach(), ratio=(ratio * mask).sum().detach())
+    return LossTerms(
+        loss=(per_token * mask).sum(),
+        pg=(pg * mask).sum().detach(),
+        kl=(kl * mask).sum().detach(),
+        clipped=(was_clipped * mask).sum().detach(),
+        ratio=(ratio * mask).sum().detach(),
+    )

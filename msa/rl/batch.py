@@ -25,8 +25,9 @@ class TrainSample:
         return sum(self.loss_mask)
 
 
-def to_samples(groups: list[GroupResult], algorithm: str, *, normalize_std: bool) -> tuple[list[TrainSample],
-                                                                                           torch.Tensor]:
+def to_samples(
+    groups: list[GroupResult], algorithm: str, *, normalize_std: bool
+) -> tuple[list[TrainSample], torch.Tensor]:
     """Samples in group order and the advantages ``[num_groups, G]`` they got."""
     rewards = torch.tensor([[e.reward for e in g.episodes] for g in groups], dtype=torch.float32)
     advantages = compute_advantages(algorithm, rewards, normalize_std=normalize_std)
@@ -34,12 +35,20 @@ def to_samples(groups: list[GroupResult], algorithm: str, *, normalize_std: bool
     for g, group in enumerate(groups):
         for i, ep in enumerate(group.episodes):
             pad = len(ep.prompt_ids)
-            samples.append(TrainSample(input_ids=ep.prompt_ids + ep.response_ids, loss_mask=[0] * pad + ep.loss_mask,
-                                       old_logprobs=[0.0] * pad + ep.logprobs, advantage=float(advantages[g, i])))
+            samples.append(
+                TrainSample(
+                    input_ids=ep.prompt_ids + ep.response_ids,
+                    loss_mask=[0] * pad + ep.loss_mask,
+                    old_logprobs=[0.0] * pad + ep.logprobs,
+                    advantage=float(advantages[g, i]),
+                )
+            )
     return samples, advantages
 
 
-def split_for_trainers(samples: list[TrainSample], num_trainers: int, grad_accum: int) -> list[list[list[TrainSample]]]:
+def split_for_trainers(
+    samples: list[TrainSample], num_trainers: int, grad_accum: int
+) -> list[list[list[TrainSample]]]:
     """``[trainer][micro-batch] -> samples``: round-robin, so each trainer and micro-batch gets a
     similar mix of lengths; every trainer gets exactly ``grad_accum`` micro-batches."""
     shards: list[list[list[TrainSample]]] = [[[] for _ in range(grad_accum)] for _ in range(num_trainers)]
@@ -77,5 +86,11 @@ def pack(samples: list[TrainSample], device: torch.device | str) -> PackedBatch:
         lengths.append(n)
         offset += n
     as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
-    return PackedBatch(as_tensor(ids, torch.long), lengths, as_tensor(rows, torch.long), as_tensor(targets, torch.long),
-                       as_tensor(old, torch.float32), as_tensor(adv, torch.float32))
+    return PackedBatch(
+        as_tensor(ids, torch.long),
+        lengths,
+        as_tensor(rows, torch.long),
+        as_tensor(targets, torch.long),
+        as_tensor(old, torch.float32),
+        as_tensor(adv, torch.float32),
+    )

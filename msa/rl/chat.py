@@ -21,8 +21,9 @@ class ChatTokens:
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.stop_token_ids = set(tokenizer.eos_token_ids)
-        closed = tokenizer.apply_chat_template(_PROBE + [{"role": "assistant", "content": _MARK}],
-                                               add_generation_prompt=False)
+        closed = tokenizer.apply_chat_template(
+            _PROBE + [{"role": "assistant", "content": _MARK}], add_generation_prompt=False
+        )
         self._closed_probe = closed
         self.turn_end = closed.split(_MARK, 1)[1]
 
@@ -43,10 +44,13 @@ class ChatTokens:
         if reply_ids and reply_ids[-1] in self.stop_token_ids:
             stop_text = self.tokenizer.decode([reply_ids[-1]], skip_special_tokens=False)
             if closing.startswith(stop_text):
-                closing = closing[len(stop_text):]
+                closing = closing[len(stop_text) :]
         rendered = self.tokenizer.apply_chat_template(
-            _PROBE + [{"role": "assistant", "content": _MARK}] + observations, add_generation_prompt=True)
+            _PROBE + [{"role": "assistant", "content": _MARK}] + observations, add_generation_prompt=True
+        )
         if not rendered.startswith(self._closed_probe):
-            raise ValueError("the chat template renders earlier turns differently once observations follow; "
-                             "turn-by-turn token bookkeeping needs a prefix-stable template")
-        return self.tokenizer.encode(closing + rendered[len(self._closed_probe):])
+            raise ValueError(
+                "the chat template renders earlier turns differently once observations follow; "
+                "turn-by-turn token bookkeeping needs a prefix-stable template"
+            )
+        return self.tokenizer.encode(closing + rendered[len(self._closed_probe) :])

@@ -54,8 +54,16 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def write_driver_state(directory: Path, state: DriverState) -> None:
-    torch.save({"step": state.step, "data": state.data, "pending": state.pending, "rng": state.rng,
-                "wandb_id": state.wandb_id}, directory / "driver.pt")
+    torch.save(
+        {
+            "step": state.step,
+            "data": state.data,
+            "pending": state.pending,
+            "rng": state.rng,
+            "wandb_id": state.wandb_id,
+        },
+        directory / "driver.pt",
+    )
 
 
 def mark_latest(output_dir: str | Path, directory: Path, keep: int) -> None:
@@ -76,5 +84,6 @@ def latest_checkpoint(output_dir: str | Path) -> tuple[Path, DriverState] | None
         return None
     directory = checkpoint_root(output_dir) / pointer.read_text().strip()
     raw = torch.load(directory / "driver.pt", weights_only=False)
-    return directory, DriverState(step=raw["step"], data=raw["data"], pending=raw["pending"], rng=raw["rng"],
-                                  wandb_id=raw["wandb_id"])
+    return directory, DriverState(
+        step=raw["step"], data=raw["data"], pending=raw["pending"], rng=raw["rng"], wandb_id=raw["wandb_id"]
+    )

@@ -30,13 +30,22 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
 
 
 def _add_train(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="RL post-training with agentic rollouts (GRPO / REINFORCE++)",
-                              description="Post-train an msa model with rollouts from the msa engine and "
-                                          "DeepSpeed trainers placed by Ray. Resumes from the output "
-                                          "directory's latest checkpoint when run.resume is true.")
+    p = subparsers.add_parser(
+        "train",
+        help="RL post-training with agentic rollouts (GRPO / REINFORCE++)",
+        description="Post-train an msa model with rollouts from the msa engine and "
+        "DeepSpeed trainers placed by Ray. Resumes from the output "
+        "directory's latest checkpoint when run.resume is true.",
+    )
     p.add_argument("config", help="run config YAML (see examples/rl_tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one config field, e.g. --set run.steps=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set run.steps=5 (repeatable)",
+    )
     p.set_defaults(run=_run_train)
 
 
@@ -48,21 +57,30 @@ def _run_train(args: argparse.Namespace) -> int:
     config = load_rl_config(args.config, _overrides(args.overrides))
     summary = asyncio.run(train(config))
     last = summary.history[-1] if summary.history else {}
-    print(f"finished at step {summary.final_step}; last mean reward {last.get('rollout/reward_mean', float('nan')):.4f}; "
-          f"outputs in {config.run.output_dir}")
+    reward = last.get("rollout/reward_mean", float("nan"))
+    print(f"finished at step {summary.final_step}; last mean reward {reward:.4f}")
+    print(f"outputs in {config.run.output_dir}")
     return 0
 
 
 def _add_submit(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("submit", help="run `msa train CONFIG` as a job on a Ray cluster",
-                              description="Submit the training as a Ray job (the Python equivalent of "
-                                          "`ray job submit --working-dir . -- python -m msa.rl.cli train CONFIG`). "
-                                          "The current directory is uploaded; CONFIG must lie inside it.")
+    p = subparsers.add_parser(
+        "submit",
+        help="run `msa train CONFIG` as a job on a Ray cluster",
+        description="Submit the training as a Ray job (the Python equivalent of "
+        "`ray job submit --working-dir . -- python -m msa.rl.cli train CONFIG`). "
+        "The current directory is uploaded; CONFIG must lie inside it.",
+    )
     p.add_argument("config", help="run config YAML, inside the current directory")
-    p.add_argument("--address", default=None,
-                   help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS or the local one)")
+    p.add_argument(
+        "--address",
+        default=None,
+        help="Ray dashboard address, e.g. http://head:8265 (default: RAY_ADDRESS or the local one)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following logs")
+    p.add_argument(
+        "--no-wait", action="store_true", help="print the job id and return instead of following logs"
+    )
     p.set_defaults(run=_run_submit)
 
 
@@ -82,8 +100,10 @@ def _run_submit(args: argparse.Namespace) -> int:
     if not config.is_relative_to(cwd):
         raise ValueError(f"the config {config} must lie inside the uploaded working directory {cwd}")
     client = JobSubmissionClient(args.address)
-    job_id = client.submit_job(entrypoint=submit_entrypoint(str(config.relative_to(cwd)), args.overrides),
-                               runtime_env={"working_dir": str(cwd), "excludes": _EXCLUDES})
+    job_id = client.submit_job(
+        entrypoint=submit_entrypoint(str(config.relative_to(cwd)), args.overrides),
+        runtime_env={"working_dir": str(cwd), "excludes": _EXCLUDES},
+    )
     print(f"submitted {job_id}")
     if args.no_wait:
         return 0

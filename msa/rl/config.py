@@ -24,8 +24,12 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
 def _int_at_least(obj: Any, section: str, low: int, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-                 f"{section}.{name}", f"an integer >= {low}", value)
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"{section}.{name}",
+            f"an integer >= {low}",
+            value,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -37,8 +41,12 @@ class ModelSection:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.source, str) and bool(self.source), "model.source",
-                 "a preset name or a checkpoint directory", self.source)
+        _require(
+            isinstance(self.source, str) and bool(self.source),
+            "model.source",
+            "a preset name or a checkpoint directory",
+            self.source,
+        )
         _require(self.device in ("cpu", "cuda"), "model.device", "'cpu' or 'cuda'", self.device)
 
     @property
@@ -60,10 +68,18 @@ class EngineSection:
 
     def __post_init__(self) -> None:
         _int_at_least(self, "engine", 1, "tp", "sp", "max_num_seqs", "max_num_batched_tokens")
-        _require(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
-                 "engine.num_pages", "None or an integer >= 1", self.num_pages)
-        _require(0.0 < self.gpu_memory_utilization <= 1.0, "engine.gpu_memory_utilization", "in (0, 1]",
-                 self.gpu_memory_utilization)
+        _require(
+            self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+            "engine.num_pages",
+            "None or an integer >= 1",
+            self.num_pages,
+        )
+        _require(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "engine.gpu_memory_utilization",
+            "in (0, 1]",
+            self.gpu_memory_utilization,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -77,12 +93,22 @@ class DataSection:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.path, str) and bool(self.path), "data.path", "a jsonl or parquet file", self.path)
-        _require(self.format in (None, "json", "parquet"), "data.format",
-                 "'json', 'parquet' or null (from the file suffix)", self.format)
-        _require(isinstance(self.fields, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in self.fields.items()),
-                 "data.fields", "a mapping of sample key -> column name", self.fields)
+        _require(
+            isinstance(self.path, str) and bool(self.path), "data.path", "a jsonl or parquet file", self.path
+        )
+        _require(
+            self.format in (None, "json", "parquet"),
+            "data.format",
+            "'json', 'parquet' or null (from the file suffix)",
+            self.format,
+        )
+        _require(
+            isinstance(self.fields, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.fields.items()),
+            "data.fields",
+            "a mapping of sample key -> column name",
+            self.fields,
+        )
 
     @property
     def loader(self) -> str:
@@ -131,7 +157,9 @@ class RolloutSection:
         _int_at_least(self, "rollout", 0, "max_retries", "max_regenerations")
         _require(0.0 < self.temperature <= 2.0, "rollout.temperature", "in (0, 2]", self.temperature)
         _require(0.0 < self.top_p <= 1.0, "rollout.top_p", "in (0, 1]", self.top_p)
-        _require(self.episode_timeout_s > 0, "rollout.episode_timeout_s", "> 0 seconds", self.episode_timeout_s)
+        _require(
+            self.episode_timeout_s > 0, "rollout.episode_timeout_s", "> 0 seconds", self.episode_timeout_s
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -151,11 +179,17 @@ class AlgorithmSection:
     updates_per_rollout: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.name in ("grpo", "reinforce_pp"), "algorithm.name", "'grpo' or 'reinforce_pp'", self.name)
+        _require(
+            self.name in ("grpo", "reinforce_pp"), "algorithm.name", "'grpo' or 'reinforce_pp'", self.name
+        )
         for name in ("clip_low", "clip_high"):
             value = getattr(self, name)
-            _require(0.0 < value < 1.0 or (name == "clip_high" and 0.0 < value <= 10.0),
-                     f"algorithm.{name}", "in (0, 1)" if name == "clip_low" else "in (0, 10]", value)
+            _require(
+                0.0 < value < 1.0 or (name == "clip_high" and 0.0 < value <= 10.0),
+                f"algorithm.{name}",
+                "in (0, 1)" if name == "clip_low" else "in (0, 10]",
+                value,
+            )
         _require(self.kl_coef >= 0.0, "algorithm.kl_coef", ">= 0", self.kl_coef)
         _int_at_least(self, "algorithm", 1, "updates_per_rollout")
 
@@ -183,8 +217,12 @@ class TrainerSection:
         _require(0.0 < self.lr < 1.0, "trainer.lr", "in (0, 1)", self.lr)
         _require(self.weight_decay >= 0.0, "trainer.weight_decay", ">= 0", self.weight_decay)
         self.betas = tuple(self.betas)
-        _require(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "trainer.betas",
-                 "two numbers in [0, 1)", self.betas)
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "trainer.betas",
+            "two numbers in [0, 1)",
+            self.betas,
+        )
         _require(self.grad_clip > 0, "trainer.grad_clip", "> 0", self.grad_clip)
 
 
@@ -202,8 +240,12 @@ class RunSection:
     def __post_init__(self) -> None:
         _int_at_least(self, "run", 1, "steps", "keep_checkpoints")
         _int_at_least(self, "run", 0, "checkpoint_every", "seed")
-        _require(isinstance(self.output_dir, str) and bool(self.output_dir), "run.output_dir", "a directory",
-                 self.output_dir)
+        _require(
+            isinstance(self.output_dir, str) and bool(self.output_dir),
+            "run.output_dir",
+            "a directory",
+            self.output_dir,
+        )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -217,14 +259,26 @@ class LoggingSection:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.wandb_mode in ("online", "offline", "disabled"), "logging.wandb_mode",
-                 "'online', 'offline' or 'disabled'", self.wandb_mode)
+        _require(
+            self.wandb_mode in ("online", "offline", "disabled"),
+            "logging.wandb_mode",
+            "'online', 'offline' or 'disabled'",
+            self.wandb_mode,
+        )
         _int_at_least(self, "logging", 1, "plot_every")
 
 
-_SECTIONS = {"model": ModelSection, "engine": EngineSection, "data": DataSection, "env": EnvSection,
-             "rollout": RolloutSection, "algorithm": AlgorithmSection, "trainer": TrainerSection,
-             "run": RunSection, "logging": LoggingSection}
+_SECTIONS = {
+    "model": ModelSection,
+    "engine": EngineSection,
+    "data": DataSection,
+    "env": EnvSection,
+    "rollout": RolloutSection,
+    "algorithm": AlgorithmSection,
+    "trainer": TrainerSection,
+    "run": RunSection,
+    "logging": LoggingSection,
+}
 
 
 @dataclass(kw_only=True, slots=True)
@@ -244,11 +298,19 @@ class RLConfig:
     def __post_init__(self) -> None:
         total = self.rollout.prompts_per_step * self.rollout.group_size
         per_micro = self.trainer.num_trainers * self.trainer.grad_accum_steps
-        _require(total % per_micro == 0, "trainer.grad_accum_steps",
-                 f"such that num_trainers x grad_accum_steps ({per_micro}) divides the episodes per step "
-                 f"(rollout.prompts_per_step x rollout.group_size = {total})", self.trainer.grad_accum_steps)
-        _require(self.model.device == "cuda" or self.engine.num_pages is not None, "engine.num_pages",
-                 "set when model.device is 'cpu'", self.engine.num_pages)
+        _require(
+            total % per_micro == 0,
+            "trainer.grad_accum_steps",
+            f"such that num_trainers x grad_accum_steps ({per_micro}) divides the episodes per step "
+            f"(rollout.prompts_per_step x rollout.group_size = {total})",
+            self.trainer.grad_accum_steps,
+        )
+        _require(
+            self.model.device == "cuda" or self.engine.num_pages is not None,
+            "engine.num_pages",
+            "set when model.device is 'cpu'",
+            self.engine.num_pages,
+        )
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RLConfig:
@@ -263,8 +325,10 @@ class RLConfig:
             allowed = {f.name for f in dataclasses.fields(section)}
             extra = set(values) - allowed
             if extra:
-                raise ConfigError(f"unknown field(s) {sorted(extra)} in rl config section '{name}'; "
-                                  f"allowed: {sorted(allowed)}")
+                raise ConfigError(
+                    f"unknown field(s) {sorted(extra)} in rl config section '{name}'; "
+                    f"allowed: {sorted(allowed)}"
+                )
             if name == "data" and not values:
                 raise ConfigError("rl config field 'data.path' is required")
             kwargs[name] = section(**values)

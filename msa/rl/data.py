@@ -27,8 +27,10 @@ def load_prompts(section: DataSection) -> list[dict[str, Any]]:
     columns = set(table.column_names)
     missing = sorted(col for col in section.fields.values() if col not in columns)
     if missing:
-        raise KeyError(f"data.fields names column(s) {missing} that {section.path} does not have; "
-                       f"its columns: {sorted(columns)}")
+        raise KeyError(
+            f"data.fields names column(s) {missing} that {section.path} does not have; "
+            f"its columns: {sorted(columns)}"
+        )
     renamed = {col: key for key, col in section.fields.items()}
     return [{renamed.get(k, k): v for k, v in row.items()} for row in table]
 

@@ -25,16 +25,31 @@ def episode_record(step: int, group: GroupResult) -> list[dict[str, Any]]:
     rows = []
     for ep in group.episodes:
         digest = hashlib.sha1(json.dumps(ep.response_ids).encode()).hexdigest()[:16]
-        rows.append({"step": step, "uid": ep.uid, "index": ep.index, "version": ep.weight_version,
-                     "reward": ep.reward, "response_sha1": digest})
+        rows.append(
+            {
+                "step": step,
+                "uid": ep.uid,
+                "index": ep.index,
+                "version": ep.weight_version,
+                "reward": ep.reward,
+                "response_sha1": digest,
+            }
+        )
     return rows
 
 
 class RunLogger:
     """Appends to the output directory's logs, resuming at ``start_step``."""
 
-    def __init__(self, output_dir: str | Path, section: LoggingSection, config: dict[str, Any], *,
-                 start_step: int, wandb_id: str | None) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        section: LoggingSection,
+        config: dict[str, Any],
+        *,
+        start_step: int,
+        wandb_id: str | None,
+    ) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.section = section
@@ -42,14 +57,24 @@ class RunLogger:
         self.samples_path = self.dir / "samples.jsonl"
         for path in (self.metrics_path, self.samples_path):
             _truncate_jsonl(path, start_step)
-        self.history = [json.loads(line) for line in self.metrics_path.read_text().splitlines()] \
-            if self.metrics_path.exists() else []
+        self.history = (
+            [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+            if self.metrics_path.exists()
+            else []
+        )
         self.wandb = None
         if section.wandb_mode != "disabled":
             import wandb
 
-            self.wandb = wandb.init(project=section.wandb_project, name=section.run_name, config=config,
-                                    dir=str(self.dir), mode=section.wandb_mode, id=wandb_id, resume="allow")
+            self.wandb = wandb.init(
+                project=section.wandb_project,
+                name=section.run_name,
+                config=config,
+                dir=str(self.dir),
+                mode=section.wandb_mode,
+                id=wandb_id,
+                resume="allow",
+            )
 
     @property
     def wandb_id(self) -> str | None:
@@ -80,7 +105,10 @@ class RunLogger:
 
         steps = [r["step"] for r in self.history]
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-        for ax, key, title in ((axes[0], "rollout/reward_mean", "mean reward"), (axes[1], "train/loss", "loss")):
+        for ax, key, title in (
+            (axes[0], "rollout/reward_mean", "mean reward"),
+            (axes[1], "train/loss", "loss"),
+        ):
             values = [r.get(key, math.nan) for r in self.history]
             ax.plot(steps, values, marker=".")
             ax.set_title(title)

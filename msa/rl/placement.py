@@ -33,12 +33,17 @@ class TrainerGroup:
         ray.get(self.group.ready(), timeout=600)
         actor = ray.remote(PolicyTrainer)
         self.actors = [
-            actor.options(num_cpus=section.cpus_per_trainer, num_gpus=section.gpus_per_trainer,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(
-                              placement_group=self.group, placement_group_bundle_index=rank),
-                          runtime_env=runtime_env(), max_restarts=0)
-            .remote(rank, section.num_trainers, config.model, section, config.algorithm)
-            for rank in range(section.num_trainers)]
+            actor.options(
+                num_cpus=section.cpus_per_trainer,
+                num_gpus=section.gpus_per_trainer,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.group, placement_group_bundle_index=rank
+                ),
+                runtime_env=runtime_env(),
+                max_restarts=0,
+            ).remote(rank, section.num_trainers, config.model, section, config.algorithm)
+            for rank in range(section.num_trainers)
+        ]
 
     def shutdown(self) -> None:
         for actor in self.actors:

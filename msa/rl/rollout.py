@@ -76,8 +76,15 @@ class RolloutWorker:
     """Runs episodes on ``engine`` (any ``msa.cluster.protocol.Engine``) with environments from
     ``make_env``."""
 
-    def __init__(self, engine: Any, chat: ChatTokens, make_env: Callable[[], Environment],
-                 section: RolloutSection, *, run_seed: int) -> None:
+    def __init__(
+        self,
+        engine: Any,
+        chat: ChatTokens,
+        make_env: Callable[[], Environment],
+        section: RolloutSection,
+        *,
+        run_seed: int,
+    ) -> None:
         self.engine, self.chat, self.make_env = engine, chat, make_env
         self.section, self.run_seed = section, run_seed
         self._slots = asyncio.Semaphore(section.max_concurrency)
@@ -90,12 +97,19 @@ class RolloutWorker:
         results = await asyncio.gather(*[self._group(step, p) for p in prompts])
         ok = [g for g in results if g.error is None]
         failed = [g for g in results if g.error is not None]
-        return RolloutBatch(groups=ok, failed=failed, seconds=time.perf_counter() - start,
-                            retries=self._retries, regenerations=self._regenerations)
+        return RolloutBatch(
+            groups=ok,
+            failed=failed,
+            seconds=time.perf_counter() - start,
+            retries=self._retries,
+            regenerations=self._regenerations,
+        )
 
     async def _group(self, step: int, prompt: Prompt) -> GroupResult:
-        tasks = [asyncio.ensure_future(self._episode_with_retries(step, prompt, i))
-                 for i in range(self.section.group_size)]
+        tasks = [
+            asyncio.ensure_future(self._episode_with_retries(step, prompt, i))
+            for i in range(self.section.group_size)
+        ]
         try:
             episodes = await asyncio.gather(*tasks)
         except EngineDeadError:
@@ -115,8 +129,9 @@ class RolloutWorker:
             try:
                 async with self._slots:
                     seed = episode_seed(self.run_seed, step, prompt.uid, index, attempt)
-                    episode = await asyncio.wait_for(self.run_episode(prompt, index, seed),
-                                                     self.section.episode_timeout_s)
+                    episode = await asyncio.wait_for(
+                        self.run_episode(prompt, index, seed), self.section.episode_timeout_s
+                    )
                 episode.attempts, episode.regenerations = attempt + 1, regenerations
                 return episode
             except EngineDeadError:
@@ -125,14 +140,17 @@ class RolloutWorker:
                 regenerations += 1
                 self._regenerations += 1
                 if regenerations > self.section.max_regenerations:
-                    raise RuntimeError(f"prompt {prompt.uid} sample {index}: {e} on every one of "
-                                       f"{regenerations} generations") from e
+                    raise RuntimeError(
+                        f"prompt {prompt.uid} sample {index}: {e} on every one of {regenerations} generations"
+                    ) from e
             except (Exception, asyncio.TimeoutError) as e:
                 reason = "timed out" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
                 failures.append(reason)
                 if len(failures) > self.section.max_retries:
-                    raise RuntimeError(f"prompt {prompt.uid} sample {index} failed {len(failures)} times "
-                                       f"({'; '.join(failures)})") from e
+                    raise RuntimeError(
+                        f"prompt {prompt.uid} sample {index} failed {len(failures)} times "
+                        f"({'; '.join(failures)})"
+                    ) from e
                 self._retries += 1
             attempt += 1
 
@@ -163,19 +181,37 @@ class RolloutWorker:
             logprobs += [0.0] * len(glue)
         if len(versions) != 1:
             raise VersionMixedError(f"episode tokens came from weight versions {sorted(versions)}")
-        return Episode(uid=prompt.uid, index=index, prompt_ids=prompt_ids, response_ids=response, loss_mask=mask,
-                       logprobs=logprobs, weight_version=versions.pop(), reward=reward, turns=turns,
-                       attempts=1, regenerations=0, info=info)
+        return Episode(
+            uid=prompt.uid,
+            index=index,
+            prompt_ids=prompt_ids,
+            response_ids=response,
+            loss_mask=mask,
+            logprobs=logprobs,
+            weight_version=versions.pop(),
+            reward=reward,
+            turns=turns,
+            attempts=1,
+            regenerations=0,
+            info=info,
+        )
 
-    async def _turn(self, ids: list[int], seed: int, uid: int, index: int,
-                    turn: int) -> tuple[list[int], list[float], set[int]]:
+    async def _turn(
+        self, ids: list[int], seed: int, uid: int, index: int, turn: int
+    ) -> tuple[list[int], list[float], set[int]]:
         limit = self.engine.max_context_length - len(ids)
         if limit < 1:
-            raise RuntimeError(f"the conversation ({len(ids)} tokens) has no room left in the engine's "
-                               f"context ({self.engine.max_context_length})")
-        params = SamplingParams(max_tokens=min(self.section.max_tokens, limit),
-                                temperature=self.section.temperature, top_p=self.section.top_p,
-                                seed=(seed + turn) & ((1 << 62) - 1), logprobs=0)
+            raise RuntimeError(
+                f"the conversation ({len(ids)} tokens) has no room left in the engine's "
+                f"context ({self.engine.max_context_length})"
+            )
+        params = SamplingParams(
+            max_tokens=min(self.section.max_tokens, limit),
+            temperature=self.section.temperature,
+            top_p=self.section.top_p,
+            seed=(seed + turn) & ((1 << 62) - 1),
+            logprobs=0,
+        )
         tokens: list[int] = []
         logprobs: list[float] = []
         versions: set[int] = set()

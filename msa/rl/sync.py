@@ -29,9 +29,14 @@ class SyncReport:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
     def metrics(self) -> dict[str, float]:
-        return {"sync/version": self.version, "sync/gb": self.bytes / 1e9, "sync/seconds": self.seconds,
-                "sync/gather_seconds": self.gather_seconds, "sync/load_seconds": self.load_seconds,
-                "sync/gbps": self.gbps}
+        return {
+            "sync/version": self.version,
+            "sync/gb": self.bytes / 1e9,
+            "sync/seconds": self.seconds,
+            "sync/gather_seconds": self.gather_seconds,
+            "sync/load_seconds": self.load_seconds,
+            "sync/gbps": self.gbps,
+        }
 
 
 async def sync_weights(engine, trainer_rank0, version: int, dtype: str) -> SyncReport:
@@ -43,7 +48,9 @@ async def sync_weights(engine, trainer_rank0, version: int, dtype: str) -> SyncR
     await engine.update_weights(named, version)
     loaded = time.perf_counter()
     if engine.stats().weight_version != version:
-        raise RuntimeError(f"the engine reports weight version {engine.stats().weight_version} after "
-                           f"loading version {version}")
+        raise RuntimeError(
+            f"the engine reports weight version {engine.stats().weight_version} after "
+            f"loading version {version}"
+        )
     size = sum(t.numel() * t.element_size() for _, t in named)
     return SyncReport(version, size, gathered - start, loaded - gathered)

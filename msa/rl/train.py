@@ -50,10 +50,18 @@ class RunSummary:
 
 def engine_config(config: RLConfig) -> EngineConfig:
     e = config.engine
-    return EngineConfig(model=config.model.source, tp=e.tp, sp=e.sp, device=config.model.device,
-                        dtype=config.model.dtype, seed=config.model.seed, num_pages=e.num_pages,
-                        max_num_seqs=e.max_num_seqs, max_num_batched_tokens=e.max_num_batched_tokens,
-                        gpu_memory_utilization=e.gpu_memory_utilization)
+    return EngineConfig(
+        model=config.model.source,
+        tp=e.tp,
+        sp=e.sp,
+        device=config.model.device,
+        dtype=config.model.dtype,
+        seed=config.model.seed,
+        num_pages=e.num_pages,
+        max_num_seqs=e.max_num_seqs,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        gpu_memory_utilization=e.gpu_memory_utilization,
+    )
 
 
 def rollout_metrics(batch: RolloutBatch, version: int) -> dict[str, float]:
@@ -62,10 +70,14 @@ def rollout_metrics(batch: RolloutBatch, version: int) -> dict[str, float]:
     model_tokens = sum(sum(ep.loss_mask) for ep in episodes)
     masked_tokens = sum(len(ep.loss_mask) - sum(ep.loss_mask) for ep in episodes)
     return {
-        "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std()) if len(episodes) > 1
-        else 0.0, "rollout/episodes": len(episodes), "rollout/failed_groups": len(batch.failed),
-        "rollout/retries": batch.retries, "rollout/regenerated_mixed_version": batch.regenerations,
-        "rollout/model_tokens": model_tokens, "rollout/observation_tokens": masked_tokens,
+        "rollout/reward_mean": float(rewards.mean()),
+        "rollout/reward_std": float(rewards.std()) if len(episodes) > 1 else 0.0,
+        "rollout/episodes": len(episodes),
+        "rollout/failed_groups": len(batch.failed),
+        "rollout/retries": batch.retries,
+        "rollout/regenerated_mixed_version": batch.regenerations,
+        "rollout/model_tokens": model_tokens,
+        "rollout/observation_tokens": masked_tokens,
         "rollout/turns_mean": sum(ep.turns for ep in episodes) / max(len(episodes), 1),
         "rollout/staleness": max((version - ep.weight_version for ep in episodes), default=0),
         "time/rollout": batch.seconds,
@@ -74,8 +86,9 @@ def rollout_metrics(batch: RolloutBatch, version: int) -> dict[str, float]:
 
 def report_failures(batch: RolloutBatch, step: int) -> None:
     for group in batch.failed:
-        log.warning("step %d: group of prompt %d failed and is left out of training: %s", step, group.uid,
-                    group.error)
+        log.warning(
+            "step %d: group of prompt %d failed and is left out of training: %s", step, group.uid, group.error
+        )
 
 
 async def train(config: RLConfig) -> RunSummary:
@@ -88,8 +101,13 @@ async def train(config: RLConfig) -> RunSummary:
     engine = MSAEngine(engine_config(config))
     await engine.start()
     env_class, env_options = ENVIRONMENTS[config.env.name], dict(config.env.options)
-    worker = RolloutWorker(engine, ChatTokens(engine.tokenizer), lambda: env_class(**env_options), config.rollout,
-                           run_seed=config.run.seed)
+    worker = RolloutWorker(
+        engine,
+        ChatTokens(engine.tokenizer),
+        lambda: env_class(**env_options),
+        config.rollout,
+        run_seed=config.run.seed,
+    )
     trainers = TrainerGroup(config)
     try:
         return await _loop(config, out, sampler, engine, worker, trainers)
@@ -98,8 +116,14 @@ async def train(config: RLConfig) -> RunSummary:
         await engine.shutdown()
 
 
-async def _loop(config: RLConfig, out: Path, sampler: PromptSampler, engine: MSAEngine, worker: RolloutWorker,
-                trainers: TrainerGroup) -> RunSummary:
+async def _loop(
+    config: RLConfig,
+    out: Path,
+    sampler: PromptSampler,
+    engine: MSAEngine,
+    worker: RolloutWorker,
+    trainers: TrainerGroup,
+) -> RunSummary:
     actors, rc = trainers.actors, config.rollout
     master_addr, master_port = ray.get(actors[0].address.remote())
     ray.get([a.setup.remote(master_addr, master_port) for a in actors])
@@ -117,12 +141,19 @@ async def _loop(config: RLConfig, out: Path, sampler: PromptSampler, engine: MSA
     await sync_weights(engine, actors[0], version=state.step, dtype=config.model.dtype)
     logger = RunLogger(out, config.logging, config.to_dict(), start_step=state.step, wandb_id=state.wandb_id)
     pending = state.pending
-    bar = tqdm(range(state.step, config.run.steps), initial=state.step, total=config.run.steps,
-               desc="rl", disable=not config.logging.progress_bar)
+    bar = tqdm(
+        range(state.step, config.run.steps),
+        initial=state.step,
+        total=config.run.steps,
+        desc="rl",
+        disable=not config.logging.progress_bar,
+    )
     for step in bar:
         step_start = time.perf_counter()
         # 1. Rollouts on the current weights (or those generated during the previous update).
-        batch = pending if pending is not None else await worker.run_step(step, sampler.take(rc.prompts_per_step))
+        batch = (
+            pending if pending is not None else await worker.run_step(step, sampler.take(rc.prompts_per_step))
+        )
         pending = None
         report_failures(batch, step)
         metrics = rollout_metrics(batch, version=step)
@@ -130,7 +161,9 @@ async def _loop(config: RLConfig, out: Path, sampler: PromptSampler, engine: MSA
             raise RuntimeError(f"step {step}: every group failed; first error: {batch.failed[0].error}")
 
         # 2. Advantages, then one DeepSpeed update per pass over the batch.
-        samples, _ = to_samples(batch.groups, config.algorithm.name, normalize_std=config.algorithm.normalize_std)
+        samples, _ = to_samples(
+            batch.groups, config.algorithm.name, normalize_std=config.algorithm.normalize_std
+        )
         shards = split_for_trainers(samples, len(actors), config.trainer.grad_accum_steps)
         tokens = sum(s.num_loss_tokens for s in samples)
         train_start = time.perf_counter()
@@ -139,8 +172,9 @@ async def _loop(config: RLConfig, out: Path, sampler: PromptSampler, engine: MSA
             refs = [a.train_step.remote(shards[r], tokens) for r, a in enumerate(actors)]
             if rc.overlap and update == passes - 1 and step + 1 < config.run.steps:
                 next_prompts = sampler.take(rc.prompts_per_step)
-                pending, results = await asyncio.gather(worker.run_step(step + 1, next_prompts),
-                                                        asyncio.to_thread(ray.get, refs))
+                pending, results = await asyncio.gather(
+                    worker.run_step(step + 1, next_prompts), asyncio.to_thread(ray.get, refs)
+                )
             else:
                 results = await asyncio.to_thread(ray.get, refs)
         metrics |= {k: sum(r[k] for r in results) / len(results) for k in results[0]}
@@ -159,8 +193,18 @@ async def _loop(config: RLConfig, out: Path, sampler: PromptSampler, engine: MSA
             directory = step_dir(out, step + 1)
             directory.mkdir(parents=True, exist_ok=True)
             ray.get([a.save.remote(str(directory), POLICY_TAG) for a in actors])
-            write_driver_state(directory, DriverState(step=step + 1, data=sampler.state(), pending=pending,
-                                                      rng=capture_rng(), wandb_id=logger.wandb_id))
+            write_driver_state(
+                directory,
+                DriverState(
+                    step=step + 1,
+                    data=sampler.state(),
+                    pending=pending,
+                    rng=capture_rng(),
+                    wandb_id=logger.wandb_id,
+                ),
+            )
             mark_latest(out, directory, config.run.keep_checkpoints)
     logger.close()
-    return RunSummary(steps_run=config.run.steps - state.step, final_step=config.run.steps, history=logger.history)
+    return RunSummary(
+        steps_run=config.run.steps - state.step, final_step=config.run.steps, history=logger.history
+    )

@@ -52,8 +52,9 @@ class PolicyTrainer:
     """Rank ``rank`` of ``world``. Call ``setup`` once (it joins the process group), then
     ``train_step`` per rollout batch; ``named_weights`` feeds the engine's weight update."""
 
-    def __init__(self, rank: int, world: int, model: ModelSection, trainer: TrainerSection,
-                 algorithm: AlgorithmSection) -> None:
+    def __init__(
+        self, rank: int, world: int, model: ModelSection, trainer: TrainerSection, algorithm: AlgorithmSection
+    ) -> None:
         self.rank, self.world = rank, world
         self.model_section, self.section, self.algorithm = model, trainer, algorithm
         self.engine = None
@@ -67,22 +68,43 @@ class PolicyTrainer:
         Returns the parameter count."""
         import deepspeed
 
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world),
+            LOCAL_RANK="0",
+        )
         cuda = self.model_section.device == "cuda"
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-        model, self.model_config = load_model(self.model_section.source, dtype=torch.float32,
-                                              device=self.device, seed=self.model_section.seed, progress=False)
+        model, self.model_config = load_model(
+            self.model_section.source,
+            dtype=torch.float32,
+            device=self.device,
+            seed=self.model_section.seed,
+            progress=False,
+        )
         model.train()
         if self.algorithm.kl_coef > 0:
-            reference, _ = load_model(self.model_section.source, dtype=torch.bfloat16 if cuda else torch.float32,
-                                      device=self.device, seed=self.model_section.seed, progress=False)
+            reference, _ = load_model(
+                self.model_section.source,
+                dtype=torch.bfloat16 if cuda else torch.float32,
+                device=self.device,
+                seed=self.model_section.seed,
+                progress=False,
+            )
             self.reference = reference.eval().requires_grad_(False)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.section.lr, betas=self.section.betas,
-                                      weight_decay=self.section.weight_decay, fused=cuda)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                               config=deepspeed_config(self.section, bf16=cuda))
+        optimizer = torch.optim.AdamW(
+            model.parameters(),
+            lr=self.section.lr,
+            betas=self.section.betas,
+            weight_decay=self.section.weight_decay,
+            fused=cuda,
+        )
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(self.section, bf16=cuda)
+        )
         return sum(p.numel() for p in model.parameters())
 
     # Log-probabilities ---------------------------------------------------------------------------
@@ -100,7 +122,7 @@ class PolicyTrainer:
         flat = self._token_logprobs(self.engine.module, batch).cpu().tolist()
         out, start = [], 0
         for s in samples:
-            out.append(flat[start:start + s.num_loss_tokens])
+            out.append(flat[start : start + s.num_loss_tokens])
             start += s.num_loss_tokens
         return out
 
@@ -110,7 +132,9 @@ class PolicyTrainer:
         """One optimizer step over ``grad_accum_steps`` micro-batches. ``global_tokens``: trained
         tokens over every rank's micro-batches, so the loss is a token mean over the whole step."""
         if len(micro_batches) != self.section.grad_accum_steps:
-            raise ValueError(f"expected {self.section.grad_accum_steps} micro-batches, got {len(micro_batches)}")
+            raise ValueError(
+                f"expected {self.section.grad_accum_steps} micro-batches, got {len(micro_batches)}"
+            )
         engine = self.engine
         engine.train()
         # DeepSpeed divides each micro-batch loss by the accumulation steps and averages ranks.
@@ -142,13 +166,26 @@ class PolicyTrainer:
         if self.reference is not None:
             with torch.no_grad():
                 ref = self._token_logprobs(self.reference, batch)
-        terms = policy_loss_sums(logprobs, batch.old_logprobs, batch.advantages, torch.ones_like(logprobs),
-                                 clip_low=self.algorithm.clip_low, clip_high=self.algorithm.clip_high,
-                                 kl_coef=self.algorithm.kl_coef, ref_logprobs=ref)
+        terms = policy_loss_sums(
+            logprobs,
+            batch.old_logprobs,
+            batch.advantages,
+            torch.ones_like(logprobs),
+            clip_low=self.algorithm.clip_low,
+            clip_high=self.algorithm.clip_high,
+            kl_coef=self.algorithm.kl_coef,
+            ref_logprobs=ref,
+        )
         engine.backward(terms.loss * scale)
         engine.step()
-        return {"loss": float(terms.loss.detach()), "pg": float(terms.pg), "kl": float(terms.kl),
-                "clipped": float(terms.clipped), "ratio": float(terms.ratio), "tokens": float(logprobs.numel())}
+        return {
+            "loss": float(terms.loss.detach()),
+            "pg": float(terms.pg),
+            "kl": float(terms.kl),
+            "clipped": float(terms.clipped),
+            "ratio": float(terms.ratio),
+            "tokens": float(logprobs.numel()),
+        }
 
     # Weights and checkpoints -------------------------------------------------------------------
 

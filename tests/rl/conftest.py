@@ -9,8 +9,15 @@ from msa.rl.config import RLConfig
 
 
 async def started_engine(**kw: Any) -> MSAEngine:
-    base = dict(model="tiny", device="cpu", dtype="float32", num_pages=256, max_num_seqs=32,
-                max_num_batched_tokens=1024, seed=0)
+    base = dict(
+        model="tiny",
+        device="cpu",
+        dtype="float32",
+        num_pages=256,
+        max_num_seqs=32,
+        max_num_batched_tokens=1024,
+        seed=0,
+    )
     engine = MSAEngine(EngineConfig(**{**base, **kw}))
     await engine.start()
     return engine

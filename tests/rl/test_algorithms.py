@@ -18,7 +18,9 @@ def test_grpo_advantages_by_hand():
     s = math.sqrt(1 / 3)
     torch.testing.assert_close(adv[0], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (s + 1e-6))
     assert torch.equal(adv[1], torch.zeros(4))  # equal rewards teach nothing
-    torch.testing.assert_close(grpo_advantages(rewards, normalize_std=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5]))
+    torch.testing.assert_close(
+        grpo_advantages(rewards, normalize_std=False)[0], torch.tensor([0.5, -0.5, -0.5, 0.5])
+    )
 
 
 def test_reinforce_pp_whitens_over_the_batch():
@@ -56,14 +58,17 @@ def test_kl_term_adds_to_the_loss_with_its_coefficient():
     lp = torch.tensor([-1.0, -1.0])
     ref = torch.tensor([-1.5, -0.5])
     base = policy_loss_sums(lp, lp, torch.zeros(2), torch.ones(2), clip_low=0.2, clip_high=0.2)
-    with_kl = policy_loss_sums(lp, lp, torch.zeros(2), torch.ones(2), clip_low=0.2, clip_high=0.2, kl_coef=0.1,
-                               ref_logprobs=ref)
+    with_kl = policy_loss_sums(
+        lp, lp, torch.zeros(2), torch.ones(2), clip_low=0.2, clip_high=0.2, kl_coef=0.1, ref_logprobs=ref
+    )
     want = 0.1 * float(kl_k3(lp, ref).sum())
     assert float(with_kl.loss - base.loss) == pytest.approx(want, rel=1e-6)
 
 
 def test_pack_predicts_only_masked_tokens_from_the_previous_row():
-    a = TrainSample(input_ids=[5, 6, 7, 8], loss_mask=[0, 0, 1, 1], old_logprobs=[0, 0, -1.0, -2.0], advantage=0.5)
+    a = TrainSample(
+        input_ids=[5, 6, 7, 8], loss_mask=[0, 0, 1, 1], old_logprobs=[0, 0, -1.0, -2.0], advantage=0.5
+    )
     b = TrainSample(input_ids=[9, 10, 11], loss_mask=[0, 1, 0], old_logprobs=[0, -3.0, 0], advantage=-1.0)
     batch = pack([a, b], "cpu")
     assert batch.lengths == [4, 3]
@@ -74,7 +79,9 @@ def test_pack_predicts_only_masked_tokens_from_the_previous_row():
 
 
 def test_split_gives_every_trainer_its_micro_batches():
-    samples = [TrainSample(input_ids=[i, i], loss_mask=[0, 1], old_logprobs=[0, 0], advantage=0.0) for i in range(8)]
+    samples = [
+        TrainSample(input_ids=[i, i], loss_mask=[0, 1], old_logprobs=[0, 0], advantage=0.0) for i in range(8)
+    ]
     shards = split_for_trainers(samples, num_trainers=2, grad_accum=2)
     assert [[len(m) for m in t] for t in shards] == [[2, 2], [2, 2]]
     seen = sorted(s.input_ids[0] for t in shards for m in t for s in m)

@@ -18,10 +18,16 @@ from msa.rl.envs.tools import parse_tool_calls
 
 
 def test_tool_calls_in_the_model_format_are_parsed():
-    text = ('Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>'
-            '<tool_call>{"name": 1}</tool_call><tool_call>not json</tool_call>')
+    text = (
+        'Let me compute.<tool_call>{"name": "calculator", "arguments": {"expression": "2*3"}}</tool_call>'
+        '<tool_call>{"name": 1}</tool_call><tool_call>not json</tool_call>'
+    )
     calls = parse_tool_calls(text)
-    assert calls[0].name == "calculator" and calls[0].arguments == {"expression": "2*3"} and calls[0].error is None
+    assert (
+        calls[0].name == "calculator"
+        and calls[0].arguments == {"expression": "2*3"}
+        and calls[0].error is None
+    )
     assert "name" in calls[1].error
     assert "JSON" in calls[2].error
 
@@ -57,7 +63,12 @@ def test_repeat_char_reward_is_the_share_of_target_characters():
 
 def test_coding_reward_is_the_share_of_tests_passed():
     env = CodingEnv(timeout_s=5)
-    env.reset({"prompt": "add", "tests": ["assert add(1, 2) == 3", "assert add(0, 0) == 1", "assert add(2, 2) == 4"]})
+    env.reset(
+        {
+            "prompt": "add",
+            "tests": ["assert add(1, 2) == 3", "assert add(0, 0) == 1", "assert add(2, 2) == 4"],
+        }
+    )
     step = env.step("Here:\n```python\ndef add(a, b):\n    return a + b\n```")
     assert step.reward == pytest.approx(2 / 3) and step.info["sandbox"] == "ok"
     assert env.step("def add(a, b) return").reward == 0.0
@@ -66,7 +77,9 @@ def test_coding_reward_is_the_share_of_tests_passed():
 def test_sandbox_kills_an_infinite_loop_and_keeps_earlier_test_results():
     start = time.perf_counter()
     source = "def f(x):\n    while x:\n        pass\n    return 1"
-    reward, info = score_program(source, ["assert f(0) == 1", "assert f(1) == 1"], timeout_s=1.5, memory_mb=256)
+    reward, info = score_program(
+        source, ["assert f(0) == 1", "assert f(1) == 1"], timeout_s=1.5, memory_mb=256
+    )
     assert time.perf_counter() - start < 10
     assert info["sandbox"] == "timeout" and reward == 0.5
 
@@ -74,8 +87,9 @@ def test_sandbox_kills_an_infinite_loop_and_keeps_earlier_test_results():
 def test_sandbox_stops_a_memory_hog():
     result = run_python("x = []\nwhile True:\n    x.append(bytearray(16 << 20))", timeout_s=20, memory_mb=200)
     assert result.outcome == "memory"
-    reward, info = score_program("blob = bytearray(4 << 30)\ndef f():\n    return 1", ["assert f() == 1"],
-                                 timeout_s=10, memory_mb=200)
+    reward, info = score_program(
+        "blob = bytearray(4 << 30)\ndef f():\n    return 1", ["assert f() == 1"], timeout_s=10, memory_mb=200
+    )
     assert reward == 0.0 and info["solution_error"] == "MemoryError"
 
 
@@ -88,16 +102,21 @@ def test_sandbox_child_has_no_parent_environment(monkeypatch):
 def test_prompts_load_from_jsonl_and_parquet_with_a_field_mapping(tmp_path):
     rows = [{"q": f"question {i}", "a": str(i), "extra": i} for i in range(5)]
     (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    section = RLConfig.from_dict({"data": {"path": str(tmp_path / "p.jsonl"),
-                                           "fields": {"question": "q", "answer": "a"}}}).data
+    section = RLConfig.from_dict(
+        {"data": {"path": str(tmp_path / "p.jsonl"), "fields": {"question": "q", "answer": "a"}}}
+    ).data
     loaded = load_prompts(section)
     assert loaded[3] == {"question": "question 3", "answer": "3", "extra": 3}
     import datasets
 
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "p.parquet"))
-    section = RLConfig.from_dict({"data": {"path": str(tmp_path / "p.parquet"), "fields": {"question": "q"}}}).data
+    section = RLConfig.from_dict(
+        {"data": {"path": str(tmp_path / "p.parquet"), "fields": {"question": "q"}}}
+    ).data
     assert load_prompts(section)[1]["question"] == "question 1"
-    bad = RLConfig.from_dict({"data": {"path": str(tmp_path / "p.jsonl"), "fields": {"question": "nope"}}}).data
+    bad = RLConfig.from_dict(
+        {"data": {"path": str(tmp_path / "p.jsonl"), "fields": {"question": "nope"}}}
+    ).data
     with pytest.raises(KeyError, match="nope"):
         load_prompts(bad)
 
@@ -118,8 +137,13 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="algorithm.name"):
         RLConfig.from_dict({"data": {"path": "x.jsonl"}, "algorithm": {"name": "dpo"}})
     with pytest.raises(ConfigError, match="trainer.grad_accum_steps"):
-        RLConfig.from_dict({"data": {"path": "x.jsonl"}, "rollout": {"prompts_per_step": 3, "group_size": 3},
-                            "trainer": {"grad_accum_steps": 2}})
+        RLConfig.from_dict(
+            {
+                "data": {"path": "x.jsonl"},
+                "rollout": {"prompts_per_step": 3, "group_size": 3},
+                "trainer": {"grad_accum_steps": 2},
+            }
+        )
     with pytest.raises(ConfigError, match="unknown field"):
         RLConfig.from_dict({"data": {"path": "x.jsonl"}, "run": {"stepz": 3}})
     with pytest.raises(ConfigError, match="env.name"):

@@ -30,8 +30,13 @@ def _config(output_dir: Path) -> dict:
 
 def _start(config_path: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    return subprocess.Popen([sys.executable, "-m", "msa.rl.cli", "train", str(config_path)], stdout=log.open("a"),
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "msa.rl.cli", "train", str(config_path)],
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def _rows(path: Path) -> list[dict]:
@@ -72,4 +77,7 @@ def test_kill_between_steps_then_resume_repeats_and_loses_nothing(tmp_path):
     a, b = _rows(paths["straight"] / "metrics.jsonl"), _rows(paths["killed"] / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(STEPS))
     for x, y in zip(a, b, strict=True):
-        assert abs(x["train/loss"] - y["train/loss"]) < 1e-6 and x["rollout/reward_mean"] == y["rollout/reward_mean"]
+        assert (
+            abs(x["train/loss"] - y["train/loss"]) < 1e-6
+            and x["rollout/reward_mean"] == y["rollout/reward_mean"]
+        )

@@ -4,18 +4,10 @@ logits after weight sync, and a run killed with SIGKILL then resumed."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-import yaml
 
 from msa.cluster.protocol import SamplingParams
 from msa.rl.batch import TrainSample, split_for_trainers, to_samples
@@ -65,7 +57,9 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
         await engine.start()
         try:
             await sync_weights(engine, actor, version=0, dtype="float32")
-            worker = RolloutWorker(engine, ChatTokens(engine.tokenizer), LowByteEnv, config.rollout, run_seed=0)
+            worker = RolloutWorker(
+                engine, ChatTokens(engine.tokenizer), LowByteEnv, config.rollout, run_seed=0
+            )
             prompts = PromptSampler(load_prompts(config.data), seed=0).take(2)
             batch = await worker.run_step(0, prompts)
             samples, advantages = to_samples(batch.groups, "grpo", normalize_std=True)
@@ -76,8 +70,15 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
             after = ray.get(actor.logprobs.remote(samples))
             # Fresh generations on version 1, scored again by the trainer.
             fresh = await _engine_samples(engine, [g.episodes[0].prompt_ids for g in batch.groups])
-            check = [TrainSample(input_ids=p + t, loss_mask=[0] * len(p) + [1] * len(t),
-                                 old_logprobs=[0.0] * (len(p) + len(t)), advantage=0.0) for p, t, _, _ in fresh]
+            check = [
+                TrainSample(
+                    input_ids=p + t,
+                    loss_mask=[0] * len(p) + [1] * len(t),
+                    old_logprobs=[0.0] * (len(p) + len(t)),
+                    advantage=0.0,
+                )
+                for p, t, _, _ in fresh
+            ]
             trainer_view = ray.get(actor.logprobs.remote(check))
             return batch, samples, advantages, before, metrics, report, after, fresh, trainer_view
         finally:
@@ -93,7 +94,9 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
     for sample, lp in zip(samples, before, strict=True):
         old = [x for x, m in zip(sample.old_logprobs, sample.loss_mask, strict=True) if m]
         assert max(abs(a - b) for a, b in zip(lp, old, strict=True)) < LOGPROB_ATOL
-    assert metrics["train/tokens"] == sum(s.num_loss_tokens for s in samples) and metrics["train/grad_norm"] > 0
+    assert (
+        metrics["train/tokens"] == sum(s.num_loss_tokens for s in samples) and metrics["train/grad_norm"] > 0
+    )
     assert report.version == 1 and report.bytes > 0
     moved = max(abs(a - b) for x, y in zip(before, after, strict=True) for a, b in zip(x, y, strict=True))
     assert moved > 1e-3
@@ -103,7 +106,9 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
         assert max(abs(a - b) for a, b in zip(engine_lps, trainer_lps, strict=True)) < LOGPROB_ATOL
 
 
-async def _engine_samples(engine, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float], set]]:
+async def _engine_samples(
+    engine, prompts: list[list[int]]
+) -> list[tuple[list[int], list[int], list[float], set]]:
     out = []
     for i, prompt in enumerate(prompts):
         toks, lps, versions = [], [], set()

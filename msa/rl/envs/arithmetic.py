@@ -10,8 +10,15 @@ from typing import Any
 from msa.rl.envs.base import Environment, StepResult, require_field
 from msa.rl.envs.tools import function_schema, parse_tool_calls, strip_tool_calls, tool_message
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_BINARY = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+}
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_EXPONENT = 64
 _MAX_LENGTH = 200
@@ -59,10 +66,17 @@ class ArithmeticEnv(Environment):
     """Sample fields: ``question`` and ``answer``. A turn with tool calls gets their results; the
     first turn without any is the final answer, whose last number is compared with ``answer``."""
 
-    tools = [function_schema("calculator", "Evaluate an arithmetic expression.",
-                             {"expression": {"type": "string", "description": "e.g. (17 * 23) + 4"}})]
+    tools = [
+        function_schema(
+            "calculator",
+            "Evaluate an arithmetic expression.",
+            {"expression": {"type": "string", "description": "e.g. (17 * 23) + 4"}},
+        )
+    ]
 
-    def __init__(self, system_prompt: str = "Solve the problem. Use the calculator, then state the answer.") -> None:
+    def __init__(
+        self, system_prompt: str = "Solve the problem. Use the calculator, then state the answer."
+    ) -> None:
         self.system_prompt = system_prompt
         self.answer = ""
 
@@ -74,8 +88,11 @@ class ArithmeticEnv(Environment):
     def step(self, text: str) -> StepResult:
         calls = parse_tool_calls(text)
         if calls:
-            return StepResult(observations=[tool_message(self._run(call)) for call in calls], done=False,
-                              info={"tool_calls": len(calls)})
+            return StepResult(
+                observations=[tool_message(self._run(call)) for call in calls],
+                done=False,
+                info={"tool_calls": len(calls)},
+            )
         numbers = _NUMBER.findall(strip_tool_calls(text))
         correct = bool(numbers) and numbers[-1] == self.answer
         return StepResult(reward=1.0 if correct else 0.0, done=True, info={"answered": bool(numbers)})

@@ -42,6 +42,8 @@ class Environment(ABC):
 
 def require_field(sample: dict[str, Any], name: str, env: str) -> Any:
     if name not in sample:
-        raise KeyError(f"environment '{env}' needs the sample field '{name}' (map it with data.fields); "
-                       f"the sample has {sorted(sample)}")
+        raise KeyError(
+            f"environment '{env}' needs the sample field '{name}' (map it with data.fields); "
+            f"the sample has {sorted(sample)}"
+        )
     return sample[name]

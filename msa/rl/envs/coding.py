@@ -47,7 +47,7 @@ def score_program(source: str, tests: list[str], *, timeout_s: float, memory_mb:
     passed, info = 0, {"sandbox": result.outcome, "tests": len(tests)}
     for line in result.stdout.splitlines():
         if line.startswith(_MARK):
-            record = json.loads(line[len(_MARK):])
+            record = json.loads(line[len(_MARK) :])
             passed += bool(record.get("passed"))
             if "error" in record:
                 info["solution_error"] = record["error"]
@@ -72,6 +72,7 @@ class CodingEnv(Environment):
         return [{"role": "user", "content": require_field(sample, "prompt", "coding")}]
 
     def step(self, text: str) -> StepResult:
-        reward, info = score_program(extract_code(text), self.tests, timeout_s=self.timeout_s,
-                                     memory_mb=self.memory_mb)
+        reward, info = score_program(
+            extract_code(text), self.tests, timeout_s=self.timeout_s, memory_mb=self.memory_mb
+        )
         return StepResult(reward=reward, done=True, info=info)

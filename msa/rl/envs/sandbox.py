@@ -37,15 +37,23 @@ def _limits(memory_bytes: int, cpu_seconds: int, file_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_python(source: str, *, timeout_s: float = 5.0, memory_mb: int = 256, file_mb: int = 16) -> SandboxResult:
+def run_python(
+    source: str, *, timeout_s: float = 5.0, memory_mb: int = 256, file_mb: int = 16
+) -> SandboxResult:
     """Run ``source`` as a script; returns its exit, output (decoded, truncated to 64 KiB) and outcome."""
     memory = memory_mb << 20
     cpu = max(1, int(timeout_s) + 1)
     with tempfile.TemporaryDirectory(prefix="msa-sandbox-") as workdir:
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-c", source], cwd=workdir, env={"PATH": "/usr/bin:/bin"},
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True, preexec_fn=lambda: _limits(memory, cpu, file_mb << 20))
+            [sys.executable, "-I", "-c", source],
+            cwd=workdir,
+            env={"PATH": "/usr/bin:/bin"},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=lambda: _limits(memory, cpu, file_mb << 20),
+        )
         try:
             out, err = proc.communicate(timeout=timeout_s)
             timed_out = False

@@ -49,5 +49,11 @@ def tool_message(content: str) -> dict[str, Any]:
 
 
 def function_schema(name: str, description: str, parameters: dict[str, Any]) -> dict[str, Any]:
-    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
-        "type": "object", "properties": parameters, "required": sorted(parameters)}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": parameters, "required": sorted(parameters)},
+        },
+    }
