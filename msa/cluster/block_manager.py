@@ -2,7 +2,8 @@
 
 A page holds one block of ``block_size`` tokens. With ``sp`` sequence shards a sequence's global
 block j lives on shard ``j % sp``, at a page from that shard's free list; tensor-parallel ranks of a
-shard share its page ids (each holds its own heads of the same pages).
+shard share its page ids (each holds its own heads of the same pages). Pages are reference counted:
+the choices of one request share the full blocks of their prompt (never written again).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ def blocks_on_shard(num_blocks: int, rank: int, world: int) -> int:
 
 
 class BlockManager:
-    """Free lists of ``num_pages`` pages on each of ``sp`` shards."""
+    """Free lists and reference counts of ``num_pages`` pages on each of ``sp`` shards."""
 
     def __init__(self, num_pages: int, sp: int, block_size: int) -> None:
         if num_pages < 1:
             raise ValueError(f"num_pages must be >= 1, got {num_pages}")
         self.num_pages, self.sp, self.block_size = num_pages, sp, block_size
         self._free = [deque(range(num_pages)) for _ in range(sp)]
+        self._refs = [[0] * num_pages for _ in range(sp)]
 
     @property
     def max_sequence_tokens(self) -> int:
@@ -51,11 +53,30 @@ class BlockManager:
             free = [len(f) for f in self._free]
             raise RuntimeError(f"out of KV pages for {seq}: needs {missing}, free {free}")
         for rank, need in enumerate(missing):
-            seq.pages[rank].extend(self._free[rank].popleft() for _ in range(need))
+            for _ in range(need):
+                page = self._free[rank].popleft()
+                self._refs[rank][page] = 1
+                seq.pages[rank].append(page)
+
+    def share(self, source: Sequence, seq: Sequence, num_blocks: int) -> None:
+        """Let ``seq`` (holding no pages) use ``source``'s pages of its first ``num_blocks`` global
+        blocks; both must only ever write past them."""
+        if any(seq.pages):
+            raise RuntimeError(f"{seq} already holds pages; only a sequence without any can share")
+        for rank in range(self.sp):
+            pages = source.pages[rank][:blocks_on_shard(num_blocks, rank, self.sp)]
+            for page in pages:
+                self._refs[rank][page] += 1
+            seq.pages[rank] = list(pages)
 
     def free(self, seq: Sequence) -> None:
-        """Return all of ``seq``'s pages; its cache content is gone (``num_cached`` resets to 0)."""
+        """Drop ``seq``'s hold on its pages (a page is free once nobody holds it); its cache content
+        is gone for it (``num_cached`` resets to 0)."""
         for rank, pages in enumerate(seq.pages):
-            self._free[rank].extend(pages)
+            refs = self._refs[rank]
+            for page in pages:
+                refs[page] -= 1
+                if refs[page] == 0:
+                    self._free[rank].append(page)
             pages.clear()
         seq.num_cached = 0

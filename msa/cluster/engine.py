@@ -170,7 +170,8 @@ class MSAEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
         request = _Request(request_id, [], [])
         for index in range(params.n):
-            seq = Sequence(request_id, index, prompt, params, seed, self.config.sp)
+            source = request.seqs[0] if request.seqs else None
+            seq = Sequence(request_id, index, prompt, params, seed, self.config.sp, prefix_source=source)
             stream = ChoiceStream(request_id, index, len(prompt), params, self.tokenizer, self.eos_token_ids)
             request.seqs.append(seq)
             request.streams.append(stream)

@@ -4,7 +4,8 @@ Every step has a token budget (``max_num_batched_tokens``). Running decodes are 
 token each, so a long prompt never stalls them; the rest of the budget goes to prefill chunks of
 sequences already admitted, then to newly admitted ones. A sequence is admitted when the pages for
 its whole uncomputed prefix are free; a decode that needs a page nobody has preempts the newest
-running sequence, which drops its pages and is recomputed later (nothing is lost).
+running sequence, which drops its pages and is recomputed later (nothing is lost). The further
+choices of a request wait for the first one to cache the prompt and then share its full blocks.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Scheduler:
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    num_shared_tokens: int = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -94,7 +96,10 @@ class Scheduler:
                 budget -= chunks[-1].num_new
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if not self._share_prefix(seq):
+                break  # its request's first choice is still prefilling the prompt it will share
             if not self.block_manager.can_hold(seq, seq.num_tokens):
+                self.block_manager.free(seq)
                 break
             self.waiting.popleft()
             self.block_manager.allocate(seq, seq.num_tokens)
@@ -103,6 +108,20 @@ class Scheduler:
             chunks.append(_Chunk(seq, min(seq.num_uncomputed, budget)))
             budget -= chunks[-1].num_new
         return self._plan(chunks) if chunks else None
+
+    def _share_prefix(self, seq: Sequence) -> bool:
+        """Give ``seq`` the cached full prompt blocks of its prefix source when that one has them;
+        False while the source is running but has not cached them yet (worth waiting for)."""
+        source, blocks = seq.prefix_source, seq.shareable_prompt_blocks(self.block_manager.block_size)
+        if source is None or blocks == 0 or source.status is not SequenceStatus.RUNNING:
+            return True
+        shared_tokens = blocks * self.block_manager.block_size
+        if source.num_cached < shared_tokens:
+            return False
+        self.block_manager.share(source, seq, blocks)
+        seq.num_cached = shared_tokens
+        self.num_shared_tokens += shared_tokens
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

@@ -27,7 +27,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, sp: int) -> None:
+                 seed: int, sp: int, prefix_source: Sequence | None = None) -> None:
         self.seq_id = next(_ids)
         self.request_id, self.index = request_id, index
         self.token_ids = list(prompt_token_ids)
@@ -37,6 +37,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.pages: list[list[int]] = [[] for _ in range(sp)]
         self.num_preemptions = 0
+        # Another choice of the same request whose cached prompt blocks this one may share.
+        self.prefix_source = prefix_source
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +55,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    def shareable_prompt_blocks(self, block_size: int) -> int:
+        """Full prompt blocks another choice can share; at least one prompt token stays
+        uncomputed so this sequence still gets logits to sample from."""
+        return (self.num_prompt_tokens - 1) // block_size
 
     @property
     def is_finished(self) -> bool:

@@ -249,3 +249,20 @@ def test_cpu_cache_is_sized_from_a_memory_budget_and_bad_configs_name_the_field(
         engine_config(max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         MSAEngine(engine_config(tp=4))
+
+
+def test_choices_of_one_request_share_the_prompt_and_each_match_greedy(reference):
+    ids = prompt(41, 9)
+
+    async def main():
+        engine = await started()
+        try:
+            outs = await collect(engine, "n4", ids, greedy(5, n=4))
+            return outs, engine.scheduler.num_shared_tokens, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    outs, shared, stats = asyncio.run(main())
+    want = greedy_reference(reference, ids, 5)
+    assert sorted(outs) == [0, 1, 2, 3] and all(tokens_of(outs[i]) == want for i in range(4))
+    assert shared == 3 * 40 and stats.pages_used == [0]

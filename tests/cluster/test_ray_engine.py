@@ -109,8 +109,12 @@ def test_sequence_sharded_engine_under_page_pressure_completes_everything(refere
         engine = MSAEngine(engine_config(1, 2, num_pages=6, max_num_seqs=8, max_num_batched_tokens=24))
         await engine.start()
         try:
-            outs = await asyncio.gather(*[collect(engine, f"c{i}", prompt(n, i), greedy(6))
-                                          for i, n in enumerate(lengths)])
+            shared = collect(engine, "n3", prompt(21, 99), greedy(6, n=3))  # choices share prompt pages
+            *outs, choices = await asyncio.gather(*[collect(engine, f"c{i}", prompt(n, i), greedy(6))
+                                                    for i, n in enumerate(lengths)], shared)
+            assert engine.scheduler.num_shared_tokens >= 2 * 20
+            want = greedy_reference(reference, prompt(21, 99), 6)
+            assert [tokens_of(choices[i]) for i in range(3)] == [want] * 3
             return outs, engine.scheduler.num_preemptions, engine.stats()
         finally:
             await engine.shutdown()

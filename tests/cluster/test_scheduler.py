@@ -63,3 +63,25 @@ def test_a_decode_short_of_pages_preempts_the_newest_sequence_which_is_recompute
     plan = step(scheduler, seqs)  # readmitted: prompt and output recomputed in one chunk
     assert plan.seq_ids == [new.seq_id] and plan.num_new == [8] and plan.num_cached == [0]
     assert new.num_output_tokens == 2
+
+
+def test_further_choices_share_the_first_choices_full_prompt_blocks():
+    blocks = BlockManager(20, 2, 4)
+    scheduler = Scheduler(blocks, max_num_seqs=4, max_num_batched_tokens=64)
+    first = seq(10, sp=2)
+    others = [Sequence("r", i, list(range(10)), greedy(50), 0, 2, prefix_source=first) for i in (1, 2)]
+    seqs = [first, *others]
+    for s in seqs:
+        scheduler.add(s)
+    plan = step(scheduler, seqs)  # only the first choice prefills; the others wait for its blocks
+    assert plan.seq_ids == [first.seq_id] and plan.num_new == [10]
+    plan = step(scheduler, seqs)  # blocks 0-1 shared (8 tokens), tokens 8-9 computed by each
+    assert plan.seq_ids == [s.seq_id for s in seqs]
+    assert plan.num_cached == [10, 8, 8] and plan.num_new == [1, 2, 2]
+    assert all(s.pages[r][:1] == first.pages[r][:1] for s in others for r in range(2))
+    assert blocks.pages_used == [2 + 1 + 1, 1] and scheduler.num_shared_tokens == 16
+    scheduler.remove(first)  # the shared pages stay while a choice still holds them
+    assert blocks.pages_used == [3, 1]
+    for s in others:
+        scheduler.remove(s)
+    assert blocks.pages_used == [0, 0]
