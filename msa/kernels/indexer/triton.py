@@ -334,18 +334,19 @@ def select_blocks_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
 
-    index_q ``[T, G, D]`` (fp32/bf16/fp16); index_k_cache ``[pages, block, D]`` in index_q's dtype or
-    float8_e4m3fn. Returns (ids ``[T, G, topk]`` int32 ascending, -1 padded; scores ``[T, G, topk]``
-    fp32, +inf for the forced local block, -inf for padding). ``max_q_len`` saves a host sync;
-    ``block_t`` (query tokens per program), ``chunk_blocks`` (blocks per program), ``step_blocks``
-    (blocks per load) and ``num_stages`` override the heuristics.
+    index_q ``[T, G, D]`` (fp32/bf16/fp16); index_k_cache ``[pages, block, D]`` (fp32/bf16/fp16, read
+    in index_q's dtype, or float8_e4m3fn, read as fp16 with index_q). Returns (ids ``[T, G, topk]``
+    int32 ascending, -1 padded; scores ``[T, G, topk]`` fp32, +inf for the forced local block, -inf
+    for padding). ``max_q_len`` saves a host sync; ``block_t`` (query tokens per program),
+    ``chunk_blocks`` (blocks per program), ``step_blocks`` (blocks per load) and ``num_stages``
+    override the heuristics.
     """
     name = "select_blocks"
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
-    if index_k_cache.dtype not in (index_q.dtype, torch.float8_e4m3fn):
+    if index_k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn):
         raise ValueError(
-            f"{name}: index_k_cache must be {index_q.dtype} or float8_e4m3fn, got {index_k_cache.dtype}"
+            f"{name}: index_k_cache must be fp32, bf16, fp16 or float8_e4m3fn, got {index_k_cache.dtype}"
         )
     check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
     check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)

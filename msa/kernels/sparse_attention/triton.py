@@ -154,6 +154,7 @@ def _paged_attention_kernel(
             mask=written[:, None],
             other=0.0,
         )
+        k = k.to(q.dtype)  # a cache kept in another dtype than q
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -251,9 +252,11 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor:
 def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name}: q must be fp32, bf16 or fp16, got {q.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    if k_cache.dtype not in floats or v_cache.dtype != k_cache.dtype:
         raise ValueError(
-            f"{name}: k_cache/v_cache dtype ({k_cache.dtype}, {v_cache.dtype}) must match q ({q.dtype})"
+            f"{name}: k_cache and v_cache must share one of fp32, bf16, fp16; "
+            f"got {k_cache.dtype}, {v_cache.dtype}"
         )
     check_last_dim_contiguous(name, q=q, k_cache=k_cache, v_cache=v_cache)
     D = q.shape[-1]
