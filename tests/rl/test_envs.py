@@ -59,6 +59,8 @@ def test_repeat_char_reward_is_the_share_of_target_characters():
     assert env.step("abab").reward == 0.5
     assert env.step("a").reward == 0.25
     assert env.step("aaaaaaa").reward == 1.0  # only the first `length` characters count
+    env.reset({"prompt": "Reply in lowercase", "target": "abcdefghijklmnopqrstuvwxyz"})
+    assert env.step("ab1Z").reward == 0.5
 
 
 def test_coding_reward_is_the_share_of_tests_passed():

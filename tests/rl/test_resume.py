@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import string
 import subprocess
 import sys
 import time
@@ -15,14 +16,16 @@ import yaml
 STEPS = 4
 
 
-def _config(output_dir: Path) -> dict:
+def _config(output_dir: Path, data: Path) -> dict:
     return {
-        "data": {"path": "examples/data/repeat_char.jsonl"},
+        "data": {"path": str(data)},
         "env": {"name": "repeat_char", "options": {"length": 3}},
         "engine": {"num_pages": 256, "max_num_seqs": 32, "max_num_batched_tokens": 1024},
         # overlap: the checkpoint also carries rollouts generated for the next step
         "rollout": {"prompts_per_step": 2, "group_size": 3, "max_tokens": 3, "overlap": True},
         "trainer": {"grad_accum_steps": 2, "lr": 0.05},
+        # the frozen reference (KL term) must also come back right after a resume
+        "algorithm": {"kl_coef": 0.05},
         "run": {"steps": STEPS, "output_dir": str(output_dir), "checkpoint_every": 1, "keep_checkpoints": 2},
         "logging": {"wandb_mode": "disabled", "progress_bar": False},
     }
@@ -44,11 +47,16 @@ def _rows(path: Path) -> list[dict]:
 
 
 def test_kill_between_steps_then_resume_repeats_and_loses_nothing(tmp_path):
+    # A dense reward (any lowercase letter), so the policy moves every step and a resume that
+    # restored the wrong weights, optimizer or reference would sample differently.
+    data = tmp_path / "lowercase.jsonl"
+    rows = [{"prompt": f"Reply in lowercase {i}", "target": string.ascii_lowercase} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     paths = {}
     for name in ("straight", "killed"):
         out = tmp_path / name
         out.mkdir()
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_config(out)))
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(_config(out, data)))
         paths[name] = out
     straight = _start(tmp_path / "straight.yaml", tmp_path / "straight.log")
     killed = _start(tmp_path / "killed.yaml", tmp_path / "killed.log")
@@ -76,6 +84,7 @@ def test_kill_between_steps_then_resume_repeats_and_loses_nothing(tmp_path):
     assert got == want  # same prompts, samples, tokens, versions and rewards, each step exactly once
     a, b = _rows(paths["straight"] / "metrics.jsonl"), _rows(paths["killed"] / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(STEPS))
+    assert a[0]["train/kl"] == 0.0 and all(r["train/kl"] > 0 for r in a[1:])  # policy leaves the reference
     for x, y in zip(a, b, strict=True):
         assert (
             abs(x["train/loss"] - y["train/loss"]) < 1e-6

@@ -1,0 +1,49 @@
+"""``msa train`` / ``msa submit`` parsing and the checks they make before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from msa.rl.cli import main, register, submit_entrypoint
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="msa")
+    register(p.add_subparsers(dest="command", required=True))
+    return p
+
+
+def test_register_adds_train_and_submit_with_overrides():
+    args = parser().parse_args(
+        ["train", "examples/rl_tiny.yaml", "--set", "run.steps=3", "--set", "rollout.overlap=true"]
+    )
+    assert args.command == "train" and args.overrides == ["run.steps=3", "rollout.overlap=true"]
+    args = parser().parse_args(
+        ["submit", "examples/rl_gpu.yaml", "--address", "http://head:8265", "--no-wait"]
+    )
+    assert args.address == "http://head:8265" and args.no_wait and callable(args.run)
+
+
+def test_submit_entrypoint_runs_the_train_command_inside_the_job():
+    assert submit_entrypoint("examples/rl_gpu.yaml", ["run.steps=5"]) == (
+        "python -m msa.rl.cli train examples/rl_gpu.yaml --set 'run.steps=5'"
+    )
+
+
+def test_bad_override_and_bad_config_fail_with_a_message(capsys, tmp_path):
+    assert main(["train", "examples/rl_tiny.yaml", "--set", "rollout.group_size=1"]) == 1
+    assert "rollout.group_size" in capsys.readouterr().err
+    assert main(["train", "examples/rl_tiny.yaml", "--set", "nonsense"]) == 1
+    outside = tmp_path / "c.yaml"
+    outside.write_text(open("examples/rl_tiny.yaml").read())
+    assert main(["submit", str(outside), "--no-wait"]) == 1
+    assert "inside the uploaded working directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,parsed", [("3", 3), ("true", True), ("0.5", 0.5), ("abc", "abc")])
+def test_override_values_are_yaml_scalars(value, parsed):
+    from msa.rl.cli import _overrides
+
+    assert _overrides([f"run.x={value}"]) == {"run.x": parsed}
