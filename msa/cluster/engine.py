@@ -137,7 +137,7 @@ class MSAEngine:
 
     def _check_request(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
         if self._dead is not None:
-            raise self._dead
+            raise EngineDeadError(str(self._dead))
         if self.scheduler is None:
             raise EngineError("the engine is not started; await engine.start() first")
         if request_id in self._requests:
@@ -249,13 +249,13 @@ class MSAEngine:
         self._dead = error
         log.error("engine is dead: %s", error)
         for request in list(self._requests.values()):
-            request.queue.put_nowait(error)
+            request.queue.put_nowait(EngineDeadError(str(error)))
 
     # Health, weights, stats --------------------------------------------------------------------
 
     async def check_health(self) -> None:
         if self._dead is not None:
-            raise self._dead
+            raise EngineDeadError(str(self._dead))
         if self.executor is None:
             raise EngineDeadError("the engine is not running")
         try:
@@ -277,7 +277,7 @@ class MSAEngine:
         shards to ``version`` between two steps. On any error the staged tensors are dropped, the
         engine keeps its current weights, and the error (WeightUpdateError names the bucket) is raised."""
         if self._dead is not None:
-            raise self._dead
+            raise EngineDeadError(str(self._dead))
         async with self._update_lock:
             iterator = iter(buckets)
             try:

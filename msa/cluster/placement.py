@@ -46,4 +46,7 @@ class ReplicaPlacement:
         }
 
     def remove(self) -> None:
-        remove_placement_group(self.group)
+        """Give the bundles back (once; later calls do nothing)."""
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None

@@ -12,7 +12,7 @@ import torch
 
 from msa.cluster.block_manager import BlockManager
 from msa.cluster.engine import EngineConfig, MSAEngine
-from msa.cluster.protocol import EngineDeadError, WeightUpdateError
+from msa.cluster.protocol import EngineDeadError, EngineError, WeightUpdateError
 from msa.cluster.scheduler import Scheduler
 from msa.cluster.sequence import Sequence
 from msa.cluster.weights import pack_buckets
@@ -203,3 +203,15 @@ def test_health_check_of_an_idle_engine_notices_a_dead_shard():
 
     elapsed, stats = asyncio.run(main())
     assert elapsed < 10 and not stats.healthy
+
+
+def test_a_replica_that_cannot_be_placed_fails_start_instead_of_hanging():
+    async def main():
+        engine = MSAEngine(engine_config(1, 5, start_timeout_s=3))  # 5 CPU bundles on a 4-CPU cluster
+        start = time.monotonic()
+        with pytest.raises(EngineError, match="could not place 5 bundles"):
+            await engine.start()
+        return time.monotonic() - start
+
+    assert asyncio.run(main()) < 10
+    assert ray.available_resources().get("CPU", 0) == 4  # the placement group was removed
