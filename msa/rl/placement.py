@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -11,10 +14,11 @@ from msa.rl.trainer import PolicyTrainer
 
 
 def runtime_env() -> dict:
-    """Workers import ``msa`` from the same tree as the driver, installed or not."""
-    import os
-    from pathlib import Path
-
+    """Workers import ``msa`` from the same tree as the driver, installed or not. Inside a Ray job
+    (``RAY_ADDRESS`` set, as for ``msa submit``) the job's working_dir already provides it, so
+    nothing is added that could shadow the job's own runtime environment."""
+    if os.environ.get("RAY_ADDRESS"):
+        return {}
     root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return {"env_vars": {"PYTHONPATH": path}}

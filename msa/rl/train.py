@@ -96,7 +96,7 @@ async def train(config: RLConfig) -> RunSummary:
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
-        ray.init(runtime_env=runtime_env(), include_dashboard=False, log_to_driver=True)
+        ray.init(runtime_env=runtime_env(), include_dashboard=False)
     sampler = PromptSampler(load_prompts(config.data), seed=config.run.seed, shuffle=config.data.shuffle)
     engine = MSAEngine(engine_config(config))
     await engine.start()
