@@ -9,9 +9,11 @@ hold random values and decoding starts at position ``context`` (decode cost does
 the cached values; ``--prefill real`` prefills real prompts through the engine instead).
 
 Before a layout is timed, the engine on that layout must reproduce single-process greedy tokens of
-the tiny model; a layout that fails gets no speed. Writes ``benchmarks/results/engine-<device>.json``.
+the tiny model; a layout that fails gets no speed. Writes
+``benchmarks/results/engine-<device>-<layouts>.json``.
 
     python benchmarks/engine.py                       # GPUs: 32K, 128K, 1M on 1, 2, 4 GPUs
+    python benchmarks/engine.py --layouts 2x2         # one layout (each builds m3_proxy twice)
     python benchmarks/engine.py --smoke               # CPU dry run with tiny shapes
 """
 
@@ -257,7 +259,8 @@ if __name__ == "__main__":
     result = asyncio.run(main(arguments))
     os.makedirs(arguments.out, exist_ok=True)
     name = "smoke-cpu" if arguments.smoke else torch.cuda.get_device_name().replace(" ", "_")
-    path = os.path.join(arguments.out, f"engine-{name}.json")
+    layouts = "-".join(f"tp{tp}xsp{sp}" for tp, sp in arguments.layouts)
+    path = os.path.join(arguments.out, f"engine-{name}-{layouts}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")
