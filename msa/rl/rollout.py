@@ -143,7 +143,7 @@ class RolloutWorker:
                     raise RuntimeError(
                         f"prompt {prompt.uid} sample {index}: {e} on every one of {regenerations} generations"
                     ) from e
-            except (Exception, asyncio.TimeoutError) as e:
+            except Exception as e:  # asyncio.TimeoutError included
                 reason = "timed out" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}"
                 failures.append(reason)
                 if len(failures) > self.section.max_retries:
