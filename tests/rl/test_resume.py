@@ -82,6 +82,8 @@ def test_kill_between_steps_then_resume_repeats_and_loses_nothing(tmp_path):
     assert [r["step"] for r in want] == sorted(r["step"] for r in want)
     assert len(want) == STEPS * 2 * 3
     assert got == want  # same prompts, samples, tokens, versions and rewards, each step exactly once
+    # With overlap, step s trains on rollouts of weight version s - 1 (step 0: the initial weights).
+    assert all(r["version"] == max(r["step"] - 1, 0) for r in want)
     a, b = _rows(paths["straight"] / "metrics.jsonl"), _rows(paths["killed"] / "metrics.jsonl")
     assert [r["step"] for r in b] == list(range(STEPS))
     assert a[0]["train/kl"] == 0.0 and all(r["train/kl"] > 0 for r in a[1:])  # policy leaves the reference
