@@ -76,7 +76,7 @@ def check_sync_correctness(config: RLConfig) -> float:
         engine = MSAEngine(engine_config(config))
         await engine.start()
         try:
-            await sync_weights(engine, actor, version=1, dtype=config.model.dtype)
+            await sync_weights(engine, [actor], version=1, dtype=config.model.dtype)
             prompt = engine.tokenizer.encode("Repeat the character a")
             params = SamplingParams(max_tokens=8, seed=0, ignore_eos=True, logprobs=0)
             tokens, engine_lps = [], []

@@ -39,11 +39,12 @@ class SyncReport:
         }
 
 
-async def sync_weights(engine, trainer_rank0, version: int, dtype: str) -> SyncReport:
-    """Copy the policy of ``trainer_rank0`` (a PolicyTrainer actor; ZeRO-3 gathers inside it) into
-    ``engine`` as ``version``. The engine commits it between two of its steps."""
+async def sync_weights(engine, trainers: list, version: int, dtype: str) -> SyncReport:
+    """Copy the policy held by the PolicyTrainer actors ``trainers`` (rank order; all take part, as
+    ZeRO-3 gathers each parameter collectively; rank 0 returns them) into ``engine`` as ``version``.
+    The engine commits it between two of its steps."""
     start = time.perf_counter()
-    named = ray.get(trainer_rank0.named_weights.remote(dtype))
+    named = ray.get([t.named_weights.remote(dtype) for t in trainers])[0]
     gathered = time.perf_counter()
     await engine.update_weights(named, version)
     loaded = time.perf_counter()

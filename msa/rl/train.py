@@ -138,7 +138,7 @@ async def _loop(
         restore_rng(state.rng)
         log.info("resumed from %s at step %d", directory, state.step)
     # The engine serves exactly the trainers' weights from the first rollout on.
-    await sync_weights(engine, actors[0], version=state.step, dtype=config.model.dtype)
+    await sync_weights(engine, actors, version=state.step, dtype=config.model.dtype)
     logger = RunLogger(out, config.logging, config.to_dict(), start_step=state.step, wandb_id=state.wandb_id)
     pending = state.pending
     bar = tqdm(
@@ -181,7 +181,7 @@ async def _loop(
         metrics["time/train"] = time.perf_counter() - train_start
 
         # 3. Weight sync: the engine switches to version step + 1 between two of its steps.
-        report = await sync_weights(engine, actors[0], version=step + 1, dtype=config.model.dtype)
+        report = await sync_weights(engine, actors, version=step + 1, dtype=config.model.dtype)
         metrics |= report.metrics()
         metrics["time/step"] = time.perf_counter() - step_start
 

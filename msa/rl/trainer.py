@@ -192,26 +192,31 @@ class PolicyTrainer:
     @torch.no_grad()
     def named_weights(self, dtype: str | None = None) -> list[tuple[str, torch.Tensor]]:
         """Full (unsharded) policy weights on the CPU by state_dict name, cast to ``dtype`` if given
-        (the fp32 router tensors stay fp32, as the engine keeps them)."""
+        (the fp32 router tensors stay fp32, as the engine keeps them). Rank 0 returns them, other
+        ranks an empty list; under ZeRO-3 every rank must be called, since each parameter is
+        all-gathered (one at a time, so no rank ever holds a second full copy)."""
         module = self.engine.module
-        params = list(module.parameters())
-        if self.section.zero_stage == 3:
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters(params):
-                return self._copy_state(module, dtype)
-        return self._copy_state(module, dtype)
-
-    @staticmethod
-    def _copy_state(module: torch.nn.Module, dtype: str | None) -> list[tuple[str, torch.Tensor]]:
         cast = getattr(torch, dtype) if dtype else None
         out = []
-        for name, tensor in module.state_dict().items():
+        for name, tensor in self._full_tensors(module):
+            if self.rank != 0:
+                continue
             tensor = tensor.detach()
             if cast is not None and tensor.is_floating_point() and not keeps_fp32(name):
                 tensor = tensor.to(cast)
             out.append((name, tensor.to("cpu", copy=True)))
         return out
+
+    def _full_tensors(self, module: torch.nn.Module):
+        if self.section.zero_stage != 3:
+            yield from module.state_dict().items()
+            return
+        import deepspeed
+
+        for name, param in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                yield name, param.data
+        yield from module.named_buffers()
 
     def save(self, directory: str, tag: str) -> None:
         """Model, optimizer and scheduler state (DeepSpeed layout) plus this rank's RNG states."""

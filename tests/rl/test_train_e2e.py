@@ -56,7 +56,7 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
         engine = MSAEngine(engine_config(config))
         await engine.start()
         try:
-            await sync_weights(engine, actor, version=0, dtype="float32")
+            await sync_weights(engine, [actor], version=0, dtype="float32")
             worker = RolloutWorker(
                 engine, ChatTokens(engine.tokenizer), LowByteEnv, config.rollout, run_seed=0
             )
@@ -66,7 +66,7 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
             before = ray.get(actor.logprobs.remote(samples))
             shards = split_for_trainers(samples, 1, config.trainer.grad_accum_steps)
             metrics = ray.get(actor.train_step.remote(shards[0], sum(s.num_loss_tokens for s in samples)))
-            report = await sync_weights(engine, actor, version=1, dtype="float32")
+            report = await sync_weights(engine, [actor], version=1, dtype="float32")
             after = ray.get(actor.logprobs.remote(samples))
             # Fresh generations on version 1, scored again by the trainer.
             fresh = await _engine_samples(engine, [g.episodes[0].prompt_ids for g in batch.groups])
@@ -119,3 +119,32 @@ async def _engine_samples(
             versions.add(o.weight_version)
         out.append((prompt, toks, lps, versions))
     return out
+
+
+def test_zero3_trainer_gathers_full_weights_for_the_sync(ray_cluster, tmp_path):
+    import torch
+
+    from msa.platform.checkpoint import load_model
+
+    config = tiny_run_config(str(tmp_path), trainer={"zero_stage": 3, "grad_accum_steps": 2, "lr": 0.01})
+    trainers = TrainerGroup(config)
+    actor = trainers.actors[0]
+    try:
+        ray.get(actor.setup.remote(*ray.get(actor.address.remote())))
+        before = dict(ray.get(actor.named_weights.remote("float32")))
+        sample = TrainSample(
+            input_ids=[1, 2, 3, 4, 5],
+            loss_mask=[0, 0, 1, 1, 1],
+            old_logprobs=[0.0, 0.0, -5.5, -5.5, -5.5],
+            advantage=1.0,
+        )
+        ray.get(actor.train_step.remote([[sample], [sample]], 6))
+        after = dict(ray.get(actor.named_weights.remote("float32")))
+    finally:
+        trainers.shutdown()
+    initial = load_model("tiny", dtype=torch.float32, seed=0, progress=False)[0].state_dict()
+    assert sorted(before) == sorted(initial)
+    assert all(torch.equal(before[name], initial[name]) for name in initial)
+    # Adam's first step moves every parameter with a gradient by about lr.
+    moved = max((after[n] - initial[n]).abs().max().item() for n in initial)
+    assert 0.005 < moved <= 0.0101
