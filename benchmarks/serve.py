@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -170,7 +172,7 @@ async def bench_serve(base_url: str, model: str, args) -> tuple[dict, str]:
         return results, check
 
 
-def start_serve(config_args: dict) -> tuple[str, str]:
+def start_serve(config_args: dict, device: str) -> tuple[str, str]:
     import ray
     from ray import serve
 
@@ -180,7 +182,8 @@ def start_serve(config_args: dict) -> tuple[str, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, **({} if os.environ.get("RAY_ADDRESS") else {"num_cpus": 4}))
+        local_cpu = device == "cpu" and not os.environ.get("RAY_ADDRESS")
+        ray.init(include_dashboard=False, **({"num_cpus": 4} if local_cpu else {}))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_args), name="msa-bench", route_prefix="/")
     return f"http://127.0.0.1:{port}", ServeConfig.from_args(config_args).model_name
@@ -210,8 +213,6 @@ def main() -> int:
                    help="default: benchmarks/results/serve-<device>-<model>.json")
     args = p.parse_args()
 
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = args.model or args.preset or "tiny"
     config_args = {"model": model, "tp": args.tp, "sp": args.sp, "device": device,
@@ -219,16 +220,25 @@ def main() -> int:
     if args.num_pages is not None or device == "cpu":
         # On the CPU the cache is sized by pages: room for every stream's prompt and output at once.
         config_args["num_pages"] = args.num_pages or 4096
+    if device == "cpu":
+        # Ray gives an actor OMP_NUM_THREADS = its num_cpus; match the threads torch uses here.
+        config_args["replica_num_cpus"] = float(torch.get_num_threads())
     config = ServeConfig.from_args(config_args)
 
+    load = {"before": os.getloadavg()[0]}
     engine_results, engine_text = asyncio.run(bench_engine(config, args))
-    base_url, served_name = start_serve(config_args)
+    load["after_engine"] = os.getloadavg()[0]
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the Serve replica that runs next needs this GPU memory
+    base_url, served_name = start_serve(config_args, device)
     try:
         serve_results, serve_text = asyncio.run(bench_serve(base_url, served_name, args))
     finally:
         from ray import serve
 
         serve.shutdown()
+    load["after_serve"] = os.getloadavg()[0]
 
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{device}-{Path(model).name}.json"
     report = {
@@ -237,7 +247,9 @@ def main() -> int:
                                                   if device == "cpu" else ""),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
+                    "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None,
+                    # 1-minute load average: other work on the machine skews both paths' numbers.
+                    "load_average_1m": load},
         "config": {**config_args, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
                    "requests_per_stream": args.requests_per_stream},
         "targets": {"ttft_ms_added_median_max": TTFT_BUDGET_MS,

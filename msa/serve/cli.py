@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Any
@@ -52,6 +53,10 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in values.items() if value is not None}
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
@@ -61,6 +66,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config_args = app_args(args)
     ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
+    # SIGTERM (docker stop, kill) stops like Ctrl-C; SIGINT too when a non-interactive shell ignored it.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     joined = bool(os.environ.get("RAY_ADDRESS"))
     ray.init(**({} if joined else {"include_dashboard": False}))
     try:
