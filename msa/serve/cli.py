@@ -66,11 +66,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config_args = app_args(args)
     ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
-    # SIGTERM (docker stop, kill) stops like Ctrl-C; SIGINT too when a non-interactive shell ignored it.
-    signal.signal(signal.SIGTERM, _interrupt)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     joined = bool(os.environ.get("RAY_ADDRESS"))
     ray.init(**({} if joined else {"include_dashboard": False}))
+    # After ray.init, whose core worker would otherwise abort the process on SIGTERM: SIGTERM (docker
+    # stop, kill) stops like Ctrl-C, and so does SIGINT when a non-interactive shell had ignored it.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(config_args), name=APP_NAME, route_prefix="/")

@@ -46,7 +46,8 @@ def test_bad_flag_values_are_rejected_before_ray_starts():
         run_serve(parse(["serve", "--tp", "0"]))
 
 
-def test_msa_serve_answers_a_chat_request_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_msa_serve_answers_a_chat_request_and_stops_cleanly(tmp_path, stop_signal):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(ROOT)
@@ -64,7 +65,7 @@ def test_msa_serve_answers_a_chat_request_and_stops_on_ctrl_c(tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop_signal)
         proc.wait(timeout=90)
     output = log.read_text()
     assert proc.returncode == 0, output
