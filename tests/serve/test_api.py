@@ -174,6 +174,7 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(app_client):
 def test_health_and_metrics(app_client):
     assert app_client.client.get("/health").json()["status"] == "ok"
     chat(app_client.client, max_tokens=3)
+    assert chat(app_client.client, max_tokens=0).status_code == 400
     text = app_client.client.get("/metrics").text
     for name in ("msa_time_to_first_token_seconds_count", "msa_inter_token_latency_seconds_count",
                  "msa_e2e_request_latency_seconds_count", "msa_request_queue_time_seconds_count",

@@ -169,7 +169,10 @@ def test_malformed_json_and_keys_through_serve(base_url, client):
 def test_health_and_metrics_through_serve(base_url, client):
     assert httpx.get(f"{base_url}/health").json()["status"] == "ok"
     client.chat.completions.create(model="tiny", messages=USER, max_tokens=3)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="unknown", messages=USER, max_tokens=3)
     text = httpx.get(f"{base_url}/metrics").text
+    assert 'msa_rejected_requests_total{model="tiny",status="404"}' in text
     for name in ("msa_time_to_first_token_seconds_bucket", "msa_inter_token_latency_seconds_bucket",
                  "msa_e2e_request_latency_seconds_bucket", "msa_request_queue_time_seconds_bucket",
                  "msa_kv_pages_total", "msa_requests_waiting", "msa_rejected_requests_total"):
