@@ -11,13 +11,19 @@ from msa.kernels.merge.reference import merge_attention_states_reference
 from msa.kernels.sparse_attention.reference import paged_attention_reference
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Triton for CUDA tensors, the reference otherwise; MSA_KERNEL_BACKEND overrides."""
+def _tileable(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def use_triton(t: torch.Tensor, *tile_dims: int) -> bool:
+    """Triton for CUDA tensors whose tiled dims (block size, head dim) are powers of two >= 16;
+    the reference otherwise (CPU, or toy shapes such as the tiny preset on a GPU).
+    MSA_KERNEL_BACKEND=triton|reference overrides."""
     backend = os.environ.get("MSA_KERNEL_BACKEND", "auto")
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"MSA_KERNEL_BACKEND must be auto, triton or reference, got {backend!r}")
     if backend == "auto":
-        return t.is_cuda
+        return t.is_cuda and all(_tileable(d) for d in tile_dims)
     return backend == "triton"
 
 
@@ -60,7 +66,7 @@ def select_blocks(
     if index_q.dim() != 3 or index_k_cache.dim() != 3 or index_q.shape[-1] != index_k_cache.shape[-1]:
         raise ValueError(f"select_blocks: index_q [T, G, D] and index_k_cache [pages, block, D] disagree: "
                          f"{tuple(index_q.shape)} vs {tuple(index_k_cache.shape)}")
-    if use_triton(index_q):
+    if use_triton(index_q, index_k_cache.shape[1], index_k_cache.shape[2]):
         from msa.kernels.indexer.triton import select_blocks_triton
         return select_blocks_triton(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
                                     shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
@@ -104,7 +110,7 @@ def sparse_attention(
     if block_ids.shape[:2] != (q.shape[0], k_cache.shape[2]):
         raise ValueError(f"sparse_attention: block_ids must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, K], "
                          f"got {tuple(block_ids.shape)}")
-    if use_triton(q):
+    if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.sparse_attention.triton import sparse_attention_triton
         return sparse_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
                                        scale=scale, shard_rank=shard_rank, shard_world=shard_world,
@@ -122,7 +128,7 @@ def paged_attention(
     layers). Shapes and results as ``sparse_attention``."""
     _check_batch("paged_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
     _check_attention("paged_attention", q, k_cache, v_cache)
-    if use_triton(q):
+    if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.dense_attention.triton import paged_attention_triton
         return paged_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
                                       scale=scale, shard_rank=shard_rank, shard_world=shard_world,
