@@ -8,6 +8,7 @@ are imported inside ``run``, so ``msa --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -115,6 +116,9 @@ SUBCOMMANDS: dict[str, SubcommandBuilder] = {
     "generate": _add_generate,
     "save-preset": _add_save_preset,
 }
+# Subcommands of the parts built on top of the platform (serve, train, submit). They are named, not
+# imported, here so the platform never depends on them; each module exposes ``register(subparsers)``.
+LAYER_COMMANDS = ("msa.serve.cli", "msa.rl.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS.values():
         add(subparsers)
+    for module in LAYER_COMMANDS:
+        importlib.import_module(module).register(subparsers)
     return parser
 
 

@@ -93,4 +93,12 @@ CONSOLE_SCRIPT = Path(sys.executable).parent / "msa"
 @pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the msa console script is not installed")
 def test_console_script_help():
     result = subprocess.run([str(CONSOLE_SCRIPT), "--help"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "generate" in result.stdout
+    assert result.returncode == 0
+    for command in ("generate", "save-preset", "serve", "train", "submit"):
+        assert command in result.stdout
+
+
+def test_layer_commands_parse():
+    args = build_parser().parse_args(["serve", "--model", "tiny", "--tp", "2", "--port", "9001"])
+    assert (args.command, args.model, args.tp, args.port) == ("serve", "tiny", 2, 9001)
+    assert build_parser().parse_args(["train", "examples/rl_tiny.yaml"]).command == "train"
