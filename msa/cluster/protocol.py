@@ -26,9 +26,11 @@ class RequestTooLongError(InvalidRequestError):
 
     def __init__(self, prompt_tokens: int, max_tokens: int, limit: int, reason: str) -> None:
         self.prompt_tokens, self.max_tokens, self.limit = prompt_tokens, max_tokens, limit
-        super().__init__(f"this request needs {prompt_tokens} prompt + {max_tokens} completion tokens = "
-                         f"{prompt_tokens + max_tokens}, but the longest context that fits is {limit} tokens "
-                         f"({reason})")
+        super().__init__(
+            f"this request needs {prompt_tokens} prompt + {max_tokens} completion tokens = "
+            f"{prompt_tokens + max_tokens}, but the longest context that fits is {limit} tokens "
+            f"({reason})"
+        )
 
 
 class EngineOverloadedError(EngineError):
@@ -72,12 +74,17 @@ class SamplingParams:
             ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
             ("n", isinstance(self.n, int) and 1 <= self.n <= 128, "an integer in [1, 128]"),
             ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "None or in [0, 20]"),
-            ("stop", len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
-             "at most 16 non-empty strings"),
+            (
+                "stop",
+                len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
+                "at most 16 non-empty strings",
+            ),
         ]
         for name, ok, allowed in checks:
             if not ok:
-                raise InvalidRequestError(f"sampling parameter '{name}' must be {allowed}, got {getattr(self, name)!r}")
+                raise InvalidRequestError(
+                    f"sampling parameter '{name}' must be {allowed}, got {getattr(self, name)!r}"
+                )
 
 
 @dataclass(kw_only=True, slots=True)
@@ -118,7 +125,9 @@ class Engine(Protocol):
 
     async def start(self) -> None: ...
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenOutput]:
         """Stream the request's outputs; raises InvalidRequestError/RequestTooLongError before the
         first output, EngineOverloadedError when the queue is full, EngineDeadError if a shard dies."""
         ...

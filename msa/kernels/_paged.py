@@ -20,8 +20,12 @@ def num_local_blocks(num_global_blocks: int, shard_rank: int, shard_world: int) 
 
 
 def gather_sequence(
-    cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int, block_size: int,
-    shard_rank: int, shard_world: int,
+    cache: torch.Tensor,
+    block_table_row: torch.Tensor,
+    seq_len: int,
+    block_size: int,
+    shard_rank: int,
+    shard_world: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This shard's cached tokens of one sequence, contiguous, in fp32.
 

@@ -27,27 +27,42 @@ def use_triton(t: torch.Tensor, *tile_dims: int) -> bool:
     return backend == "triton"
 
 
-def _check_batch(name: str, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor,
-                 total_q: int) -> None:
+def _check_batch(
+    name: str, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int
+) -> None:
     if block_table.dim() != 2 or block_table.dtype != torch.int32:
-        raise ValueError(f"{name}: block_table must be a 2-D int32 tensor, got {tuple(block_table.shape)} "
-                         f"{block_table.dtype}")
+        raise ValueError(
+            f"{name}: block_table must be a 2-D int32 tensor, got {tuple(block_table.shape)} "
+            f"{block_table.dtype}"
+        )
     B = block_table.shape[0]
     if cu_seqlens_q.shape != (B + 1,) or cu_seqlens_q.dtype != torch.int32:
-        raise ValueError(f"{name}: cu_seqlens_q must be int32 of shape ({B + 1},), got "
-                         f"{tuple(cu_seqlens_q.shape)} {cu_seqlens_q.dtype}")
+        raise ValueError(
+            f"{name}: cu_seqlens_q must be int32 of shape ({B + 1},), got "
+            f"{tuple(cu_seqlens_q.shape)} {cu_seqlens_q.dtype}"
+        )
     if seq_lens.shape != (B,) or seq_lens.dtype != torch.int32:
-        raise ValueError(f"{name}: seq_lens must be int32 of shape ({B},), got {tuple(seq_lens.shape)} "
-                         f"{seq_lens.dtype}")
+        raise ValueError(
+            f"{name}: seq_lens must be int32 of shape ({B},), got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
     if total_q != 0 and not cu_seqlens_q.is_cuda and int(cu_seqlens_q[-1]) != total_q:
-        raise ValueError(f"{name}: cu_seqlens_q[-1] ({int(cu_seqlens_q[-1])}) must equal the number of "
-                         f"query rows ({total_q})")
+        raise ValueError(
+            f"{name}: cu_seqlens_q[-1] ({int(cu_seqlens_q[-1])}) must equal the number of "
+            f"query rows ({total_q})"
+        )
 
 
 def select_blocks(
-    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
-    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    topk: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection for packed queries.
 
@@ -64,14 +79,34 @@ def select_blocks(
     """
     _check_batch("select_blocks", block_table, cu_seqlens_q, seq_lens, index_q.shape[0])
     if index_q.dim() != 3 or index_k_cache.dim() != 3 or index_q.shape[-1] != index_k_cache.shape[-1]:
-        raise ValueError(f"select_blocks: index_q [T, G, D] and index_k_cache [pages, block, D] disagree: "
-                         f"{tuple(index_q.shape)} vs {tuple(index_k_cache.shape)}")
+        raise ValueError(
+            f"select_blocks: index_q [T, G, D] and index_k_cache [pages, block, D] disagree: "
+            f"{tuple(index_q.shape)} vs {tuple(index_k_cache.shape)}"
+        )
     if use_triton(index_q, index_k_cache.shape[1], index_k_cache.shape[2]):
         from msa.kernels.indexer.triton import select_blocks_triton
-        return select_blocks_triton(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                                    shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
-    return select_blocks_reference(index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk,
-                                   shard_rank=shard_rank, shard_world=shard_world)
+
+        return select_blocks_triton(
+            index_q,
+            index_k_cache,
+            block_table,
+            cu_seqlens_q,
+            seq_lens,
+            topk=topk,
+            shard_rank=shard_rank,
+            shard_world=shard_world,
+            max_q_len=max_q_len,
+        )
+    return select_blocks_reference(
+        index_q,
+        index_k_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        topk=topk,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+    )
 
 
 def merge_block_candidates(ids: torch.Tensor, scores: torch.Tensor, topk: int) -> torch.Tensor:
@@ -85,17 +120,30 @@ def merge_block_candidates(ids: torch.Tensor, scores: torch.Tensor, topk: int) -
 
 def _check_attention(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"{name}: need q [T, H, D] and k_cache, v_cache [pages, block, H_kv, D] of one shape; "
-                         f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"{name}: need q [T, H, D] and k_cache, v_cache [pages, block, H_kv, D] of one shape; "
+            f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
+        )
     if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
-        raise ValueError(f"{name}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]}) "
-                         f"and head dims must agree ({q.shape[2]} vs {k_cache.shape[3]})")
+        raise ValueError(
+            f"{name}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]}) "
+            f"and head dims must agree ({q.shape[2]} vs {k_cache.shape[3]})"
+        )
 
 
 def sparse_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor, *, scale: float,
-    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_ids: torch.Tensor,
+    *,
+    scale: float,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA attention: each query head of KV group g attends, causally, to the tokens of the blocks
     ``block_ids[t, g]`` (global ids, -1 unused) that live on this shard.
@@ -108,21 +156,52 @@ def sparse_attention(
     _check_batch("sparse_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
     _check_attention("sparse_attention", q, k_cache, v_cache)
     if block_ids.shape[:2] != (q.shape[0], k_cache.shape[2]):
-        raise ValueError(f"sparse_attention: block_ids must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, K], "
-                         f"got {tuple(block_ids.shape)}")
+        raise ValueError(
+            f"sparse_attention: block_ids must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, K], "
+            f"got {tuple(block_ids.shape)}"
+        )
     if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.sparse_attention.triton import sparse_attention_triton
-        return sparse_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
-                                       scale=scale, shard_rank=shard_rank, shard_world=shard_world,
-                                       max_q_len=max_q_len)
-    return paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids,
-                                     scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+
+        return sparse_attention_triton(
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            cu_seqlens_q,
+            seq_lens,
+            block_ids,
+            scale=scale,
+            shard_rank=shard_rank,
+            shard_world=shard_world,
+            max_q_len=max_q_len,
+        )
+    return paged_attention_reference(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        block_ids,
+        scale=scale,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+    )
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, scale: float,
-    shard_rank: int = 0, shard_world: int = 1, max_q_len: int | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal GQA attention of packed queries over this shard's paged cache (the dense
     layers). Shapes and results as ``sparse_attention``."""
@@ -130,21 +209,44 @@ def paged_attention(
     _check_attention("paged_attention", q, k_cache, v_cache)
     if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.dense_attention.triton import paged_attention_triton
-        return paged_attention_triton(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens,
-                                      scale=scale, shard_rank=shard_rank, shard_world=shard_world,
-                                      max_q_len=max_q_len)
-    return paged_attention_reference(q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, None,
-                                     scale=scale, shard_rank=shard_rank, shard_world=shard_world)
+
+        return paged_attention_triton(
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            cu_seqlens_q,
+            seq_lens,
+            scale=scale,
+            shard_rank=shard_rank,
+            shard_world=shard_world,
+            max_q_len=max_q_len,
+        )
+    return paged_attention_reference(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cu_seqlens_q,
+        seq_lens,
+        None,
+        scale=scale,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+    )
 
 
 def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge partial attention ``outs [R, T, H, D]`` with ``lses [R, T, H]`` (natural log):
     lse = log sum_r exp(lse_r), out = sum_r exp(lse_r - lse) out_r. Parts with lse -inf weigh 0."""
     if outs.dim() != 4 or lses.shape != outs.shape[:3]:
-        raise ValueError(f"merge_attention_states: need outs [R, T, H, D] and lses [R, T, H], got "
-                         f"{tuple(outs.shape)} and {tuple(lses.shape)}")
+        raise ValueError(
+            f"merge_attention_states: need outs [R, T, H, D] and lses [R, T, H], got "
+            f"{tuple(outs.shape)} and {tuple(lses.shape)}"
+        )
     if use_triton(outs):
         from msa.kernels.merge.triton import merge_attention_states_triton
+
         return merge_attention_states_triton(outs, lses)
     return merge_attention_states_reference(outs, lses)
 
@@ -153,11 +255,14 @@ def store_tokens(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor)
     """Write ``values [N, ...]`` into ``cache [pages, block, ...]`` at flat slots ``page * block +
     offset`` (int64 ``[N]``); rows whose slot is -1 belong to another shard and are skipped."""
     if values.shape[1:] != cache.shape[2:] or slots.shape != values.shape[:1]:
-        raise ValueError(f"store_tokens: values {tuple(values.shape)} and slots {tuple(slots.shape)} do not fit "
-                         f"cache {tuple(cache.shape)}")
+        raise ValueError(
+            f"store_tokens: values {tuple(values.shape)} and slots {tuple(slots.shape)} do not fit "
+            f"cache {tuple(cache.shape)}"
+        )
     if use_triton(cache) and cache.is_contiguous():
         # One kernel that skips -1 rows itself: no host sync, so decode steps can be graph-captured.
         from msa.kernels.store.triton import store_tokens_triton
+
         store_tokens_triton(cache, values, slots)
         return
     keep = slots >= 0

@@ -12,8 +12,14 @@ import math
 import torch
 from torch import nn
 
-from msa.kernels import merge_attention_states, merge_block_candidates, paged_attention, select_blocks, \
-    sparse_attention, store_tokens
+from msa.kernels import (
+    merge_attention_states,
+    merge_block_candidates,
+    paged_attention,
+    select_blocks,
+    sparse_attention,
+    store_tokens,
+)
 from msa.kernels.indexer.reference import select_blocks_reference
 from msa.kernels.sparse_attention.reference import paged_attention_reference
 from msa.model.kv_cache import AttentionBatch, pack_into_pages
@@ -24,8 +30,14 @@ from msa.platform.config import ModelConfig
 class _PagedView:
     """The caches one layer reads in this step, and the batch tables that address them."""
 
-    def __init__(self, batch: AttentionBatch, layer: int, k: torch.Tensor, v: torch.Tensor,
-                 index_k: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        batch: AttentionBatch,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        index_k: torch.Tensor | None,
+    ) -> None:
         self.batch = batch
         if batch.cache is None:
             bs = batch.block_size
@@ -77,8 +89,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, -1, h)
         index_q = index_k = None
         if self.sparse:
-            index_q = apply_rope(self.index_q_norm(self.index_q_proj(x).view(T, -1, self.index_dim)), cos, sin)
-            index_k = apply_rope(self.index_k_norm(self.index_k_proj(x).view(T, 1, self.index_dim)), cos, sin)[:, 0]
+            index_q = apply_rope(
+                self.index_q_norm(self.index_q_proj(x).view(T, -1, self.index_dim)), cos, sin
+            )
+            index_k = apply_rope(
+                self.index_k_norm(self.index_k_proj(x).view(T, 1, self.index_dim)), cos, sin
+            )[:, 0]
         view = _PagedView(batch, self.layer, k, v, index_k)
         differentiable = torch.is_grad_enabled() and x.requires_grad
         out, lse = self._attend(q, index_q, view, differentiable)
@@ -87,18 +103,23 @@ class Attention(nn.Module):
             out, _ = merge_attention_states(outs, lses)
         return self.o_proj(out.reshape(T, -1))
 
-    def _attend(self, q: torch.Tensor, index_q: torch.Tensor | None, view: _PagedView,
-                differentiable: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _attend(
+        self, q: torch.Tensor, index_q: torch.Tensor | None, view: _PagedView, differentiable: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b = view.batch
         shard = {"shard_rank": b.shard_rank, "shard_world": b.shard_world}
         if not self.sparse:
             if differentiable:
-                return paged_attention_reference(q, view.k, view.v, *view.tables, None, scale=self.scale, **shard)
+                return paged_attention_reference(
+                    q, view.k, view.v, *view.tables, None, scale=self.scale, **shard
+                )
             return paged_attention(q, view.k, view.v, *view.tables, scale=self.scale, **shard)
         with torch.no_grad():
             block_ids = self.select(index_q, view)
         if differentiable:
-            return paged_attention_reference(q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard)
+            return paged_attention_reference(
+                q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard
+            )
         return sparse_attention(q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard)
 
     def select(self, index_q: torch.Tensor, view: _PagedView) -> torch.Tensor:

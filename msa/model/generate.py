@@ -16,9 +16,18 @@ from msa.model.sampling import sample_token
 
 
 @torch.no_grad()
-def generate_stream(model: MiniMaxM3ForCausalLM, prompt_ids: list[int], *, max_tokens: int = 32,
-                    temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                    stop_token_ids: list[int] | tuple[int, ...] = (), prefill_chunk: int = 8192) -> Iterator[int]:
+def generate_stream(
+    model: MiniMaxM3ForCausalLM,
+    prompt_ids: list[int],
+    *,
+    max_tokens: int = 32,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop_token_ids: list[int] | tuple[int, ...] = (),
+    prefill_chunk: int = 8192,
+) -> Iterator[int]:
     """Yield up to ``max_tokens`` sampled token ids after ``prompt_ids``, stopping after a stop id."""
     if not prompt_ids:
         raise ValueError("prompt_ids must hold at least one token")
@@ -27,8 +36,10 @@ def generate_stream(model: MiniMaxM3ForCausalLM, prompt_ids: list[int], *, max_t
     config = model.config
     total = len(prompt_ids) + max_tokens
     if total > config.max_position_embeddings:
-        raise ValueError(f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the model's "
-                         f"context of {config.max_position_embeddings} tokens")
+        raise ValueError(
+            f"prompt ({len(prompt_ids)}) + max_tokens ({max_tokens}) exceeds the model's "
+            f"context of {config.max_position_embeddings} tokens"
+        )
     param = next(model.parameters())
     bs = config.sparse.block_size
     pages = list(range((total + bs - 1) // bs))
@@ -42,11 +53,13 @@ def generate_stream(model: MiniMaxM3ForCausalLM, prompt_ids: list[int], *, max_t
 
     cached = 0
     for start in range(0, len(prompt_ids), prefill_chunk):
-        chunk = prompt_ids[start:start + prefill_chunk]
+        chunk = prompt_ids[start : start + prefill_chunk]
         logits = step(chunk, cached)
         cached += len(chunk)
     for _ in range(max_tokens):
-        token, _ = sample_token(logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator)
+        token, _ = sample_token(
+            logits, temperature=temperature, top_p=top_p, top_k=top_k, generator=generator
+        )
         yield token
         if token in stop_token_ids:
             return

@@ -21,7 +21,9 @@ from msa.platform.config import ModelConfig
 class ContextParallel(Protocol):
     """What a sequence-sharded engine supplies so the attention layers can combine the shards."""
 
-    def gather_block_candidates(self, ids: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_block_candidates(
+        self, ids: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """All shards' ``[T, G, K]`` candidates stacked as ``[R, T, G, K]``."""
 
     def gather_attention(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,8 +74,17 @@ class PagedKVCache:
     ``[pages, block, index_dim]`` on MSA layers (``index_dtype`` may be torch.float8_e4m3fn).
     Layers ``num_hidden_layers + j`` are MTP module j."""
 
-    def __init__(self, config: ModelConfig, num_pages: int, *, dtype: torch.dtype, device: torch.device | str,
-                 kv_heads: int | None = None, index_dtype: torch.dtype | None = None, num_mtp: int | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        kv_heads: int | None = None,
+        index_dtype: torch.dtype | None = None,
+        num_mtp: int | None = None,
+    ):
         self.block_size = config.sparse.block_size
         self.num_pages = num_pages
         kv_heads = kv_heads or config.num_key_value_heads
@@ -86,12 +97,25 @@ class PagedKVCache:
             self.k.append(torch.empty(shape, dtype=dtype, device=device))
             self.v.append(torch.empty(shape, dtype=dtype, device=device))
             sparse = layer >= config.num_hidden_layers or config.is_sparse_layer(layer)
-            self.index_k.append(torch.empty((num_pages, self.block_size, config.sparse.index_dim),
-                                            dtype=index_dtype or dtype, device=device) if sparse else None)
+            self.index_k.append(
+                torch.empty(
+                    (num_pages, self.block_size, config.sparse.index_dim),
+                    dtype=index_dtype or dtype,
+                    device=device,
+                )
+                if sparse
+                else None
+            )
 
     @staticmethod
-    def bytes_per_page(config: ModelConfig, *, dtype: torch.dtype, kv_heads: int | None = None,
-                       index_dtype: torch.dtype | None = None, num_mtp: int | None = None) -> int:
+    def bytes_per_page(
+        config: ModelConfig,
+        *,
+        dtype: torch.dtype,
+        kv_heads: int | None = None,
+        index_dtype: torch.dtype | None = None,
+        num_mtp: int | None = None,
+    ) -> int:
         """Bytes one page costs across all layers (what admission control divides memory by)."""
         kv_heads = kv_heads or config.num_key_value_heads
         item = torch.empty((), dtype=dtype).element_size()
@@ -99,14 +123,23 @@ class PagedKVCache:
         num_mtp = config.num_mtp_modules if num_mtp is None else num_mtp
         n_sparse = sum(config.sparse_attention_freq) + num_mtp
         per_layer_kv = 2 * config.sparse.block_size * kv_heads * config.head_dim * item
-        return (config.num_hidden_layers + num_mtp) * per_layer_kv + \
-            n_sparse * config.sparse.block_size * config.sparse.index_dim * index_item
+        return (
+            config.num_hidden_layers + num_mtp
+        ) * per_layer_kv + n_sparse * config.sparse.block_size * config.sparse.index_dim * index_item
 
 
-def build_batch(page_tables: list[list[int]], num_cached: list[int], num_new: list[int], block_size: int, *,
-                device: torch.device | str = "cpu", cache: PagedKVCache | None = None,
-                shard_rank: int = 0, shard_world: int = 1,
-                context_parallel: ContextParallel | None = None) -> AttentionBatch:
+def build_batch(
+    page_tables: list[list[int]],
+    num_cached: list[int],
+    num_new: list[int],
+    block_size: int,
+    *,
+    device: torch.device | str = "cpu",
+    cache: PagedKVCache | None = None,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    context_parallel: ContextParallel | None = None,
+) -> AttentionBatch:
     """Describe a step in which sequence b already has ``num_cached[b]`` tokens in its pages
     (``page_tables[b]``: this shard's pages, covering the new tokens too) and appends
     ``num_new[b]``."""
@@ -122,14 +155,22 @@ def build_batch(page_tables: list[list[int]], num_cached: list[int], num_new: li
     table = [p + [0] * (width - len(p)) for p in page_tables]
     as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
     return AttentionBatch(
-        positions=as_tensor(positions, torch.int64), cu_seqlens_q=as_tensor(cu, torch.int32),
+        positions=as_tensor(positions, torch.int64),
+        cu_seqlens_q=as_tensor(cu, torch.int32),
         seq_lens=as_tensor([c + n for c, n in zip(num_cached, num_new, strict=True)], torch.int32),
-        block_table=as_tensor(table, torch.int32), slot_mapping=as_tensor(slots, torch.int64),
-        block_size=block_size, cache=cache,
-        shard_rank=shard_rank, shard_world=shard_world, context_parallel=context_parallel)
+        block_table=as_tensor(table, torch.int32),
+        slot_mapping=as_tensor(slots, torch.int64),
+        block_size=block_size,
+        cache=cache,
+        shard_rank=shard_rank,
+        shard_world=shard_world,
+        context_parallel=context_parallel,
+    )
 
 
-def cache_free_batch(lengths: list[int], block_size: int, device: torch.device | str = "cpu") -> AttentionBatch:
+def cache_free_batch(
+    lengths: list[int], block_size: int, device: torch.device | str = "cpu"
+) -> AttentionBatch:
     """A full forward of whole sequences (no cache): each sequence's keys are laid into pages of
     its own, ``ceil(len / block)`` of them, in sequence order."""
     tables, start = [], 0

@@ -30,7 +30,9 @@ class GemmaRMSNorm(nn.Module):
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[T, rotary_dim // 2]`` fp32 for integer positions ``[T]``. Angles are formed in
     fp64: at a million positions fp32 would lose a good part of a radian."""
-    inv_freq = theta ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device) / rotary_dim)
+    inv_freq = theta ** (
+        -torch.arange(0, rotary_dim, 2, dtype=torch.float64, device=positions.device) / rotary_dim
+    )
     angles = positions.to(torch.float64)[:, None] * inv_freq[None, :]
     return angles.cos().float(), angles.sin().float()
 
@@ -40,7 +42,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     the remaining dims pass through."""
     half = cos.shape[-1]
     xf = x.float()
-    x1, x2, rest = xf[..., :half], xf[..., half:2 * half], xf[..., 2 * half:]
+    x1, x2, rest = xf[..., :half], xf[..., half : 2 * half], xf[..., 2 * half :]
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s, rest], dim=-1).to(x.dtype)
 
@@ -86,7 +88,9 @@ class Router(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size, dtype=torch.float32))
+        self.weight = nn.Parameter(
+            torch.zeros(config.num_local_experts, config.hidden_size, dtype=torch.float32)
+        )
         self.top_k = config.num_experts_per_tok
         self.scaling = config.routed_scaling_factor
 
@@ -107,11 +111,13 @@ class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate = Router(config)
-        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_local_experts, dtype=torch.float32),
-                                                    requires_grad=False)
+        self.e_score_correction_bias = nn.Parameter(
+            torch.zeros(config.num_local_experts, dtype=torch.float32), requires_grad=False
+        )
         self.experts = nn.ModuleList(Expert(config) for _ in range(config.num_local_experts))
-        self.shared_experts = GatedMLP(config, config.shared_intermediate_size) \
-            if config.shared_intermediate_size > 0 else None
+        self.shared_experts = (
+            GatedMLP(config, config.shared_intermediate_size) if config.shared_intermediate_size > 0 else None
+        )
         self.expert_offset = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,9 @@ class MTPModule(nn.Module):
         self.self_attn = Attention(config, layer, sparse=True)
         self.block_sparse_moe = SparseMoE(config)
 
-    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    def forward(
+        self, token_embeds: torch.Tensor, hidden: torch.Tensor, batch: AttentionBatch
+    ) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden)], dim=-1))
         x = x + self.self_attn(self.input_layernorm(x), batch)
         return x + self.block_sparse_moe(self.post_attention_layernorm(x))
@@ -63,8 +65,9 @@ class MTPModule(nn.Module):
 class MTPStack(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(MTPModule(config, config.num_hidden_layers + j)
-                                    for j in range(config.num_mtp_modules))
+        self.layers = nn.ModuleList(
+            MTPModule(config, config.num_hidden_layers + j) for j in range(config.num_mtp_modules)
+        )
 
 
 class MiniMaxM3Model(nn.Module):
@@ -73,7 +76,8 @@ class MiniMaxM3Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(config, i, config.is_sparse_layer(i), config.is_moe_layer(i))
-            for i in range(config.num_hidden_layers))
+            for i in range(config.num_hidden_layers)
+        )
         self.norm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.num_mtp_modules:
             self.mtp = MTPStack(config)
@@ -109,16 +113,29 @@ class MiniMaxM3ForCausalLM(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, input_ids: torch.Tensor, batch: AttentionBatch, *, rows: torch.Tensor | None = None,
-                return_hidden: bool = False):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        batch: AttentionBatch,
+        *,
+        rows: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ):
         """Logits ``[len(rows) or T, vocab]`` fp32 (``rows``: which token rows to project, e.g.
         ``batch.last_token_rows()``); with ``return_hidden`` also the final hidden ``[T, hidden]``."""
         hidden = self.model(input_ids, batch)
         logits = self.lm_head(hidden if rows is None else hidden[rows]).float()
         return (logits, hidden) if return_hidden else logits
 
-    def mtp_logits(self, module: int, next_ids: torch.Tensor, hidden: torch.Tensor,
-                   batch: AttentionBatch, *, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def mtp_logits(
+        self,
+        module: int,
+        next_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        batch: AttentionBatch,
+        *,
+        rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """MTP module ``module`` on (embedding of the token after each row ``next_ids [T]``, the
         previous stage's hidden ``[T, hidden]``) -> (logits for the token after that, the hidden the
         next module reads)."""

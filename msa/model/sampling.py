@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 
-def sample_token(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> tuple[int, torch.Tensor]:
+def sample_token(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[int, torch.Tensor]:
     """One token from ``logits [vocab]``. Returns (token id, log-probabilities ``[vocab]`` fp32 of
     the distribution before truncation at temperature 1, which is what the OpenAI API reports and
     what RL importance ratios need). ``temperature == 0`` is greedy (ties to the lowest id)."""

@@ -39,8 +39,12 @@ def _positive(obj: Any, *names: str, prefix: str = "") -> None:
 def _positive_number(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                 name, "a positive number", value)
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            name,
+            "a positive number",
+            value,
+        )
 
 
 def _token_id(value: Any, vocab_size: int) -> bool:
@@ -64,10 +68,15 @@ class SparseAttentionConfig:
         _positive(self, "block_size", "topk_blocks", "num_index_heads", "index_dim", prefix="sparse_")
         _require(self.score_type == "max", "sparse_score_type", "'max'", self.score_type)
         _require(self.init_blocks == 0, "sparse_init_block", "0 (no forced initial block)", self.init_blocks)
-        _require(self.local_blocks == 1, "sparse_local_block", "1 (the current block is forced)",
-                 self.local_blocks)
-        _require(self.disable_index_value, "sparse_disable_index_value",
-                 "true (index-value branches are not part of MSA on this model)", self.disable_index_value)
+        _require(
+            self.local_blocks == 1, "sparse_local_block", "1 (the current block is forced)", self.local_blocks
+        )
+        _require(
+            self.disable_index_value,
+            "sparse_disable_index_value",
+            "true (index-value branches are not part of MSA on this model)",
+            self.disable_index_value,
+        )
         _require(self.topk_blocks >= 2, "sparse_topk_blocks", "at least 2", self.topk_blocks)
 
 
@@ -103,39 +112,92 @@ class ModelConfig:
     sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)
 
     def __post_init__(self) -> None:
-        _positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "rotary_dim", "max_position_embeddings",
-                  "intermediate_size", "moe_intermediate_size", "num_local_experts", "num_experts_per_tok")
-        _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_attention_heads",
-                 f"a multiple of num_key_value_heads ({self.num_key_value_heads})", self.num_attention_heads)
-        _require(self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0, "rotary_dim",
-                 f"an even number <= head_dim ({self.head_dim})", self.rotary_dim)
-        _positive_number(self, "rope_theta", "rms_norm_eps", "swiglu_alpha", "swiglu_limit",
-                         "routed_scaling_factor")
+        _positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "rotary_dim",
+            "max_position_embeddings",
+            "intermediate_size",
+            "moe_intermediate_size",
+            "num_local_experts",
+            "num_experts_per_tok",
+        )
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_attention_heads",
+            f"a multiple of num_key_value_heads ({self.num_key_value_heads})",
+            self.num_attention_heads,
+        )
+        _require(
+            self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+            "rotary_dim",
+            f"an even number <= head_dim ({self.head_dim})",
+            self.rotary_dim,
+        )
+        _positive_number(
+            self, "rope_theta", "rms_norm_eps", "swiglu_alpha", "swiglu_limit", "routed_scaling_factor"
+        )
         _require(self.rms_norm_eps < 1, "rms_norm_eps", "in (0, 1)", self.rms_norm_eps)
-        _require(self.num_experts_per_tok <= self.num_local_experts, "num_experts_per_tok",
-                 f"<= num_local_experts ({self.num_local_experts})", self.num_experts_per_tok)
-        _require(self.shared_intermediate_size >= 0, "shared_intermediate_size", ">= 0",
-                 self.shared_intermediate_size)
+        _require(
+            self.num_experts_per_tok <= self.num_local_experts,
+            "num_experts_per_tok",
+            f"<= num_local_experts ({self.num_local_experts})",
+            self.num_experts_per_tok,
+        )
+        _require(
+            self.shared_intermediate_size >= 0,
+            "shared_intermediate_size",
+            ">= 0",
+            self.shared_intermediate_size,
+        )
         _require(self.num_mtp_modules >= 0, "num_mtp_modules", ">= 0", self.num_mtp_modules)
-        _require(not self.tie_word_embeddings, "tie_word_embeddings", "false (M3 has an untied lm_head)",
-                 self.tie_word_embeddings)
-        _require(self.bos_token_id is None or _token_id(self.bos_token_id, self.vocab_size), "bos_token_id",
-                 f"null or a token id in [0, {self.vocab_size})", self.bos_token_id)
+        _require(
+            not self.tie_word_embeddings,
+            "tie_word_embeddings",
+            "false (M3 has an untied lm_head)",
+            self.tie_word_embeddings,
+        )
+        _require(
+            self.bos_token_id is None or _token_id(self.bos_token_id, self.vocab_size),
+            "bos_token_id",
+            f"null or a token id in [0, {self.vocab_size})",
+            self.bos_token_id,
+        )
         eos = [self.eos_token_id] if not isinstance(self.eos_token_id, list) else self.eos_token_id
-        _require(self.eos_token_id is None or all(_token_id(t, self.vocab_size) for t in eos), "eos_token_id",
-                 f"null, a token id or a list of token ids in [0, {self.vocab_size})", self.eos_token_id)
+        _require(
+            self.eos_token_id is None or all(_token_id(t, self.vocab_size) for t in eos),
+            "eos_token_id",
+            f"null, a token id or a list of token ids in [0, {self.vocab_size})",
+            self.eos_token_id,
+        )
         for name in ("moe_layer_freq", "sparse_attention_freq"):
             value = getattr(self, name)
-            _require(isinstance(value, list) and len(value) == self.num_hidden_layers
-                     and all(v in (0, 1) for v in value), name,
-                     f"a list of {self.num_hidden_layers} entries, each 0 or 1", value)
+            _require(
+                isinstance(value, list)
+                and len(value) == self.num_hidden_layers
+                and all(v in (0, 1) for v in value),
+                name,
+                f"a list of {self.num_hidden_layers} entries, each 0 or 1",
+                value,
+            )
         if any(self.sparse_attention_freq):
-            _require(self.sparse.num_index_heads == self.num_key_value_heads, "sparse_num_index_heads",
-                     f"equal to num_key_value_heads ({self.num_key_value_heads}): one index head per KV group",
-                     self.sparse.num_index_heads)
-            _require(self.sparse.index_dim <= self.head_dim * 4, "sparse_index_dim", "<= 4 * head_dim",
-                     self.sparse.index_dim)
+            _require(
+                self.sparse.num_index_heads == self.num_key_value_heads,
+                "sparse_num_index_heads",
+                f"equal to num_key_value_heads ({self.num_key_value_heads}): one index head per KV group",
+                self.sparse.num_index_heads,
+            )
+            _require(
+                self.sparse.index_dim <= self.head_dim * 4,
+                "sparse_index_dim",
+                "<= 4 * head_dim",
+                self.sparse.index_dim,
+            )
 
     # Derived facts the model and engine use.
     def is_sparse_layer(self, layer: int) -> bool:
@@ -163,7 +225,8 @@ class ModelConfig:
         out["qk_norm_type"] = "per_head"
         out["hidden_act"] = "swigluoai"
         out["sparse_attention_config"] = {
-            f"sparse_{key}": getattr(self.sparse, attr) for key, attr in _SPARSE_KEYS.items()}
+            f"sparse_{key}": getattr(self.sparse, attr) for key, attr in _SPARSE_KEYS.items()
+        }
         return out
 
     def save(self, path: str | Path) -> None:
@@ -171,17 +234,26 @@ class ModelConfig:
 
 
 _SPARSE_KEYS = {  # config.json key (after the "sparse_" prefix) -> SparseAttentionConfig field
-    "block_size": "block_size", "topk_blocks": "topk_blocks", "num_index_heads": "num_index_heads",
-    "index_dim": "index_dim", "score_type": "score_type", "init_block": "init_blocks",
-    "local_block": "local_blocks", "disable_index_value": "disable_index_value",
+    "block_size": "block_size",
+    "topk_blocks": "topk_blocks",
+    "num_index_heads": "num_index_heads",
+    "index_dim": "index_dim",
+    "score_type": "score_type",
+    "init_block": "init_blocks",
+    "local_block": "local_blocks",
+    "disable_index_value": "disable_index_value",
 }
 _ALIASES = {  # other spellings seen in copies of the config -> our field
-    "num_experts": "num_local_experts", "n_routed_experts": "num_local_experts",
+    "num_experts": "num_local_experts",
+    "n_routed_experts": "num_local_experts",
 }
 # Keys that describe fixed properties of this architecture: checked, then dropped.
 _FIXED = {
-    "use_qk_norm": (True,), "qk_norm_type": ("per_head",), "hidden_act": ("swigluoai",),
-    "attention_output_gate": (False,), "scoring_func": ("sigmoid",),
+    "use_qk_norm": (True,),
+    "qk_norm_type": ("per_head",),
+    "hidden_act": ("swigluoai",),
+    "attention_output_gate": (False,),
+    "scoring_func": ("sigmoid",),
 }
 
 
@@ -208,11 +280,16 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         elif key in names:
             kwargs[key] = value
     if "rotary_dim" not in text and "partial_rotary_factor" in text:
-        head_dim = text.get("head_dim", text.get("hidden_size", 0) // max(text.get("num_attention_heads", 1), 1))
+        head_dim = text.get(
+            "head_dim", text.get("hidden_size", 0) // max(text.get("num_attention_heads", 1), 1)
+        )
         kwargs["rotary_dim"] = int(head_dim * text["partial_rotary_factor"])
-    sparse_raw = text.get("sparse_attention_config") or {k: v for k, v in text.items() if k.startswith("sparse_")}
-    _require(isinstance(sparse_raw, dict), "sparse_attention_config", "a mapping of sparse_* fields",
-             sparse_raw)
+    sparse_raw = text.get("sparse_attention_config") or {
+        k: v for k, v in text.items() if k.startswith("sparse_")
+    }
+    _require(
+        isinstance(sparse_raw, dict), "sparse_attention_config", "a mapping of sparse_* fields", sparse_raw
+    )
     kwargs["sparse"] = _sparse_from_dict(sparse_raw) if sparse_raw else SparseAttentionConfig()
     if "moe_layer_freq" in kwargs and isinstance(kwargs["moe_layer_freq"], int):
         raise ConfigError("config field 'moe_layer_freq' must be a list of 0/1 per layer, got an int")
@@ -235,16 +312,31 @@ def load_config(path: str | Path) -> ModelConfig:
 
 # Presets -----------------------------------------------------------------------------------------
 
+
 def tiny() -> ModelConfig:
     """Seconds on a CPU, yet with a dense layer, MSA layers and MoE layers, and 4-token blocks so a
     short prompt already spans many blocks and the top-4 selection is really sparse."""
     return ModelConfig(
-        vocab_size=264, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, rotary_dim=8, rope_theta=10_000.0, max_position_embeddings=4096,
-        intermediate_size=128, moe_intermediate_size=32, shared_intermediate_size=32,
-        num_local_experts=4, num_experts_per_tok=2, routed_scaling_factor=2.0,
-        moe_layer_freq=[0, 1, 1, 1], sparse_attention_freq=[0, 1, 1, 1], num_mtp_modules=1,
-        bos_token_id=256, eos_token_id=257,
+        vocab_size=264,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rotary_dim=8,
+        rope_theta=10_000.0,
+        max_position_embeddings=4096,
+        intermediate_size=128,
+        moe_intermediate_size=32,
+        shared_intermediate_size=32,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        routed_scaling_factor=2.0,
+        moe_layer_freq=[0, 1, 1, 1],
+        sparse_attention_freq=[0, 1, 1, 1],
+        num_mtp_modules=1,
+        bos_token_id=256,
+        eos_token_id=257,
         sparse=SparseAttentionConfig(block_size=4, topk_blocks=4, num_index_heads=2, index_dim=16),
     )
 
@@ -253,9 +345,14 @@ def m3_proxy(num_layers: int = 4, num_experts: int = 8) -> ModelConfig:
     """The real M3 layer shapes (hidden 6144, 64/4 heads, 128-token blocks, top-16) with few layers
     and experts: one dense layer, the rest MSA + MoE. For GPU benchmarks."""
     kinds = [0] + [1] * (num_layers - 1)
-    return ModelConfig(num_hidden_layers=num_layers, num_local_experts=num_experts,
-                       num_experts_per_tok=min(4, num_experts), moe_layer_freq=list(kinds),
-                       sparse_attention_freq=list(kinds), num_mtp_modules=1)
+    return ModelConfig(
+        num_hidden_layers=num_layers,
+        num_local_experts=num_experts,
+        num_experts_per_tok=min(4, num_experts),
+        moe_layer_freq=list(kinds),
+        sparse_attention_freq=list(kinds),
+        num_mtp_modules=1,
+    )
 
 
 def m3() -> ModelConfig:

@@ -77,7 +77,9 @@ def test_moe_matches_brute_force_routing():
     out = moe(x)
     for t in range(9):
         s = torch.sigmoid(moe.gate.weight @ x[t])
-        chosen = sorted(range(config.num_local_experts), key=lambda e: -(s[e] + moe.e_score_correction_bias[e]))[:2]
+        chosen = sorted(
+            range(config.num_local_experts), key=lambda e: -(s[e] + moe.e_score_correction_bias[e])
+        )[:2]
         w = s[chosen] / s[chosen].sum() * config.routed_scaling_factor
         want = sum(w[i] * moe.experts[e](x[t]) for i, e in enumerate(chosen)) + moe.shared_experts(x[t])
         torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
@@ -86,7 +88,11 @@ def test_moe_matches_brute_force_routing():
 def dense_gqa_reference(q, k, v, scale):
     """Causal GQA by expanding KV heads and calling torch SDPA: [T, H, D] inputs."""
     group = q.shape[1] // k.shape[1]
-    qh, kh, vh = q.transpose(0, 1), k.repeat_interleave(group, 1).transpose(0, 1), v.repeat_interleave(group, 1).transpose(0, 1)
+    qh, kh, vh = (
+        q.transpose(0, 1),
+        k.repeat_interleave(group, 1).transpose(0, 1),
+        v.repeat_interleave(group, 1).transpose(0, 1),
+    )
     return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale).transpose(0, 1)
 
 
@@ -94,8 +100,9 @@ def dense_gqa_reference(q, k, v, scale):
 def test_msa_with_topk_covering_all_blocks_is_dense_attention(length):
     """Tolerance: fp32 throughout, 1e-5 absolute/relative."""
     torch.manual_seed(2)
-    config = dataclasses.replace(tiny(), sparse=SparseAttentionConfig(block_size=4, topk_blocks=16, num_index_heads=2,
-                                                                      index_dim=16))
+    config = dataclasses.replace(
+        tiny(), sparse=SparseAttentionConfig(block_size=4, topk_blocks=16, num_index_heads=2, index_dim=16)
+    )
     attn = Attention(config, 1, sparse=True)
     for p in attn.parameters():
         torch.nn.init.normal_(p, 0, 0.3)
@@ -136,7 +143,7 @@ def run_incremental(model, seqs, steps, shuffle_pages=True):
     pool = list(range(sum(need) + 3))
     if shuffle_pages:
         random.Random(0).shuffle(pool)
-    tables = [pool[sum(need[:i]):sum(need[:i + 1])] for i in range(len(seqs))]
+    tables = [pool[sum(need[:i]) : sum(need[: i + 1])] for i in range(len(seqs))]
     cache = PagedKVCache(config, len(pool), dtype=torch.float32, device="cpu", num_mtp=0)
     for layer_k, layer_v in zip(cache.k, cache.v, strict=True):  # poison: unwritten slots must never be read
         layer_k.fill_(float("nan"))
@@ -146,7 +153,7 @@ def run_incremental(model, seqs, steps, shuffle_pages=True):
     while any(d < len(s) for d, s in zip(done, seqs, strict=True)):
         new = [min(steps(i, done[i]), len(s) - done[i]) for i, s in enumerate(seqs)]
         batch = build_batch(tables, done, new, bs, cache=cache)
-        ids = torch.tensor([t for i, s in enumerate(seqs) for t in s[done[i]:done[i] + new[i]]])
+        ids = torch.tensor([t for i, s in enumerate(seqs) for t in s[done[i] : done[i] + new[i]]])
         with torch.no_grad():
             logits = model(ids, batch)
         for i, part in enumerate(logits.split(new)):

@@ -10,8 +10,14 @@ from msa.kernels._paged import gather_sequence, query_positions
 
 
 def block_scores_reference(
-    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, b: int, shard_rank: int = 0, shard_world: int = 1,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    b: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block scores of sequence b's queries over this shard's blocks.
 
@@ -19,10 +25,11 @@ def block_scores_reference(
     global block ids ``[n_local_blocks]``, query positions ``[q_len]``).
     """
     block_size = index_k_cache.shape[1]
-    ik, kpos, block_ids = gather_sequence(index_k_cache, block_table[b], int(seq_lens[b]), block_size,
-                                          shard_rank, shard_world)
+    ik, kpos, block_ids = gather_sequence(
+        index_k_cache, block_table[b], int(seq_lens[b]), block_size, shard_rank, shard_world
+    )
     qpos = query_positions(cu_seqlens_q, seq_lens, b)
-    iq = index_q[int(cu_seqlens_q[b]):int(cu_seqlens_q[b + 1])].float()  # [q, G, D]
+    iq = index_q[int(cu_seqlens_q[b]) : int(cu_seqlens_q[b + 1])].float()  # [q, G, D]
     s = torch.einsum("qgd,nd->qgn", iq, ik) / math.sqrt(iq.shape[-1])
     s = s.masked_fill(kpos[None, None, :] > qpos[:, None, None], float("-inf"))
     return s.view(*s.shape[:2], -1, block_size).amax(-1), block_ids, qpos
@@ -49,9 +56,15 @@ def order_selection(ids: torch.Tensor, scores: torch.Tensor, topk: int) -> tuple
 
 
 def select_blocks_reference(
-    index_q: torch.Tensor, index_k_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, *, topk: int,
-    shard_rank: int = 0, shard_world: int = 1,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    topk: int,
+    shard_rank: int = 0,
+    shard_world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See ``msa.kernels.select_blocks``."""
     T, G, _ = index_q.shape
@@ -62,8 +75,9 @@ def select_blocks_reference(
         start, end = int(cu_seqlens_q[b]), int(cu_seqlens_q[b + 1])
         if end == start:
             continue
-        scores, block_ids, qpos = block_scores_reference(index_q, index_k_cache, block_table, cu_seqlens_q,
-                                                         seq_lens, b, shard_rank, shard_world)
+        scores, block_ids, qpos = block_scores_reference(
+            index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, b, shard_rank, shard_world
+        )
         local = (qpos // block_size)[:, None, None] == block_ids[None, None, :]
         scores = scores.masked_fill(local, float("inf"))
         ids = block_ids.expand_as(scores)

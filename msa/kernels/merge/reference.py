@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def merge_attention_states_reference(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_attention_states_reference(
+    outs: torch.Tensor, lses: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine R partial results ``outs [R, T, H, D]``, ``lses [R, T, H]`` (natural log) into one.
     A part whose lse is -inf weighs 0; if every part is -inf the result is zeros with lse -inf."""
     lse = torch.logsumexp(lses.float(), dim=0)

@@ -8,9 +8,17 @@ from msa.kernels._paged import gather_sequence, query_positions
 
 
 def paged_attention_reference(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, block_ids: torch.Tensor | None, *, scale: float,
-    shard_rank: int = 0, shard_world: int = 1,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_ids: torch.Tensor | None,
+    *,
+    scale: float,
+    shard_rank: int = 0,
+    shard_world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal GQA attention of packed queries over this shard's cached keys, restricted to the
     selected blocks when ``block_ids`` (``[T, H_kv, K]`` global ids, -1 unused) is given.
