@@ -119,6 +119,8 @@ class MSAEngine:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
             self._loop_task = None
+        # A shut-down engine refuses new work instead of queueing it where no loop will run it.
+        self._dead = self._dead or EngineDeadError("the engine was shut down")
         for request in list(self._requests.values()):
             request.queue.put_nowait(EngineDeadError("the engine was shut down"))
         if self.executor is not None:

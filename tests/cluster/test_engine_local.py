@@ -9,6 +9,7 @@ import torch
 
 from msa.cluster.engine import EngineConfig, MSAEngine
 from msa.cluster.protocol import (
+    EngineDeadError,
     EngineOverloadedError,
     InvalidRequestError,
     RequestTooLongError,
@@ -266,3 +267,14 @@ def test_choices_of_one_request_share_the_prompt_and_each_match_greedy(reference
     want = greedy_reference(reference, ids, 5)
     assert sorted(outs) == [0, 1, 2, 3] and all(tokens_of(outs[i]) == want for i in range(4))
     assert shared == 3 * 40 and stats.pages_used == [0]
+
+
+def test_requests_after_shutdown_fail_at_once():
+    async def main():
+        engine = await started()
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(collect(engine, "late", prompt(5, 0), greedy(3)), timeout=5)
+        assert not engine.stats().healthy
+
+    asyncio.run(main())
