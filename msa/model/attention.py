@@ -20,7 +20,6 @@ from msa.kernels import (
     sparse_attention,
     store_tokens,
 )
-from msa.kernels.indexer.reference import select_blocks_reference
 from msa.kernels.sparse_attention.reference import paged_attention_reference
 from msa.model.kv_cache import AttentionBatch, pack_into_pages
 from msa.model.layers import GemmaRMSNorm, apply_rope
@@ -127,8 +126,7 @@ class Attention(nn.Module):
         b = view.batch
         args = (index_q.detach(), view.index_k.detach(), *view.tables)
         kwargs = {"topk": self.topk, "shard_rank": b.shard_rank, "shard_world": b.shard_world}
-        select = select_blocks_reference if torch.is_grad_enabled() else select_blocks
-        ids, scores = select(*args, **kwargs)
+        ids, scores = select_blocks(*args, **kwargs)
         if b.context_parallel is None:
             return ids
         all_ids, all_scores = b.context_parallel.gather_block_candidates(ids, scores)
