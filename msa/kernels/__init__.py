@@ -11,6 +11,7 @@ from msa.kernels.api import (
     merge_block_candidates,
     paged_attention,
     select_blocks,
+    selection_needed,
     sparse_attention,
     store_tokens,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "merge_block_candidates",
     "paged_attention",
     "select_blocks",
+    "selection_needed",
     "sparse_attention",
     "store_tokens",
 ]

@@ -34,6 +34,21 @@ def max_query_len(cu_seqlens_q: torch.Tensor, max_q_len: int | None) -> int:
     return int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
 
 
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def tickets(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose last program to finish a unit of work (known by an
+    atomic ticket) does the unit's final step and zeroes its counter again. Kept per device so
+    decode steps reuse them (and CUDA graphs capture no memset); launches sharing them must be
+    ordered on one stream."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
+
+
 def check_int32(name: str, **tensors: torch.Tensor) -> None:
     for arg, t in tensors.items():
         if t.dtype != torch.int32 or not t.is_contiguous():

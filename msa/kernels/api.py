@@ -109,6 +109,13 @@ def select_blocks(
     )
 
 
+def selection_needed(max_seq_len: int | None, block_size: int, topk: int) -> bool:
+    """Whether block selection can change anything for a batch whose longest sequence has
+    ``max_seq_len`` tokens (None: unknown). With at most ``topk`` blocks every visible block is
+    selected, so MSA is exactly dense causal attention (``paged_attention``)."""
+    return max_seq_len is None or -(-max_seq_len // block_size) > topk
+
+
 def merge_block_candidates(ids: torch.Tensor, scores: torch.Tensor, topk: int) -> torch.Tensor:
     """Exact global top-k from per-shard candidates ``ids, scores [R, T, G, K]`` (from
     ``select_blocks`` on each shard): ``[T, G, topk]`` int32, ascending, -1 padded."""

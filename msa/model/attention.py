@@ -17,6 +17,7 @@ from msa.kernels import (
     merge_block_candidates,
     paged_attention,
     select_blocks,
+    selection_needed,
     sparse_attention,
     store_tokens,
 )
@@ -107,25 +108,32 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = view.batch
         shard = {"shard_rank": b.shard_rank, "shard_world": b.shard_world}
-        if not self.sparse:
-            if differentiable:
-                return paged_attention_reference(
-                    q, view.k, view.v, *view.tables, None, scale=self.scale, **shard
-                )
-            return paged_attention(q, view.k, view.v, *view.tables, scale=self.scale, **shard)
-        with torch.no_grad():
-            block_ids = self.select(index_q, view)
+        block_ids = None
+        if self.sparse and selection_needed(b.max_seq_len, b.block_size, self.topk):
+            with torch.no_grad():
+                block_ids = self.select(index_q, view)
         if differentiable:
             return paged_attention_reference(
                 q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard
             )
-        return sparse_attention(q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard)
+        if block_ids is None:
+            return paged_attention(
+                q, view.k, view.v, *view.tables, scale=self.scale, max_q_len=b.max_q_len, **shard
+            )
+        return sparse_attention(
+            q, view.k, view.v, *view.tables, block_ids, scale=self.scale, max_q_len=b.max_q_len, **shard
+        )
 
     def select(self, index_q: torch.Tensor, view: _PagedView) -> torch.Tensor:
         """Global top-k blocks ``[T, G, K]`` for this step's queries."""
         b = view.batch
         args = (index_q.detach(), view.index_k.detach(), *view.tables)
-        kwargs = {"topk": self.topk, "shard_rank": b.shard_rank, "shard_world": b.shard_world}
+        kwargs = {
+            "topk": self.topk,
+            "shard_rank": b.shard_rank,
+            "shard_world": b.shard_world,
+            "max_q_len": b.max_q_len,
+        }
         ids, scores = select_blocks(*args, **kwargs)
         if b.context_parallel is None:
             return ids

@@ -38,7 +38,9 @@ class AttentionBatch:
     (lengths including this step's tokens); block_table ``[B, max_blocks]`` int32 (this shard's
     pages); slot_mapping ``[T]`` int64 (flat cache slot of each new token, -1 when another shard
     stores it). ``cache`` None means a cache-free forward (training, full-sequence scoring):
-    the layer builds pages from the step's own keys.
+    the layer builds pages from the step's own keys. ``max_q_len`` and ``max_seq_len``, the
+    longest query run and sequence as host ints, spare the kernels a device-to-host read and let
+    a step whose sequences all fit in the top-k blocks skip block selection.
     """
 
     positions: torch.Tensor
@@ -51,6 +53,8 @@ class AttentionBatch:
     shard_rank: int = 0
     shard_world: int = 1
     context_parallel: ContextParallel | None = None
+    max_q_len: int | None = None
+    max_seq_len: int | None = None
 
     def rope(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of this step's positions, computed once per step and shared by all layers."""
@@ -154,10 +158,11 @@ def build_batch(
     width = max([len(p) for p in page_tables] + [1])
     table = [p + [0] * (width - len(p)) for p in page_tables]
     as_tensor = lambda x, dt: torch.tensor(x, dtype=dt, device=device)
+    lengths = [c + n for c, n in zip(num_cached, num_new, strict=True)]
     return AttentionBatch(
         positions=as_tensor(positions, torch.int64),
         cu_seqlens_q=as_tensor(cu, torch.int32),
-        seq_lens=as_tensor([c + n for c, n in zip(num_cached, num_new, strict=True)], torch.int32),
+        seq_lens=as_tensor(lengths, torch.int32),
         block_table=as_tensor(table, torch.int32),
         slot_mapping=as_tensor(slots, torch.int64),
         block_size=block_size,
@@ -165,6 +170,8 @@ def build_batch(
         shard_rank=shard_rank,
         shard_world=shard_world,
         context_parallel=context_parallel,
+        max_q_len=max(num_new, default=0),
+        max_seq_len=max(lengths, default=0),
     )
 
 

@@ -123,16 +123,26 @@ def test_select_blocks_matches_reference(case, world, ties, monkeypatch):
     run_case(case, world, ties, CPU, torch.float32, "cpu", True, monkeypatch)
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("merge_slice", [None, 8], ids=["one_merge", "sliced_merge"])
 @pytest.mark.parametrize("chunk", [2, 16])
-def test_select_blocks_chunks_merge_candidates(chunk):
+def test_select_blocks_chunks_merge_candidates(chunk, merge_slice, ties):
     """Chunks of fewer blocks than topk (each keeps all its blocks) and of more (each keeps its
-    topk): the merge sees many chunks' candidates."""
+    topk): the merge sees many chunks' candidates, in one program or cut down by several slices
+    whose picks the last one to finish merges."""
     from msa.kernels.indexer.triton import select_blocks_triton
 
-    batch, iq, shards = build([700, 300], [2, 1], **CPU)
+    batch, iq, shards = build([700, 300], [2, 1], **CPU, ties=ties)
     cache, table = shards[0]
     ids, scores = select_blocks_triton(
-        iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=4, chunk_blocks=chunk
+        iq,
+        cache,
+        table,
+        batch.cu_seqlens_q,
+        batch.seq_lens,
+        topk=4,
+        chunk_blocks=chunk,
+        merge_slice=merge_slice,
     )
     ref_ids, ref_scores = select(iq, shards[0], batch, 4, 0, 1, "reference")
     check_same_selection(ids, scores, ref_ids, ref_scores, True)

@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels._launch import check_int32, check_last_dim_contiguous, max_query_len, next_pow2, num_sms
+from msa.kernels._launch import (
+    check_int32,
+    check_last_dim_contiguous,
+    max_query_len,
+    next_pow2,
+    num_sms,
+    tickets,
+)
 
 _KEY_FLOOR = tl.constexpr(-(2**63))  # below every real key: marks taken or empty candidates
 _NEG_INF_ORDER = tl.constexpr(-2139095041)  # order-preserving int of -inf; keys at or under it hold no block
@@ -43,6 +50,20 @@ def _key_score(key):
 def _key_block(key):
     low = key - ((key >> 32) << 32)  # the low 32 bits, as a non-negative int64
     return 2147483647 - low.to(tl.int32)
+
+
+@triton.jit
+def _take_top(keys, K: tl.constexpr, K_P: tl.constexpr):
+    """The ``K`` largest keys of each row of ``keys [R, N]``, best first, as ``[R, K_P]``
+    (``_KEY_FLOOR`` past K or past the row's real keys). Keys are distinct (they carry the block
+    id), so removing the max removes exactly one."""
+    picks = tl.arange(0, K_P)
+    chosen = tl.full([keys.shape[0], K_P], _KEY_FLOOR, tl.int64)
+    for r in range(K):
+        top = tl.max(keys, 1)  # [R]
+        chosen = tl.where(picks[None, :] == r, top[:, None], chosen)
+        keys = tl.where(keys == top[:, None], _KEY_FLOOR, keys)
+    return chosen
 
 
 @triton.jit
@@ -76,13 +97,18 @@ def _score_chunk_topk_kernel(
     KC_P: tl.constexpr,
     IEEE: tl.constexpr,
     K_FP8: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * GP
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
     b = pid // tiles_per_seq
-    q_start = tl.load(cu_q_ptr + b)
-    q_end = tl.load(cu_q_ptr + b + 1)
+    if DECODE:  # one query per sequence: token b, no offsets to wait for
+        q_start = b
+        q_end = b + 1
+    else:
+        q_start = tl.load(cu_q_ptr + b)
+        q_end = tl.load(cu_q_ptr + b + 1)
     t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
     if t0 >= q_end:
         return
@@ -154,13 +180,8 @@ def _score_chunk_topk_kernel(
     scores = tl.reshape(scores, [M, CHUNK])
 
     ids = shard_rank + (lo + cols) * shard_world
-    keys = _score_key(scores, ids[None, :])  # [M, CHUNK]
+    chosen = _take_top(_score_key(scores, ids[None, :]), KC, KC_P)  # [M, KC_P]
     picks = tl.arange(0, KC_P)
-    chosen = tl.full([M, KC_P], _KEY_FLOOR, tl.int64)
-    for r in range(KC):
-        top = tl.max(keys, 1)  # [M]
-        chosen = tl.where(picks[None, :] == r, top[:, None], chosen)
-        keys = tl.where(keys == top[:, None], _KEY_FLOOR, keys)
     tl.store(
         cand_ptr + tok[:, None] * stride_ct + head[:, None] * stride_cg + chunk * stride_cc + picks[None, :],
         chosen,
@@ -169,42 +190,70 @@ def _score_chunk_topk_kernel(
 
 
 @triton.jit
+def _store_selection(chosen, ids_ptrs, scores_ptrs, TOPK: tl.constexpr, TOPK_P: tl.constexpr):
+    """Write the picks ``chosen [TOPK_P]`` (best first) in ascending block order, empty last."""
+    picks = tl.arange(0, TOPK_P)
+    valid = (chosen >> 32) > _NEG_INF_ORDER
+    blk = tl.where(valid, _key_block(chosen), 2147483647)
+    score = tl.where(valid, _key_score(chosen), float("-inf"))
+    # The rank of each pick among the picks.
+    before = (blk[None, :] < blk[:, None]) | (
+        (blk[None, :] == blk[:, None]) & (picks[None, :] < picks[:, None])
+    )
+    slot = tl.sum(before.to(tl.int32), 1)
+    keep = picks < TOPK
+    tl.store(ids_ptrs + slot, tl.where(valid, blk, -1), mask=keep)
+    tl.store(scores_ptrs + slot, score, mask=keep)
+
+
+@triton.jit
 def _merge_candidates_kernel(
     cand_ptr,
+    partial_ptr,
+    tickets_ptr,
     ids_ptr,
     scores_ptr,
     n_cand,
     stride_ct,
     stride_cg,
+    stride_pt,
+    stride_pg,
     stride_it,
     stride_ig,
     stride_st,
     stride_sg,
     TOPK: tl.constexpr,
     TOPK_P: tl.constexpr,
-    N_P: tl.constexpr,
+    SLICE: tl.constexpr,
+    SLICES: tl.constexpr,
 ):
+    """Program (token, head, slice) takes the top-k of its slice of the candidates. With several
+    slices each writes its picks to ``partial`` and the last slice to finish (atomic ticket) takes
+    the top-k of all slices' picks, so a long context's thousands of candidates are cut down by
+    many programs at once instead of one."""
     t = tl.program_id(0)
     g = tl.program_id(1)
-    offs = tl.arange(0, N_P)
+    sl = tl.program_id(2)
+    offs = sl * SLICE + tl.arange(0, SLICE)
     keys = tl.load(cand_ptr + t * stride_ct + g * stride_cg + offs, mask=offs < n_cand, other=_KEY_FLOOR)
-    picks = tl.arange(0, TOPK_P)
-    chosen = tl.full([TOPK_P], _KEY_FLOOR, tl.int64)
-    for r in range(TOPK):
-        top = tl.max(keys, 0)
-        chosen = tl.where(picks == r, top, chosen)
-        keys = tl.where(keys == top, _KEY_FLOOR, keys)
-    valid = (chosen >> 32) > _NEG_INF_ORDER
-    blk = tl.where(valid, _key_block(chosen), 2147483647)
-    score = tl.where(valid, _key_score(chosen), float("-inf"))
-    # Ascending block order, empty picks last: the rank of each pick among the picks.
-    before = (blk[None, :] < blk[:, None]) | (
-        (blk[None, :] == blk[:, None]) & (picks[None, :] < picks[:, None])
-    )
-    slot = tl.sum(before.to(tl.int32), 1)
-    keep = picks < TOPK
-    tl.store(ids_ptr + t * stride_it + g * stride_ig + slot, tl.where(valid, blk, -1), mask=keep)
-    tl.store(scores_ptr + t * stride_st + g * stride_sg + slot, score, mask=keep)
+    chosen = tl.reshape(_take_top(keys[None, :], TOPK, TOPK_P), [TOPK_P])
+    out_ids = ids_ptr + t * stride_it + g * stride_ig
+    out_scores = scores_ptr + t * stride_st + g * stride_sg
+    if SLICES == 1:
+        _store_selection(chosen, out_ids, out_scores, TOPK, TOPK_P)
+    else:
+        picks = tl.arange(0, TOPK_P)
+        part = partial_ptr + t * stride_pt + g * stride_pg
+        tl.store(part + sl * TOPK_P + picks, chosen)
+        tl.debug_barrier()  # the picks are stored before the ticket is taken
+        ticket_ptr = tickets_ptr + t * tl.num_programs(1) + g
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == SLICES - 1:
+            every = tl.arange(0, SLICES * TOPK_P)
+            keys = tl.load(part + every, cache_modifier=".cg")
+            chosen = tl.reshape(_take_top(keys[None, :], TOPK, TOPK_P), [TOPK_P])
+            _store_selection(chosen, out_ids, out_scores, TOPK, TOPK_P)
+            tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
 def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, cap: int) -> int:
@@ -283,6 +332,7 @@ def launch_chunk_scores(
         KC_P=next_pow2(kc),
         IEEE=index_q.dtype == torch.float32,
         K_FP8=index_k_cache.dtype == torch.float8_e4m3fn,
+        DECODE=longest == 1 and T == B,
         num_warps=num_warps or (4 if rows * nb <= 64 else 8),
         num_stages=num_stages or stages,
     )
@@ -290,28 +340,44 @@ def launch_chunk_scores(
 
 
 def launch_candidate_merge(
-    cand: torch.Tensor, topk: int, num_warps: int | None = None
+    cand: torch.Tensor, topk: int, num_warps: int | None = None, slice_size: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``."""
     T, G = cand.shape[:2]
     ids = torch.empty(T, G, topk, dtype=torch.int32, device=cand.device)
     scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
     n_cand = cand.shape[2] * cand.shape[3]
-    _merge_candidates_kernel[(T, G)](
+    topk_p = next_pow2(topk)
+    # Slices of at most 256 candidates (a one-warp reduction each), unless that leaves the final
+    # merge with more picks than the slices had.
+    slice_size = next_pow2(slice_size or max(256, topk_p))
+    slices = triton.cdiv(n_cand, slice_size)
+    if slices * topk_p >= n_cand:
+        slice_size, slices = next_pow2(n_cand), 1
+    slices = next_pow2(slices)
+    partial = (
+        torch.empty(T, G, slices * topk_p, dtype=torch.int64, device=cand.device) if slices > 1 else cand
+    )
+    _merge_candidates_kernel[(T, G, slices)](
         cand,
+        partial,
+        tickets(cand.device, T * G) if slices > 1 else ids,
         ids,
         scores,
         n_cand,
         cand.stride(0),
         cand.stride(1),
+        partial.stride(0),
+        partial.stride(1),
         ids.stride(0),
         ids.stride(1),
         scores.stride(0),
         scores.stride(1),
         TOPK=topk,
-        TOPK_P=next_pow2(topk),
-        N_P=next_pow2(n_cand),
-        num_warps=num_warps or (1 if n_cand <= 256 else 4),  # one warp: reductions without barriers
+        TOPK_P=topk_p,
+        SLICE=slice_size,
+        SLICES=slices,
+        num_warps=num_warps or (1 if slice_size <= 256 else 4),  # one warp: reductions without barriers
     )
     return ids, scores
 
@@ -331,6 +397,7 @@ def select_blocks_triton(
     chunk_blocks: int | None = None,
     num_stages: int | None = None,
     step_blocks: int | None = None,
+    merge_slice: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
 
@@ -338,8 +405,8 @@ def select_blocks_triton(
     in index_q's dtype, or float8_e4m3fn, read as fp16 with index_q). Returns (ids ``[T, G, topk]``
     int32 ascending, -1 padded; scores ``[T, G, topk]`` fp32, +inf for the forced local block, -inf
     for padding). ``max_q_len`` saves a host sync; ``block_t`` (query tokens per program),
-    ``chunk_blocks`` (blocks per program), ``step_blocks`` (blocks per load) and ``num_stages``
-    override the heuristics.
+    ``chunk_blocks`` (blocks per program), ``step_blocks`` (blocks per load), ``num_stages`` and
+    ``merge_slice`` (candidates per merge program) override the heuristics.
     """
     name = "select_blocks"
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -377,4 +444,4 @@ def select_blocks_triton(
         num_stages=num_stages,
         step_blocks=step_blocks,
     )
-    return launch_candidate_merge(cand, topk)
+    return launch_candidate_merge(cand, topk, slice_size=merge_slice)

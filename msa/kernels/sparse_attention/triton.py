@@ -15,9 +15,185 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels._launch import check_int32, check_last_dim_contiguous, max_query_len, next_pow2, num_sms
+from msa.kernels._launch import (
+    check_int32,
+    check_last_dim_contiguous,
+    max_query_len,
+    next_pow2,
+    num_sms,
+    tickets,
+)
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _combine_last(
+    ticket_ptr,
+    num_splits,
+    part_out_ptrs,
+    part_lse_ptrs,
+    stride_os,
+    stride_ls,
+    final_out_ptrs,
+    final_lse_ptrs,
+    row_ok,
+    M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    """Called by every split after writing its partial ``(out, lse)`` rows; the last split of the
+    unit to arrive merges all ``num_splits`` partials by log-sum-exp (a split that saw no key has
+    lse -inf and weighs 0), writes the final rows and re-zeroes the unit's ticket."""
+    tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
+    ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+    if ticket == num_splits - 1:
+        m = tl.full([M], float("-inf"), tl.float32)
+        for r in range(num_splits):
+            lse_r = tl.load(
+                part_lse_ptrs + r * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"
+            )
+            m = tl.maximum(m, lse_r)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros([M], tl.float32)
+        merged = tl.zeros([M, HEAD_DIM], tl.float32)
+        for r in range(num_splits):
+            lse_r = tl.load(
+                part_lse_ptrs + r * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"
+            )
+            w = tl.exp(lse_r - m_safe)
+            o_r = tl.load(
+                part_out_ptrs + r * stride_os, mask=row_ok[:, None], other=0.0, cache_modifier=".cg"
+            )
+            merged += w[:, None] * o_r
+            total += w
+        seen = total > 0
+        final = merged / tl.where(seen, total, 1.0)[:, None]
+        final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        tl.store(final_out_ptrs, final.to(final_out_ptrs.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(final_lse_ptrs, final_lse, mask=row_ok)
+        tl.store(ticket_ptr, 0)  # ready for the next launch
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    ids_ptr,
+    out_ptr,
+    lse_ptr,
+    final_out_ptr,
+    final_lse_ptr,
+    tickets_ptr,
+    qk_scale,
+    shard_rank,
+    shard_world,
+    stride_qt,
+    stride_qh,
+    stride_kp,
+    stride_ks,
+    stride_kh,
+    stride_vp,
+    stride_vs,
+    stride_vh,
+    stride_bt,
+    stride_it,
+    stride_ig,
+    stride_os,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lt,
+    stride_fot,
+    stride_foh,
+    stride_flt,
+    HEADS_PER_GROUP: tl.constexpr,
+    ROWS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    TOPK: tl.constexpr,
+    PER_SPLIT: tl.constexpr,
+    IEEE: tl.constexpr,
+    COMBINE: tl.constexpr,
+):
+    """Decode (one query per sequence): program (sequence, group, split) attends over the
+    ``PER_SPLIT`` selected blocks ``split * PER_SPLIT ...``, loading them all at once. No query
+    offsets to read (token = sequence) and no loop: the chain is ids -> pages -> K/V."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    rows = tl.arange(0, ROWS)
+    head = g * HEADS_PER_GROUP + rows
+    row_ok = rows < HEADS_PER_GROUP
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    slot = split * PER_SPLIT + tl.arange(0, PER_SPLIT)
+    blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < TOPK, other=-1)
+    mine = (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
+    page = tl.load(block_table_ptr + b * stride_bt + (blk - shard_rank) // shard_world, mask=mine, other=0)
+    page = page.to(tl.int64)
+    seq_len = tl.load(seq_lens_ptr + b)
+    q = tl.load(
+        q_ptr + b * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
+    )
+    kpos = blk[:, None] * BLOCK_SIZE + offs_s[None, :]  # [PER_SPLIT, BLOCK_SIZE]
+    live = mine[:, None] & (kpos < seq_len)  # the one query sits at seq_len - 1: sees every written key
+    k = tl.load(
+        k_ptr
+        + page[:, None, None] * stride_kp
+        + offs_s[None, :, None] * stride_ks
+        + g * stride_kh
+        + offs_d[None, None, :],
+        mask=live[:, :, None],
+        other=0.0,
+    )
+    v = tl.load(
+        v_ptr
+        + page[:, None, None] * stride_vp
+        + offs_s[None, :, None] * stride_vs
+        + g * stride_vh
+        + offs_d[None, None, :],
+        mask=live[:, :, None],
+        other=0.0,
+    )
+    N: tl.constexpr = PER_SPLIT * BLOCK_SIZE
+    k = tl.reshape(k, [N, HEAD_DIM]).to(q.dtype)
+    v = tl.reshape(v, [N, HEAD_DIM])
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(tl.reshape(live, [N])[None, :], s * qk_scale, float("-inf"))  # log2 units
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = tl.sum(p, 1)
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    o_rows = b * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + split * stride_os + o_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(lse_ptr + split * stride_ls + b * stride_lt + head, lse, mask=row_ok)
+    if COMBINE:
+        _combine_last(
+            tickets_ptr + b * tl.num_programs(1) + g,
+            tl.num_programs(2),
+            out_ptr + o_rows,
+            lse_ptr + b * stride_lt + head,
+            stride_os,
+            stride_ls,
+            final_out_ptr + b * stride_fot + head[:, None] * stride_foh + offs_d[None, :],
+            final_lse_ptr + b * stride_flt + head,
+            row_ok,
+            ROWS,
+            HEAD_DIM,
+        )
 
 
 @triton.jit
@@ -186,67 +362,19 @@ def _paged_attention_kernel(
     if COMBINE:
         # Split-K combine by the last split to finish this (tile, group): no second launch, and
         # the partials it reads were just written, so they come from L2.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(tickets_ptr + pid * tl.num_programs(1) + g, 1, sem="acq_rel")
-        if ticket == num_splits - 1:
-            m = tl.full([M], float("-inf"), tl.float32)
-            for r in range(num_splits):
-                m = tl.maximum(
-                    m,
-                    tl.load(
-                        lse_ptr + r * stride_ls + tok * stride_lt + head,
-                        mask=row_ok,
-                        other=float("-inf"),
-                        cache_modifier=".cg",
-                    ),
-                )
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            total = tl.zeros([M], tl.float32)
-            merged = tl.zeros([M, HEAD_DIM], tl.float32)
-            for r in range(num_splits):
-                lse_r = tl.load(
-                    lse_ptr + r * stride_ls + tok * stride_lt + head,
-                    mask=row_ok,
-                    other=float("-inf"),
-                    cache_modifier=".cg",
-                )
-                w = tl.exp(lse_r - m_safe)  # 0 for a split that saw no key
-                o_r = tl.load(
-                    out_ptr
-                    + r * stride_os
-                    + tok[:, None] * stride_ot
-                    + head[:, None] * stride_oh
-                    + offs_d[None, :],
-                    mask=row_ok[:, None],
-                    other=0.0,
-                    cache_modifier=".cg",
-                )
-                merged += w[:, None] * o_r
-                total += w
-            seen = total > 0
-            final = merged / tl.where(seen, total, 1.0)[:, None]
-            final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
-            tl.store(
-                final_out_ptr + tok[:, None] * stride_fot + head[:, None] * stride_foh + offs_d[None, :],
-                final.to(final_out_ptr.dtype.element_ty),
-                mask=row_ok[:, None],
-            )
-            tl.store(final_lse_ptr + tok * stride_flt + head, final_lse, mask=row_ok)
-            tl.store(tickets_ptr + pid * tl.num_programs(1) + g, 0)  # ready for the next launch
-
-
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (tile, group), that the kernel leaves zeroed again. Kept per
-    device so decode steps reuse them (and CUDA graphs capture no memset); launches sharing them
-    must be ordered on one stream."""
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < n:
-        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _TICKETS[device] = t
-    return t
+        _combine_last(
+            tickets_ptr + pid * tl.num_programs(1) + g,
+            num_splits,
+            out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            lse_ptr + tok * stride_lt + head,
+            stride_os,
+            stride_ls,
+            final_out_ptr + tok[:, None] * stride_fot + head[:, None] * stride_foh + offs_d[None, :],
+            final_lse_ptr + tok * stride_flt + head,
+            row_ok,
+            M,
+            HEAD_DIM,
+        )
 
 
 def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -265,6 +393,97 @@ def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     bs = k_cache.shape[1]
     if bs < 16 or bs & (bs - 1):
         raise ValueError(f"{name}: block size must be a power of two >= 16, got {bs}")
+
+
+def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
+    if block_ids.dtype != torch.int32 or block_ids.stride(-1) != 1:
+        raise ValueError(f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}")
+
+
+def _launch_sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_ids: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    scale: float,
+    shard_rank: int,
+    shard_world: int,
+    num_splits: int | None,
+    name: str,
+    num_warps: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per sequence: split-K over the selected blocks, a few blocks per program."""
+    _check_block_ids(name, block_ids)
+    B, H, D = q.shape
+    H_kv = k_cache.shape[2]
+    topk = block_ids.shape[2]
+    if num_splits is None:
+        # One block per program while the grid stays within a few programs per SM; bigger
+        # batches group blocks so fewer partials are combined.
+        per_split = 1
+        while per_split < topk and B * H_kv * triton.cdiv(topk, per_split) > 4 * num_sms(q.device):
+            per_split *= 2
+    else:
+        per_split = next_pow2(triton.cdiv(topk, max(1, num_splits)))
+    per_split = min(per_split, next_pow2(topk))
+    splits = triton.cdiv(topk, per_split)
+    if splits > 1:
+        part_out = torch.empty(splits, B, H, D, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, B, H, dtype=torch.float32, device=q.device)
+        ticket_buf = tickets(q.device, B * H_kv)
+    else:
+        part_out, part_lse, ticket_buf = out[None], lse[None], lse
+    rows = max(16, next_pow2(H // H_kv))
+    _sparse_decode_kernel[(B, H_kv, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        block_ids,
+        part_out,
+        part_lse,
+        out,
+        lse,
+        ticket_buf,
+        scale * _LOG2E,
+        shard_rank,
+        shard_world,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_table.stride(0),
+        block_ids.stride(0),
+        block_ids.stride(1),
+        part_out.stride(0),
+        part_out.stride(1),
+        part_out.stride(2),
+        part_lse.stride(0),
+        part_lse.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        HEADS_PER_GROUP=H // H_kv,
+        ROWS=rows,
+        HEAD_DIM=D,
+        BLOCK_SIZE=k_cache.shape[1],
+        TOPK=topk,
+        PER_SPLIT=per_split,
+        IEEE=q.dtype == torch.float32,
+        COMBINE=splits > 1,
+        num_warps=num_warps or (4 if per_split * rows <= 32 else 8),
+    )
+    return out, lse
 
 
 def launch_paged_attention(
@@ -302,6 +521,12 @@ def launch_paged_attention(
         return out, lse
     heads_p = next_pow2(group)
     sparse = block_ids is not None
+    if sparse and longest == 1 and T == B and block_t is None:
+        return _launch_sparse_decode(
+            q, k_cache, v_cache, block_table, seq_lens, block_ids, out, lse,
+            scale=scale, shard_rank=shard_rank, shard_world=shard_world, num_splits=num_splits,
+            name=name, num_warps=num_warps,
+        )  # fmt: skip
     if block_t is None:
         # Dense: tiles of up to 128 rows. Sparse: one token's heads (16 rows for M3): the union of
         # several tokens' selections grows with the tokens, and the masked work costs more than
@@ -311,10 +536,7 @@ def launch_paged_attention(
     block_t = max(block_t, triton.cdiv(16, heads_p))  # tl.dot needs M >= 16
     tiles = triton.cdiv(longest, block_t)
     if sparse:
-        if block_ids.dtype != torch.int32 or block_ids.stride(-1) != 1:
-            raise ValueError(
-                f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}"
-            )
+        _check_block_ids(name, block_ids)
         topk = block_ids.shape[2]
         ids_arg, stride_it, stride_ig = block_ids, block_ids.stride(0), block_ids.stride(1)
         work = block_t * topk  # most blocks one tile can visit
@@ -332,7 +554,7 @@ def launch_paged_attention(
     else:
         part_out, part_lse = out[None], lse[None]
     grid = (B * tiles, H_kv, num_splits)
-    tickets = _tickets(q.device, B * tiles * H_kv) if num_splits > 1 else lse
+    ticket_buf = tickets(q.device, B * tiles * H_kv) if num_splits > 1 else lse
     _paged_attention_kernel[grid](
         q,
         k_cache,
@@ -345,7 +567,7 @@ def launch_paged_attention(
         part_lse,
         out,
         lse,
-        tickets,
+        ticket_buf,
         scale * _LOG2E,
         shard_rank,
         shard_world,
