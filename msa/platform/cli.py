@@ -28,21 +28,29 @@ def _device_and_dtype(args: argparse.Namespace):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=DTYPES, default=None,
-                        help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)")
-    parser.add_argument("--device", default=None,
-                        help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)",
+    )
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
 # msa generate ------------------------------------------------------------------------------------
 
+
 def _add_generate(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("generate", help="continue a prompt, streaming the text to stdout",
-                              description="Load a model (checkpoint directory or preset with random weights) "
-                                          "and stream a sampled continuation of the prompt.")
+    p = subparsers.add_parser(
+        "generate",
+        help="continue a prompt, streaming the text to stdout",
+        description="Load a model (checkpoint directory or preset with random weights) "
+        "and stream a sampled continuation of the prompt.",
+    )
     p.add_argument("--prompt", required=True, help="text to continue (a bos token is put before it)")
-    p.add_argument("--model", default="tiny",
-                   help=f"checkpoint directory or preset {sorted(PRESETS)} (default: tiny)")
+    p.add_argument(
+        "--model", default="tiny", help=f"checkpoint directory or preset {sorted(PRESETS)} (default: tiny)"
+    )
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
@@ -69,8 +77,15 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"the prompt encodes to ids outside the model's vocabulary of {config.vocab_size}")
     stop_ids = list(dict.fromkeys([*tokenizer.eos_token_ids, *config.eos_token_ids]))
     stream = tokenizer.stream_decoder()
-    tokens = generate_stream(model, prompt_ids, max_tokens=args.max_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed, stop_token_ids=stop_ids)
+    tokens = generate_stream(
+        model,
+        prompt_ids,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=stop_ids,
+    )
     for token in tokens:
         sys.stdout.write(stream.feed(token))
         sys.stdout.flush()
@@ -81,18 +96,27 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 # msa save-preset ---------------------------------------------------------------------------------
 
+
 def _add_save_preset(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("save-preset", help="write a preset with random weights as a checkpoint",
-                              description="Write config.json, safetensors weights (seeded random init) "
-                                          "and the byte-level default tokenizer, for tests and benchmarks.")
+    p = subparsers.add_parser(
+        "save-preset",
+        help="write a preset with random weights as a checkpoint",
+        description="Write config.json, safetensors weights (seeded random init) "
+        "and the byte-level default tokenizer, for tests and benchmarks.",
+    )
     p.add_argument("name", choices=sorted(PRESETS), help="preset to build")
     p.add_argument("directory", type=Path, help="where to write the checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
-    p.add_argument("--layout", choices=("flat", "vl"), default="flat",
-                   help="tensor names and config.json of the text-only (flat) or vision-language release")
+    p.add_argument(
+        "--layout",
+        choices=("flat", "vl"),
+        default="flat",
+        help="tensor names and config.json of the text-only (flat) or vision-language release",
+    )
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default: bfloat16)")
-    p.add_argument("--max-shard-bytes", type=int, default=5 * 2**30,
-                   help="largest safetensors file (default: 5 GiB)")
+    p.add_argument(
+        "--max-shard-bytes", type=int, default=5 * 2**30, help="largest safetensors file (default: 5 GiB)"
+    )
     p.set_defaults(run=_run_save_preset)
 
 

@@ -17,8 +17,16 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
 
-SPECIAL_TOKENS = ("<bos>", "<eos>", "<|im_start|>", "<|im_end|>",
-                  "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+SPECIAL_TOKENS = (
+    "<bos>",
+    "<eos>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<tool_response>",
+    "</tool_response>",
+)
 
 # ChatML turns: "<|im_start|>{role}\n{content}<|im_end|>\n". Tools are listed as JSON in the system
 # turn; an assistant's tool calls follow its content, each as
@@ -64,8 +72,11 @@ DEFAULT_CHAT_TEMPLATE = r"""
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable stand-in character for each byte: the alphabet of the ByteLevel pre-tokenizer."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)}
+    printable = {
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    }
     mapping, shifted = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -101,8 +112,15 @@ def _token_text(entry: Any) -> str | None:
 class Tokenizer:
     """Text <-> token ids, chat rendering and stop tokens of one model."""
 
-    def __init__(self, tokenizer: _HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 stop_token_ids: Sequence[int] = (), chat_template: str | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: _HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        stop_token_ids: Sequence[int] = (),
+        chat_template: str | None = None,
+    ) -> None:
         self._tok = tokenizer
         self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
         self.bos_token_id = self._id_of(bos_token)
@@ -126,8 +144,13 @@ class Tokenizer:
         tok.decoder = decoders.ByteLevel()
         tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
         im_end = tok.token_to_id("<|im_end|>")
-        return cls(tok, bos_token="<bos>", eos_token="<eos>", stop_token_ids=[im_end],
-                   chat_template=DEFAULT_CHAT_TEMPLATE)
+        return cls(
+            tok,
+            bos_token="<bos>",
+            eos_token="<eos>",
+            stop_token_ids=[im_end],
+            chat_template=DEFAULT_CHAT_TEMPLATE,
+        )
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer:
@@ -143,17 +166,25 @@ class Tokenizer:
         generation = json.loads(generation_path.read_text()) if generation_path.exists() else {}
         stops = generation.get("eos_token_id")
         stops = [stops] if isinstance(stops, int) else list(stops or [])
-        return cls(tok, bos_token=_token_text(config.get("bos_token")),
-                   eos_token=_token_text(config.get("eos_token")), stop_token_ids=stops,
-                   chat_template=config.get("chat_template"))
+        return cls(
+            tok,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            stop_token_ids=stops,
+            chat_template=config.get("chat_template"),
+        )
 
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json``, ``tokenizer_config.json`` and ``generation_config.json`` (stop ids)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(directory / "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.bos_token,
-                  "eos_token": self.eos_token, "chat_template": self.chat_template}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "chat_template": self.chat_template,
+        }
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
         generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
@@ -176,14 +207,24 @@ class Tokenizer:
         """Text of ``ids``; bytes that do not complete a UTF-8 character decode to U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-                            add_generation_prompt: bool = True, **extra: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **extra: Any,
+    ) -> str:
         """Render OpenAI-style ``messages`` (and ``tools``) to the prompt text the model was trained on."""
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat_template")
         return _compile_template(self.chat_template).render(
-            messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **extra)
+            messages=messages,
+            tools=tools,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **extra,
+        )
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
@@ -203,8 +244,8 @@ class StreamDecoder:
         self._read = 0  # ids before this are already printed
 
     def _pending(self) -> tuple[str, str]:
-        printed = self._tokenizer.decode(self._ids[self._prefix:self._read], self._skip)
-        return printed, self._tokenizer.decode(self._ids[self._prefix:], self._skip)
+        printed = self._tokenizer.decode(self._ids[self._prefix : self._read], self._skip)
+        return printed, self._tokenizer.decode(self._ids[self._prefix :], self._skip)
 
     def feed(self, ids: int | Iterable[int]) -> str:
         """Add one id or several; return the text that became printable (may be empty)."""
@@ -213,10 +254,10 @@ class StreamDecoder:
         if len(full) <= len(printed) or full.endswith("\ufffd"):
             return ""
         self._prefix, self._read = self._read, len(self._ids)
-        return full[len(printed):]
+        return full[len(printed) :]
 
     def flush(self) -> str:
         """The text still held back (an incomplete character shows as U+FFFD); call once at the end."""
         printed, full = self._pending()
         self._prefix = self._read = len(self._ids)
-        return full[len(printed):]
+        return full[len(printed) :]

@@ -84,8 +84,9 @@ def create_app(server: OpenAIServer, *, owns_engine: bool = False) -> FastAPI:
         if owns_engine:
             await server.engine.shutdown()
 
-    app = FastAPI(title="msa: MiniMax-M3 OpenAI-compatible API", docs_url=None, redoc_url=None,
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="msa: MiniMax-M3 OpenAI-compatible API", docs_url=None, redoc_url=None, lifespan=lifespan
+    )
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(GatewayMiddleware, server=server)

@@ -39,10 +39,21 @@ class OpenAIDeployment:
         await self.engine.start()
         # Deployed from a manifest, the key comes from the node's environment (a Kubernetes Secret).
         api_key = config.api_key or os.environ.get(API_KEY_ENV) or None
-        self.server = OpenAIServer(self.engine, self.engine.tokenizer, model_name=config.model_name,
-                                   api_key=api_key, health_timeout_s=engine_config.health_timeout_s)
-        log.info("serving %s as '%s' (tp=%d, sp=%d, %s)", config.model, config.model_name, config.tp,
-                 config.sp, engine_config.device)
+        self.server = OpenAIServer(
+            self.engine,
+            self.engine.tokenizer,
+            model_name=config.model_name,
+            api_key=api_key,
+            health_timeout_s=engine_config.health_timeout_s,
+        )
+        log.info(
+            "serving %s as '%s' (tp=%d, sp=%d, %s)",
+            config.model,
+            config.model_name,
+            config.tp,
+            config.sp,
+            engine_config.device,
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.server, owns_engine=True)
@@ -62,7 +73,13 @@ def build_app(args: dict[str, Any]) -> Application:
         log.warning("Ray is not initialized yet; device defaults to cpu unless 'device' is given")
     config = config.resolved(cluster_gpus)
     deployment = serve.deployment(
-        OpenAIDeployment, name=DEPLOYMENT_NAME, num_replicas=config.num_replicas,
-        max_ongoing_requests=config.max_ongoing_requests, ray_actor_options=config.replica_actor_options(),
-        health_check_period_s=10, health_check_timeout_s=30, graceful_shutdown_timeout_s=20)
+        OpenAIDeployment,
+        name=DEPLOYMENT_NAME,
+        num_replicas=config.num_replicas,
+        max_ongoing_requests=config.max_ongoing_requests,
+        ray_actor_options=config.replica_actor_options(),
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=20,
+    )
     return deployment.bind(config)

@@ -32,8 +32,9 @@ def render_prompt(server: OpenAIServer, req: ChatCompletionRequest) -> tuple[lis
     try:
         text = server.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     except (jinja2.TemplateError, ValueError) as e:
-        raise OpenAIError(400, f"the messages do not fit the model's chat template: {e}",
-                          param="messages") from e
+        raise OpenAIError(
+            400, f"the messages do not fit the model's chat template: {e}", param="messages"
+        ) from e
     prefill = tool_call_prefill(tool_choice) if use_tools else ""
     return server.tokenizer.encode(text + prefill), prefill
 
@@ -41,8 +42,9 @@ def render_prompt(server: OpenAIServer, req: ChatCompletionRequest) -> tuple[lis
 class ChatChoice:
     """One choice as it streams: content, parsed tool calls, logprobs and token count."""
 
-    def __init__(self, server: OpenAIServer, index: int, *, parse_tools: bool, prefill: str,
-                 top_logprobs: int | None) -> None:
+    def __init__(
+        self, server: OpenAIServer, index: int, *, parse_tools: bool, prefill: str, top_logprobs: int | None
+    ) -> None:
         self.server, self.index, self.top_logprobs = server, index, top_logprobs
         self.parser = ToolCallParser() if parse_tools else None
         if self.parser is not None and prefill:
@@ -84,52 +86,95 @@ class ChatChoice:
         return message
 
 
-async def create_chat_completion(server: OpenAIServer, req: ChatCompletionRequest,
-                                 arrival: float) -> JSONResponse | StreamingResponse:
+async def create_chat_completion(
+    server: OpenAIServer, req: ChatCompletionRequest, arrival: float
+) -> JSONResponse | StreamingResponse:
     server.check_model(req.model)
     prompt_ids, prefill = render_prompt(server, req)
     params = server.sampling_params(
         max_tokens=server.completion_budget(len(prompt_ids), req.completion_limit, "messages"),
-        temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k), seed=req.seed, n=req.n,
-        stop=req.stop, ignore_eos=req.ignore_eos, logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=max(0, req.top_k),
+        seed=req.seed,
+        n=req.n,
+        stop=req.stop,
+        ignore_eos=req.ignore_eos,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+    )
     timer = server.metrics.track(arrival, "chat")
     stream = await server.open_stream(prompt_ids, params, timer, "messages")
     parse_tools = bool(req.tools) and req.effective_tool_choice != "none"
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    choices = [ChatChoice(server, i, parse_tools=parse_tools, prefill=prefill, top_logprobs=top_logprobs)
-               for i in range(req.n)]
+    choices = [
+        ChatChoice(server, i, parse_tools=parse_tools, prefill=prefill, top_logprobs=top_logprobs)
+        for i in range(req.n)
+    ]
     response_id = new_id("chatcmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _chunks(server, stream, choices, response_id, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     try:
         async for out in stream:
             choices[out.index].step(out)
     finally:
         await stream.close()
     completion_tokens = sum(c.num_tokens for c in choices)
-    return JSONResponse({
-        "id": response_id, "object": "chat.completion", "created": now(), "model": server.model_name,
-        "choices": [{"index": c.index, "message": c.message(), "finish_reason": c.finish_reason,
-                     "logprobs": {"content": c.logprobs} if c.top_logprobs is not None else None}
-                    for c in choices],
-        "usage": {"prompt_tokens": stream.num_prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": stream.num_prompt_tokens + completion_tokens},
-    })
+    return JSONResponse(
+        {
+            "id": response_id,
+            "object": "chat.completion",
+            "created": now(),
+            "model": server.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": c.message(),
+                    "finish_reason": c.finish_reason,
+                    "logprobs": {"content": c.logprobs} if c.top_logprobs is not None else None,
+                }
+                for c in choices
+            ],
+            "usage": {
+                "prompt_tokens": stream.num_prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": stream.num_prompt_tokens + completion_tokens,
+            },
+        }
+    )
 
 
-async def _chunks(server: OpenAIServer, stream: GenerationStream, choices: list[ChatChoice],
-                  response_id: str, include_usage: bool) -> AsyncIterator[str]:
+async def _chunks(
+    server: OpenAIServer,
+    stream: GenerationStream,
+    choices: list[ChatChoice],
+    response_id: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     created = now()
 
-    def chunk(index: int, delta: dict, *, logprobs: list[dict] | None = None,
-              finish: str | None = None) -> str:
-        body = {"id": response_id, "object": "chat.completion.chunk", "created": created,
-                "model": server.model_name,
-                "choices": [{"index": index, "delta": delta, "finish_reason": finish,
-                             "logprobs": {"content": logprobs} if logprobs is not None else None}]}
+    def chunk(
+        index: int, delta: dict, *, logprobs: list[dict] | None = None, finish: str | None = None
+    ) -> str:
+        body = {
+            "id": response_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": server.model_name,
+            "choices": [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "finish_reason": finish,
+                    "logprobs": {"content": logprobs} if logprobs is not None else None,
+                }
+            ],
+        }
         if include_usage:
             body["usage"] = None
         return sse(body)
@@ -150,10 +195,21 @@ async def _chunks(server: OpenAIServer, stream: GenerationStream, choices: list[
                 yield chunk(choice.index, {}, finish=choice.finish_reason)
         if include_usage:
             completion_tokens = sum(c.num_tokens for c in choices)
-            usage = {"prompt_tokens": stream.num_prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": stream.num_prompt_tokens + completion_tokens}
-            yield sse({"id": response_id, "object": "chat.completion.chunk", "created": created,
-                       "model": server.model_name, "choices": [], "usage": usage})
+            usage = {
+                "prompt_tokens": stream.num_prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": stream.num_prompt_tokens + completion_tokens,
+            }
+            yield sse(
+                {
+                    "id": response_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": server.model_name,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
     except OpenAIError as e:
         yield sse(e.body())
     finally:

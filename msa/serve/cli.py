@@ -18,38 +18,74 @@ APP_NAME = "msa"
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` to the ``msa`` subcommands; its ``run`` default blocks until Ctrl-C."""
     p = subparsers.add_parser(
-        "serve", help="serve a model over an OpenAI-compatible HTTP API (Ray Serve)",
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API (Ray Serve)",
         description="Start a local Ray instance (or join the cluster at RAY_ADDRESS) and serve the model at "
-                    "http://HOST:PORT/v1 (chat/completions, completions, models), with /health and /metrics.")
-    p.add_argument("--model", default="tiny",
-                   help=f"checkpoint directory or preset {sorted(PRESETS)} (default: tiny, random weights)")
+        "http://HOST:PORT/v1 (chat/completions, completions, models), with /health and /metrics.",
+    )
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help=f"checkpoint directory or preset {sorted(PRESETS)} (default: tiny, random weights)",
+    )
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel shards per replica (default: 1)")
     p.add_argument("--sp", type=int, default=1, help="sequence-sharded KV ranks per replica (default: 1)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
-    p.add_argument("--api-key", default=os.environ.get("MSA_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on /v1 (default: $MSA_API_KEY, else none)")
-    p.add_argument("--served-model-name", default=None,
-                   help="the name clients send as 'model' (default: the preset or directory name)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("MSA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $MSA_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients send as 'model' (default: the preset or directory name)",
+    )
     p.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default: 1)")
-    p.add_argument("--max-waiting", type=int, default=1024,
-                   help="queued sequences per replica before requests get 429 (default: 1024)")
+    p.add_argument(
+        "--max-waiting",
+        type=int,
+        default=1024,
+        help="queued sequences per replica before requests get 429 (default: 1024)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step (default: 64)")
-    p.add_argument("--num-pages", type=int, default=None,
-                   help="KV pages per shard (default: sized from GPU memory; 1024 on the CPU)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda when the cluster has GPUs, else cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: bfloat16 on GPUs, float32 on the CPU")
+    p.add_argument(
+        "--num-pages",
+        type=int,
+        default=None,
+        help="KV pages per shard (default: sized from GPU memory; 1024 on the CPU)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when the cluster has GPUs, else cpu",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="default: bfloat16 on GPUs, float32 on the CPU",
+    )
     p.set_defaults(run=run_serve)
 
 
 def app_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``build_app`` arguments (``ServeConfig`` fields) given by the flags; unset ones are left out."""
-    values = {"model": args.model, "tp": args.tp, "sp": args.sp, "api_key": args.api_key,
-              "served_model_name": args.served_model_name, "num_replicas": args.num_replicas,
-              "max_waiting": args.max_waiting, "max_num_seqs": args.max_num_seqs, "num_pages": args.num_pages,
-              "device": args.device, "dtype": args.dtype}
+    values = {
+        "model": args.model,
+        "tp": args.tp,
+        "sp": args.sp,
+        "api_key": args.api_key,
+        "served_model_name": args.served_model_name,
+        "num_replicas": args.num_replicas,
+        "max_waiting": args.max_waiting,
+        "max_num_seqs": args.max_num_seqs,
+        "num_pages": args.num_pages,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
     return {name: value for name, value in values.items() if value is not None}
 
 

@@ -31,24 +31,39 @@ def _prompt_ids(server: OpenAIServer, prompt: str | list[int], position: int) ->
     vocab = server.tokenizer.vocab_size
     bad = next((t for t in prompt if t >= vocab), None)
     if bad is not None:
-        raise OpenAIError(400, f"prompt {position} holds token id {bad}, outside the vocabulary [0, {vocab})",
-                          param="prompt", code="invalid_value")
+        raise OpenAIError(
+            400,
+            f"prompt {position} holds token id {bad}, outside the vocabulary [0, {vocab})",
+            param="prompt",
+            code="invalid_value",
+        )
     return list(prompt)
 
 
-async def create_completion(server: OpenAIServer, req: CompletionRequest,
-                            arrival: float) -> JSONResponse | StreamingResponse:
+async def create_completion(
+    server: OpenAIServer, req: CompletionRequest, arrival: float
+) -> JSONResponse | StreamingResponse:
     server.check_model(req.model)
     prompts = req.prompts()
     if len(prompts) > MAX_PROMPTS:
-        raise OpenAIError(400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}",
-                          param="prompt")
+        raise OpenAIError(
+            400, f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}", param="prompt"
+        )
     prompt_ids = [_prompt_ids(server, p, i) for i, p in enumerate(prompts)]
-    params = [server.sampling_params(
-        max_tokens=server.completion_budget(len(ids), req.max_tokens, "prompt"),
-        temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k), seed=req.seed, n=req.n,
-        stop=req.stop, ignore_eos=req.ignore_eos, logprobs=req.logprobs)
-        for ids in prompt_ids]
+    params = [
+        server.sampling_params(
+            max_tokens=server.completion_budget(len(ids), req.max_tokens, "prompt"),
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=max(0, req.top_k),
+            seed=req.seed,
+            n=req.n,
+            stop=req.stop,
+            ignore_eos=req.ignore_eos,
+            logprobs=req.logprobs,
+        )
+        for ids in prompt_ids
+    ]
     streams: list[GenerationStream] = []
     try:
         for ids, p in zip(prompt_ids, params, strict=True):
@@ -63,20 +78,33 @@ async def create_completion(server: OpenAIServer, req: CompletionRequest,
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         events = _chunks(server, streams, choices, req.n, response_id, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
     try:
         async for position, out in merge_streams(streams):
             _step(server, choices[position * req.n + out.index], out)
     finally:
         for stream in streams:
             await stream.close()
-    return JSONResponse({
-        "id": response_id, "object": "text_completion", "created": now(), "model": server.model_name,
-        "choices": [{"index": c.index, "text": "".join(c.text), "finish_reason": c.finish_reason,
-                     "logprobs": c.logprobs.as_dict() if c.logprobs else None} for c in choices],
-        "usage": _usage(streams, choices),
-    })
+    return JSONResponse(
+        {
+            "id": response_id,
+            "object": "text_completion",
+            "created": now(),
+            "model": server.model_name,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": "".join(c.text),
+                    "finish_reason": c.finish_reason,
+                    "logprobs": c.logprobs.as_dict() if c.logprobs else None,
+                }
+                for c in choices
+            ],
+            "usage": _usage(streams, choices),
+        }
+    )
 
 
 def _step(server: OpenAIServer, choice: TextChoice, out) -> dict | None:
@@ -93,13 +121,24 @@ def _usage(streams: list[GenerationStream], choices: list[TextChoice]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _chunks(server: OpenAIServer, streams: list[GenerationStream], choices: list[TextChoice], n: int,
-                  response_id: str, include_usage: bool) -> AsyncIterator[str]:
+async def _chunks(
+    server: OpenAIServer,
+    streams: list[GenerationStream],
+    choices: list[TextChoice],
+    n: int,
+    response_id: str,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     created = now()
 
     def chunk(choice_body: dict) -> str:
-        body = {"id": response_id, "object": "text_completion", "created": created,
-                "model": server.model_name, "choices": [choice_body]}
+        body = {
+            "id": response_id,
+            "object": "text_completion",
+            "created": created,
+            "model": server.model_name,
+            "choices": [choice_body],
+        }
         if include_usage:
             body["usage"] = None
         return sse(body)
@@ -109,11 +148,25 @@ async def _chunks(server: OpenAIServer, streams: list[GenerationStream], choices
             choice = choices[position * n + out.index]
             logprobs = _step(server, choice, out)
             if out.text or logprobs or out.finish_reason is not None:
-                yield chunk({"index": choice.index, "text": out.text, "logprobs": logprobs,
-                             "finish_reason": out.finish_reason})
+                yield chunk(
+                    {
+                        "index": choice.index,
+                        "text": out.text,
+                        "logprobs": logprobs,
+                        "finish_reason": out.finish_reason,
+                    }
+                )
         if include_usage:
-            yield sse({"id": response_id, "object": "text_completion", "created": created,
-                       "model": server.model_name, "choices": [], "usage": _usage(streams, choices)})
+            yield sse(
+                {
+                    "id": response_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": server.model_name,
+                    "choices": [],
+                    "usage": _usage(streams, choices),
+                }
+            )
     except OpenAIError as e:
         yield sse(e.body())
     finally:

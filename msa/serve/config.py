@@ -44,19 +44,25 @@ class ServeConfig:
         # A checkpoint directory may exist only on the GPU nodes, so a path is not required to exist here.
         path_like = Path(self.model).is_dir() or "/" in self.model
         presets = ", ".join(sorted(PRESETS))
-        _check(self.model in PRESETS or path_like, "model", f"a preset ({presets}) or a checkpoint directory",
-               self.model)
+        _check(
+            self.model in PRESETS or path_like,
+            "model",
+            f"a preset ({presets}) or a checkpoint directory",
+            self.model,
+        )
         for name in ("tp", "sp", "max_waiting", "max_num_seqs", "num_replicas", "max_ongoing_requests"):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         _check(self.device in (None, "cpu", "cuda"), "device", "'cpu', 'cuda' or unset", self.device)
-        _check(self.api_key is None or bool(self.api_key), "api_key", "a non-empty string or unset",
-               self.api_key)
+        _check(
+            self.api_key is None or bool(self.api_key), "api_key", "a non-empty string or unset", self.api_key
+        )
         _check(self.replica_num_cpus >= 0, "replica_num_cpus", ">= 0", self.replica_num_cpus)
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(self.engine) - known)
-        _check(not unknown, "engine", f"a mapping of EngineConfig fields ({', '.join(sorted(known))})",
-               unknown)
+        _check(
+            not unknown, "engine", f"a mapping of EngineConfig fields ({', '.join(sorted(known))})", unknown
+        )
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeConfig:
@@ -80,10 +86,15 @@ class ServeConfig:
     def engine_config(self) -> EngineConfig:
         device = self.device or "cpu"
         fields: dict[str, Any] = {
-            "model": self.model, "tp": self.tp, "sp": self.sp, "device": device,
+            "model": self.model,
+            "tp": self.tp,
+            "sp": self.sp,
+            "device": device,
             "dtype": self.dtype or ("bfloat16" if device == "cuda" else "float32"),
-            "max_num_seqs": self.max_num_seqs, "max_waiting": self.max_waiting,
-            "max_num_batched_tokens": max(2048, self.max_num_seqs), "num_pages": self.num_pages,
+            "max_num_seqs": self.max_num_seqs,
+            "max_waiting": self.max_waiting,
+            "max_num_batched_tokens": max(2048, self.max_num_seqs),
+            "num_pages": self.num_pages,
         }
         fields.update(self.engine)
         unsized = fields.get("num_pages") is None and fields.get("kv_cache_memory_bytes") is None

@@ -25,16 +25,29 @@ from msa.cluster.protocol import (
 
 logger = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 429: "rate_limit_error", 500: "internal_error",
-          503: "service_unavailable"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable",
+}
 
 
 class OpenAIError(Exception):
     """An error to answer with an OpenAI error body and ``status``."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
@@ -59,8 +72,12 @@ def from_engine_error(exc: Exception, prompt_field: str) -> OpenAIError:
         return OpenAIError(400, str(exc), code="invalid_value")
     if isinstance(exc, EngineOverloadedError):
         retry = str(max(1, math.ceil(exc.retry_after)))
-        return OpenAIError(429, f"the server is overloaded: {exc}; retry after {retry} s",
-                           code="queue_full", headers={"Retry-After": retry})
+        return OpenAIError(
+            429,
+            f"the server is overloaded: {exc}; retry after {retry} s",
+            code="queue_full",
+            headers={"Retry-After": retry},
+        )
     if isinstance(exc, EngineDeadError):
         return OpenAIError(503, f"the engine is not running: {exc}", code="engine_dead")
     logger.exception("unexpected error while generating", exc_info=exc)

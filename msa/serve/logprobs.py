@@ -27,10 +27,18 @@ def chat_entries(out: TokenOutput, top_n: int, token_text: TokenText) -> list[di
     entries = []
     for i, token in enumerate(out.token_ids):
         text = token_text(token)
-        alternatives = [{"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
-                        for t, lp in _top(out, i, top_n)]
-        entries.append({"token": text, "logprob": out.logprobs[i], "bytes": list(text.encode()),
-                        "top_logprobs": alternatives})
+        alternatives = [
+            {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
+            for t, lp in _top(out, i, top_n)
+        ]
+        entries.append(
+            {
+                "token": text,
+                "logprob": out.logprobs[i],
+                "bytes": list(text.encode()),
+                "top_logprobs": alternatives,
+            }
+        )
     return entries
 
 
@@ -58,5 +66,9 @@ class LegacyLogprobs:
         return self.as_dict(start)
 
     def as_dict(self, start: int = 0) -> dict:
-        return {"tokens": self.tokens[start:], "token_logprobs": self.token_logprobs[start:],
-                "top_logprobs": self.top_logprobs[start:], "text_offset": self.text_offset[start:]}
+        return {
+            "tokens": self.tokens[start:],
+            "token_logprobs": self.token_logprobs[start:],
+            "top_logprobs": self.top_logprobs[start:],
+            "text_offset": self.text_offset[start:],
+        }

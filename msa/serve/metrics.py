@@ -17,8 +17,30 @@ from prometheus_client.registry import Collector
 from msa.cluster.protocol import EngineStats
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
-                    1.0, 1.5, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    1.5,
+    2.5,
+    5.0,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 _REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 
 
@@ -31,10 +53,12 @@ class EngineStatsCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self._stats()
         labels = [self._model]
-        for name, value, doc in (("msa_requests_running", s.running, "Sequences being generated."),
-                                 ("msa_requests_waiting", s.waiting, "Sequences waiting to be scheduled."),
-                                 ("msa_engine_healthy", int(s.healthy), "1 while every shard answers."),
-                                 ("msa_weight_version", s.weight_version, "Version of the served weights.")):
+        for name, value, doc in (
+            ("msa_requests_running", s.running, "Sequences being generated."),
+            ("msa_requests_waiting", s.waiting, "Sequences waiting to be scheduled."),
+            ("msa_engine_healthy", int(s.healthy), "1 while every shard answers."),
+            ("msa_weight_version", s.weight_version, "Version of the served weights."),
+        ):
             gauge = GaugeMetricFamily(name, doc, labels=["model"])
             gauge.add_metric(labels, value)
             yield gauge
@@ -46,8 +70,11 @@ class EngineStatsCollector(Collector):
             total.add_metric([self._model, str(shard)], t)
         yield used
         yield total
-        rejected = CounterMetricFamily("msa_engine_rejected", "Requests the engine refused because its "
-                                       "waiting queue was full.", labels=["model"])
+        rejected = CounterMetricFamily(
+            "msa_engine_rejected",
+            "Requests the engine refused because its waiting queue was full.",
+            labels=["model"],
+        )
         rejected.add_metric(labels, s.rejected)
         yield rejected
 
@@ -63,24 +90,44 @@ class ServeMetrics:
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
             return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
 
-        self.ttft = histogram("msa_time_to_first_token_seconds",
-                              "From the request's arrival to its first generated token.", _LATENCY_BUCKETS)
-        self.itl = histogram("msa_inter_token_latency_seconds",
-                             "Between consecutive tokens of one choice.", _LATENCY_BUCKETS)
-        self.e2e = histogram("msa_e2e_request_latency_seconds",
-                             "From the request's arrival to its last token.", _REQUEST_BUCKETS)
-        self.queue = histogram("msa_request_queue_time_seconds",
-                               "From the request's arrival until it is handed to the engine (prompt "
-                               "rendering, tokenization, waiting for the replica's event loop); the "
-                               "engine's own queue is msa_requests_waiting.", _LATENCY_BUCKETS)
-        self.requests = Counter("msa_requests", "Finished requests by endpoint and finish reason.",
-                                ["model", "endpoint", "finish_reason"], registry=self.registry)
-        self.rejected = Counter("msa_rejected_requests", "Requests answered with an error, by HTTP status.",
-                                ["model", "status"], registry=self.registry)
-        self.prompt_tokens = Counter("msa_prompt_tokens", "Prompt tokens of admitted requests.", ["model"],
-                                     registry=self.registry)
-        self.generation_tokens = Counter("msa_generation_tokens", "Generated tokens.", ["model"],
-                                         registry=self.registry)
+        self.ttft = histogram(
+            "msa_time_to_first_token_seconds",
+            "From the request's arrival to its first generated token.",
+            _LATENCY_BUCKETS,
+        )
+        self.itl = histogram(
+            "msa_inter_token_latency_seconds", "Between consecutive tokens of one choice.", _LATENCY_BUCKETS
+        )
+        self.e2e = histogram(
+            "msa_e2e_request_latency_seconds",
+            "From the request's arrival to its last token.",
+            _REQUEST_BUCKETS,
+        )
+        self.queue = histogram(
+            "msa_request_queue_time_seconds",
+            "From the request's arrival until it is handed to the engine (prompt "
+            "rendering, tokenization, waiting for the replica's event loop); the "
+            "engine's own queue is msa_requests_waiting.",
+            _LATENCY_BUCKETS,
+        )
+        self.requests = Counter(
+            "msa_requests",
+            "Finished requests by endpoint and finish reason.",
+            ["model", "endpoint", "finish_reason"],
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "msa_rejected_requests",
+            "Requests answered with an error, by HTTP status.",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "msa_prompt_tokens", "Prompt tokens of admitted requests.", ["model"], registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "msa_generation_tokens", "Generated tokens.", ["model"], registry=self.registry
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -60,6 +60,7 @@ class SamplingFields(_Request):
 
 # Chat requests -----------------------------------------------------------------------------------
 
+
 class TextPart(_Request):
     type: Literal["text"]
     text: str
@@ -133,8 +134,10 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError("top_logprobs requires logprobs to be true")
         names = [tool.function.name for tool in self.tools or []]
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, "
-                             f"which is not among the tools {names}")
+            raise ValueError(
+                f"tool_choice names function {self.tool_choice.function.name!r}, "
+                f"which is not among the tools {names}"
+            )
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs at least one tool")
         return self
@@ -152,6 +155,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 # Completion requests -----------------------------------------------------------------------------
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -187,6 +191,7 @@ class CompletionRequest(SamplingFields):
 
 
 # Responses ---------------------------------------------------------------------------------------
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"

@@ -22,8 +22,15 @@ from msa.serve.tools import special_marker_ids
 class OpenAIServer:
     """Serves ``engine`` (already started) under ``model_name``; ``api_key`` None means no auth."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, *, model_name: str, api_key: str | None = None,
-                 health_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        *,
+        model_name: str,
+        api_key: str | None = None,
+        health_timeout_s: float = 30.0,
+    ) -> None:
         self.engine = engine
         if not tokenizer.chat_template:
             # A checkpoint without a chat template gets the documented default (ChatML + <tool_call>).
@@ -44,21 +51,30 @@ class OpenAIServer:
         scheme, _, token = (authorization or "").partition(" ")
         matches = hmac.compare_digest(token.strip().encode(), self.api_key.encode())
         if scheme.lower() != "bearer" or not matches:
-            raise OpenAIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              code="invalid_api_key")
+            raise OpenAIError(
+                401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            )
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
-            raise OpenAIError(404, f"the model '{model}' does not exist; this server serves "
-                              f"'{self.model_name}'", param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"the model '{model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def completion_budget(self, num_prompt_tokens: int, requested: int | None, prompt_field: str) -> int:
         """max_tokens for the engine: the request's, or all the context the prompt leaves."""
         limit = self.engine.max_context_length
         if num_prompt_tokens >= limit:
-            raise OpenAIError(400, f"the prompt has {num_prompt_tokens} tokens, but this model's context "
-                              f"holds at most {limit} tokens (prompt + completion)",
-                              param=prompt_field, code="context_length_exceeded")
+            raise OpenAIError(
+                400,
+                f"the prompt has {num_prompt_tokens} tokens, but this model's context "
+                f"holds at most {limit} tokens (prompt + completion)",
+                param=prompt_field,
+                code="context_length_exceeded",
+            )
         return requested if requested is not None else limit - num_prompt_tokens
 
     @staticmethod
@@ -85,8 +101,9 @@ class OpenAIServer:
 
     # Engine calls ------------------------------------------------------------------------------
 
-    async def open_stream(self, prompt_ids: list[int], params: SamplingParams, timer: RequestTimer,
-                          prompt_field: str) -> GenerationStream:
+    async def open_stream(
+        self, prompt_ids: list[int], params: SamplingParams, timer: RequestTimer, prompt_field: str
+    ) -> GenerationStream:
         if not self.engine.stats().healthy:
             raise OpenAIError(503, "the engine is not running", code="engine_dead")
         stream = GenerationStream(self, prompt_ids, params, timer, prompt_field)
@@ -97,8 +114,11 @@ class OpenAIServer:
         try:
             await asyncio.wait_for(self.engine.check_health(), self.health_timeout_s)
         except asyncio.TimeoutError as e:
-            raise OpenAIError(503, f"the engine did not answer a health step within "
-                              f"{self.health_timeout_s} s", code="engine_unhealthy") from e
+            raise OpenAIError(
+                503,
+                f"the engine did not answer a health step within {self.health_timeout_s} s",
+                code="engine_unhealthy",
+            ) from e
         except EngineError as e:
             raise OpenAIError(503, f"the engine is unhealthy: {e}", code="engine_dead") from e
 
@@ -108,8 +128,14 @@ class GenerationStream:
     status before any byte is sent; closing it before every choice finished aborts the request,
     which frees its KV pages (a client that went away)."""
 
-    def __init__(self, server: OpenAIServer, prompt_ids: list[int], params: SamplingParams,
-                 timer: RequestTimer, prompt_field: str) -> None:
+    def __init__(
+        self,
+        server: OpenAIServer,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        timer: RequestTimer,
+        prompt_field: str,
+    ) -> None:
         self.server, self.params, self.timer = server, params, timer
         self.request_id = new_id("req")
         self.num_prompt_tokens = len(prompt_ids)

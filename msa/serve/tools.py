@@ -95,16 +95,16 @@ class ToolCallParser:
                 start = self._buffer.find(TOOL_CALL_OPEN)
                 if start < 0:
                     keep = _partial_marker_len(self._buffer, TOOL_CALL_OPEN)
-                    content.append(self._buffer[:len(self._buffer) - keep])
-                    self._buffer = self._buffer[len(self._buffer) - keep:]
+                    content.append(self._buffer[: len(self._buffer) - keep])
+                    self._buffer = self._buffer[len(self._buffer) - keep :]
                     break
                 content.append(self._buffer[:start])
-                self._buffer = self._buffer[start + len(TOOL_CALL_OPEN):]
+                self._buffer = self._buffer[start + len(TOOL_CALL_OPEN) :]
                 self._in_call = True
             end = self._buffer.find(TOOL_CALL_CLOSE)
             if end < 0:
                 break
-            body, self._buffer = self._buffer[:end], self._buffer[end + len(TOOL_CALL_CLOSE):]
+            body, self._buffer = self._buffer[:end], self._buffer[end + len(TOOL_CALL_CLOSE) :]
             self._in_call = False
             call = parse_call_body(body)
             if call is None:
