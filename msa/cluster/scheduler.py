@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from msa.cluster.block_manager import BlockManager
+from msa.cluster.block_manager import BlockManager, PageTableUpdate
 from msa.cluster.sampler import SampleRequest
 from msa.cluster.sequence import Sequence, SequenceStatus
 
@@ -21,15 +21,19 @@ from msa.cluster.sequence import Sequence, SequenceStatus
 @dataclass(slots=True)
 class StepPlan:
     """What every shard runs in one step. Sequence b computes ``num_new[b]`` tokens (its slice of
-    the packed ``token_ids``) on top of ``num_cached[b]`` cached ones; ``page_tables[r][b]`` are its
-    pages on sequence shard r. ``samples`` names the rows whose last token's logits are sampled.
-    ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels."""
+    the packed ``token_ids``) on top of ``num_cached[b]`` cached ones; its pages are row
+    ``table_rows[b]`` of the shards' block tables, which ``table_updates[r]`` brings up to date on
+    sequence shard r first. ``samples`` names the rows whose last token's logits are sampled.
+    ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels.
+    Block-table rows belong to the scheduler that planned them: one scheduler drives an executor
+    at a time."""
 
     seq_ids: list[int]
     token_ids: list[int]
     num_cached: list[int]
     num_new: list[int]
-    page_tables: list[list[list[int]]]
+    table_rows: list[int]
+    table_updates: list[PageTableUpdate]
     samples: list[SampleRequest]
     return_logits: bool = False
     profile: bool = False
@@ -134,17 +138,23 @@ class Scheduler:
     def _plan(self, chunks: list[_Chunk]) -> StepPlan:
         tokens, samples = [], []
         for b, c in enumerate(chunks):
-            tokens.extend(c.seq.token_ids[c.seq.num_cached:c.seq.num_cached + c.num_new])
+            tokens.extend(c.seq.token_ids[c.seq.num_cached : c.seq.num_cached + c.num_new])
             if c.seq.num_cached + c.num_new == c.seq.num_tokens:
                 samples.append(SampleRequest.for_sequence(b, c.seq))
-        sp = self.block_manager.sp
+        updates = self.block_manager.table_updates([c.seq for c in chunks])
         return StepPlan(
-            seq_ids=[c.seq.seq_id for c in chunks], token_ids=tokens,
-            num_cached=[c.seq.num_cached for c in chunks], num_new=[c.num_new for c in chunks],
-            page_tables=[[list(c.seq.pages[r]) for c in chunks] for r in range(sp)], samples=samples)
+            seq_ids=[c.seq.seq_id for c in chunks],
+            token_ids=tokens,
+            num_cached=[c.seq.num_cached for c in chunks],
+            num_new=[c.num_new for c in chunks],
+            table_rows=[c.seq.table_row for c in chunks],
+            table_updates=updates,
+            samples=samples,
+        )
 
-    def postprocess(self, plan: StepPlan, sequences: dict[int, Sequence],
-                    sampled: list[int]) -> list[tuple[Sequence, int]]:
+    def postprocess(
+        self, plan: StepPlan, sequences: dict[int, Sequence], sampled: list[int]
+    ) -> list[tuple[Sequence, int]]:
         """Advance the sequences of a finished step and append each sampled token. Returns
         (sequence, index into ``plan.samples``) of those that got one; aborted ones are skipped."""
         for seq_id, num_new in zip(plan.seq_ids, plan.num_new, strict=True):

@@ -26,8 +26,16 @@ class Sequence:
     ``num_cached`` goes back to 0, so it is recomputed (prompt and output alike) when readmitted.
     """
 
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams,
-                 seed: int, sp: int, prefix_source: Sequence | None = None) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        sp: int,
+        prefix_source: Sequence | None = None,
+    ) -> None:
         self.seq_id = next(_ids)
         self.request_id, self.index = request_id, index
         self.token_ids = list(prompt_token_ids)
@@ -36,6 +44,10 @@ class Sequence:
         self.num_cached = 0
         self.status = SequenceStatus.WAITING
         self.pages: list[list[int]] = [[] for _ in range(sp)]
+        # The row of the shards' block tables that holds this sequence's pages while it holds any,
+        # and how many of each shard's pages the shards have been sent (see BlockManager).
+        self.table_row: int | None = None
+        self.pages_sent: list[int] = [0] * sp
         self.num_preemptions = 0
         # Another choice of the same request whose cached prompt blocks this one may share.
         self.prefix_source = prefix_source
@@ -54,7 +66,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     def shareable_prompt_blocks(self, block_size: int) -> int:
         """Full prompt blocks another choice can share; at least one prompt token stays
@@ -66,5 +78,7 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence(id={self.seq_id}, request={self.request_id!r}/{self.index}, "
-                f"tokens={self.num_tokens}, cached={self.num_cached}, {self.status.value})")
+        return (
+            f"Sequence(id={self.seq_id}, request={self.request_id!r}/{self.index}, "
+            f"tokens={self.num_tokens}, cached={self.num_cached}, {self.status.value})"
+        )

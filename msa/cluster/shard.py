@@ -26,8 +26,9 @@ from msa.cluster.parallel import (
 from msa.cluster.protocol import WeightUpdateError
 from msa.cluster.sampler import SampleResult, sample
 from msa.cluster.scheduler import StepPlan
+from msa.cluster.step_inputs import StepInputBuilder
 from msa.cluster.weights import WeightBucket, unpack_bucket
-from msa.model.kv_cache import PagedKVCache, build_batch, cache_free_batch
+from msa.model.kv_cache import PagedKVCache, cache_free_batch
 from msa.model.model import MiniMaxM3ForCausalLM
 from msa.platform.checkpoint import cast_model, load_model
 from msa.platform.config import ModelConfig
@@ -68,6 +69,8 @@ class ModelShard:
         self.groups: ParallelGroups | None = None
         self.model = None
         self.cache: PagedKVCache | None = None
+        self._inputs: StepInputBuilder | None = None
+        self._context_parallel: ContextParallelGroup | None = None
         self.weight_version = 0
         self._staged: list[tuple[str, torch.Tensor]] = []
         self._staged_version: int | None = None
@@ -135,6 +138,9 @@ class ModelShard:
     def init_cache(self, num_pages: int) -> None:
         self.cache = PagedKVCache(self.model.config, num_pages, dtype=self.spec.dtype, device=self.device,
                                   kv_heads=self._kv_heads(), num_mtp=0)
+        g = self.groups
+        self._inputs = StepInputBuilder(self.device, self.cache.block_size, g.sp_rank, g.sp)
+        self._context_parallel = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
 
     def execute(self, plan: StepPlan) -> SampleResult | None:
         """Run one step; rank 0 returns the sampled tokens, the other ranks None."""
@@ -177,14 +183,8 @@ class ModelShard:
     @torch.no_grad()
     def _execute(self, plan: StepPlan) -> SampleResult | None:
         g = self.groups
-        cp = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
-        batch = build_batch(plan.page_tables[g.sp_rank], plan.num_cached, plan.num_new,
-                            self.cache.block_size, device=self.device, cache=self.cache,
-                            shard_rank=g.sp_rank, shard_world=g.sp, context_parallel=cp)
-        picked = torch.tensor([s.row for s in plan.samples], dtype=torch.long, device=self.device)
-        rows = batch.last_token_rows()[picked]
-        ids = torch.tensor(plan.token_ids, dtype=torch.long, device=self.device)
-        logits = self.model(ids, batch, rows=rows)
+        step = self._inputs.build(plan, self.cache, self._context_parallel)
+        logits = self.model(step.token_ids, step.batch, rows=step.sample_rows)
         if g.rank != 0:
             return None
         return sample(logits, plan.samples, keep_logits=plan.return_logits)
