@@ -1,10 +1,10 @@
 """Sampling on rank 0: next tokens, their log-probabilities and the top alternatives.
 
 All rows of a step are sampled together on the device: per-row temperature, top-k, top-p and
-random keys are tensors, and the results come back to the host in one copy. A sampled token is
-the Gumbel-max / exponential-race draw ``argmax(scaled logits - log q)`` with ``q`` Exponential(1)
-noise that is a pure function of (request seed, choice index, output position, token id), so a
-sequence that is preempted and recomputed, or batched differently, draws the same tokens.
+random draws are tensors, and the results come back to the host in one copy. A sampled token is
+the inverse-CDF draw of one uniform number that is a pure function of (request seed, choice index,
+output position), so a sequence that is preempted and recomputed, or batched differently, draws the
+same tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 _MASK63 = (1 << 63) - 1
 _MASK32 = (1 << 32) - 1
-_HASH_MULTIPLIER = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64
 
 
 @dataclass(slots=True)
@@ -49,10 +48,11 @@ class SampleRequest:
             num_top_logprobs=p.logprobs,
         )
 
-    def noise_keys(self) -> tuple[int, int]:
-        """Two 32-bit keys of this draw's noise, from (seed, choice index, output position)."""
+    def uniform(self) -> float:
+        """This draw's uniform number in (0, 1), from (seed, choice index, output position)."""
         mixed = (self.seed * 0x9E3779B97F4A7C15 + self.index * 1_000_003 + self.position) & _MASK63
-        return mixed & _MASK32, mixed >> 32
+        h = _mix32(_mix32(mixed & _MASK32) ^ (mixed >> 32))
+        return (h + 0.5) / 2.0**32
 
 
 @dataclass(slots=True)
@@ -67,22 +67,13 @@ class SampleResult:
     profile: dict | None = None
 
 
-def _mix32(h: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (xor-shift-multiply) of int64 tensors holding 32-bit values."""
-    h = h ^ (h >> 16)
-    h = (h * _HASH_MULTIPLIER) & _MASK32
-    h = h ^ (h >> 16)
-    h = (h * _HASH_MULTIPLIER) & _MASK32
+def _mix32(h: int) -> int:
+    """A bijective hash of 32-bit integers (xor-shift-multiply)."""
+    h ^= h >> 16
+    h = (h * 0x45D9F3B) & _MASK32
+    h ^= h >> 16
+    h = (h * 0x45D9F3B) & _MASK32
     return h ^ (h >> 16)
-
-
-def exponential_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Exponential(1) noise ``[S, vocab]`` fp32 from per-row keys ``[S, 2]`` int64 (32-bit values):
-    entry (i, t) depends only on row i's keys and the token id t."""
-    ids = torch.arange(vocab, dtype=torch.int64, device=keys.device)
-    h = _mix32(_mix32(ids[None, :] ^ keys[:, :1]) ^ keys[:, 1:])
-    uniform = ((h >> 8).float() + 0.5) * 2.0**-24  # 24 bits: exact in fp32, never 0 or 1
-    return -torch.log(uniform)
 
 
 def truncation_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -103,15 +94,16 @@ def truncation_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 def _draw(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
     """Token ids ``[S]``: the draw of rows with temperature > 0, the argmax of the others."""
     params = torch.tensor(
-        [[r.temperature, r.top_p, r.top_k, *r.noise_keys()] for r in requests], dtype=torch.float64
+        [[r.temperature, r.top_p, r.top_k, r.uniform()] for r in requests], dtype=torch.float64
     ).to(logits.device)
     temperature = params[:, 0:1].float()
     scaled = logits / torch.where(temperature > 0, temperature, 1.0)
     if any(0 < r.top_k < logits.shape[-1] or r.top_p < 1.0 for r in requests):
         drop = truncation_mask(scaled, params[:, 2].long(), params[:, 1].float())
         scaled = scaled.masked_fill(drop, float("-inf"))
-    noise = exponential_noise(params[:, 3:5].long(), logits.shape[-1])
-    drawn = torch.argmax(scaled - torch.log(noise), dim=-1)
+    cdf = torch.softmax(scaled, dim=-1).double().cumsum(-1)
+    target = params[:, 3:4] * cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
     return torch.where(temperature[:, 0] > 0, drawn, torch.argmax(logits, dim=-1))
 
 

@@ -1,12 +1,12 @@
 """The batched sampler against a per-row reference: greedy, temperature, top-k, top-p, seeds,
-log-probabilities; its noise and its draws' distribution."""
+log-probabilities; its uniform numbers and its draws' distribution."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from msa.cluster.sampler import SampleRequest, exponential_noise, sample
+from msa.cluster.sampler import SampleRequest, sample
 
 
 def request(row: int, **kw) -> SampleRequest:
@@ -15,7 +15,8 @@ def request(row: int, **kw) -> SampleRequest:
 
 
 def reference_token(logits: torch.Tensor, req: SampleRequest) -> int:
-    """One row, step by step: scale, cut to the top-k, cut to the top-p nucleus, race the noise."""
+    """One row, step by step: scale, cut to the top-k, cut to the top-p nucleus, then walk the
+    cumulative probabilities up to the request's uniform number."""
     if req.temperature <= 0:
         return int(torch.argmax(logits))
     scaled = logits.float() / req.temperature
@@ -28,8 +29,13 @@ def reference_token(logits: torch.Tensor, req: SampleRequest) -> int:
         before = torch.cumsum(probs, 0) - probs
         scaled = scaled.clone()
         scaled[order[before >= req.top_p]] = float("-inf")
-    noise = exponential_noise(torch.tensor([req.noise_keys()]), vocab)[0]
-    return int(torch.argmax(scaled - torch.log(noise)))
+    probs = torch.softmax(scaled, -1).double().tolist()
+    target, total = req.uniform() * sum(probs), 0.0
+    for token, p in enumerate(probs):
+        total += p
+        if total > target:
+            return token
+    return vocab - 1
 
 
 MIXES = {
@@ -85,14 +91,19 @@ def test_greedy_ties_go_to_the_lowest_id_and_an_empty_step_samples_nothing():
     assert empty.token_ids == [] and empty.logprobs == [] and empty.top_logprobs == []
 
 
-def test_noise_is_exponential_and_a_function_of_the_keys():
-    keys = torch.tensor([[1, 2], [1, 2], [2, 1], [123456789, 987654321]])
-    noise = exponential_noise(keys, 20_000)
-    assert torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
-    assert torch.all(noise > 0) and torch.isfinite(noise).all()
-    assert noise[2:].mean().item() == pytest.approx(1.0, abs=0.03)
-    above_one = (noise[2:] > 1.0).float().mean().item()
-    assert above_one == pytest.approx(0.36788, abs=0.01)  # P(q > 1) = exp(-1)
+def test_uniform_numbers_are_uniform_and_a_function_of_seed_index_and_position():
+    draws = [
+        request(0, seed=s, index=i, position=p).uniform()
+        for s in range(20)
+        for i in range(5)
+        for p in range(50)
+    ]
+    assert all(0.0 < u < 1.0 for u in draws) and len(set(draws)) == len(draws)
+    counts = torch.histc(torch.tensor(draws), bins=10, min=0.0, max=1.0)
+    assert counts.min() > 400 and counts.max() < 600  # 5000 draws, 500 expected per tenth
+    assert (
+        request(0, seed=3, index=1, position=2).uniform() == request(5, seed=3, index=1, position=2).uniform()
+    )
 
 
 def test_draws_follow_the_truncated_distribution():
