@@ -6,6 +6,8 @@ the projections from outside without touching this file.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,10 +105,32 @@ class Router(nn.Module):
         return chosen, weights
 
 
+@functools.lru_cache(maxsize=16)
+def _grouped_mm_device(device_type: str, index: int | None) -> bool:
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device_type == "cuda":
+        return torch.cuda.get_device_capability(index) >= (9, 0)
+    return device_type == "cpu"
+
+
+def grouped_matmul_available(x: torch.Tensor, inner: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes ``x [N, D]`` against experts of intermediate size
+    ``inner``: on Hopper or newer GPUs in bf16 (one kernel, no host sync) and on CPU, with rows
+    that are multiples of 16 bytes."""
+    if x.is_cuda and x.dtype != torch.bfloat16:
+        return False
+    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (inner * x.element_size()) % 16 == 0
+    return aligned and _grouped_mm_device(x.device.type, x.device.index)
+
+
 class SparseMoE(nn.Module):
     """sum_i w_i E_i(x) + Shared(x). ``experts`` may hold a subset of all experts (expert
     parallelism): ``expert_offset`` is the global id of ``experts[0]``; tokens routed to experts held
-    elsewhere contribute nothing here and are summed in by the engine's all-reduce."""
+    elsewhere contribute nothing here and are summed in by the engine's all-reduce.
+
+    After ``stack_experts`` inference runs the experts as grouped matmuls over the tokens sorted by
+    expert, with no host sync; otherwise (and under autograd) one expert at a time."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -119,9 +143,39 @@ class SparseMoE(nn.Module):
             GatedMLP(config, config.shared_intermediate_size) if config.shared_intermediate_size > 0 else None
         )
         self.expert_offset = 0
+        self.stacked: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def stack_experts(self) -> None:
+        """Move the experts' weights into two stacked tensors, ``w13 [E, 2 I, D]`` (w1 rows, then
+        w3 rows) and ``w2 [E, D, I]``, whose slices the experts' parameters become: names and
+        shapes stay, and a copy into a parameter (a weight update) lands in the stack. Call it
+        once the experts are on their device and dtype."""
+        if self.stacked is not None or len(self.experts) == 0:
+            return
+        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts])
+        w2 = torch.stack([e.w2.weight for e in self.experts])
+        inner = self.experts[0].w1.weight.shape[0]
+        for i, e in enumerate(self.experts):
+            for linear, value in ((e.w1, w13[i, :inner]), (e.w3, w13[i, inner:]), (e.w2, w2[i])):
+                linear.weight = nn.Parameter(value, requires_grad=linear.weight.requires_grad)
+        self.stacked = (w13, w2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         chosen, weights = self.gate(x, self.e_score_correction_bias)
+        if (
+            self.stacked is not None
+            and not torch.is_grad_enabled()
+            and grouped_matmul_available(x, self.stacked[1].shape[-1])
+        ):
+            out = self._grouped_experts(x, chosen, weights)
+        else:
+            out = self._looped_experts(x, chosen, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x).float()
+        return out.to(x.dtype)
+
+    def _looped_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(x, dtype=torch.float32)
         for local, expert in enumerate(self.experts):
             token, slot = torch.nonzero(chosen == local + self.expert_offset, as_tuple=True)
@@ -129,6 +183,24 @@ class SparseMoE(nn.Module):
                 continue
             y = expert(x[token]).float() * weights[token, slot, None]
             out = out.index_add(0, token, y)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x).float()
-        return out.to(x.dtype)
+        return out
+
+    def _grouped_experts(self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum ``[T, D]`` fp32 from (token, expert) pairs sorted by
+        expert: three grouped matmuls whose group ends are computed on the device."""
+        w13, w2 = self.stacked
+        num_experts, k = w13.shape[0], chosen.shape[1]
+        local = chosen - self.expert_offset
+        held = (local >= 0) & (local < num_experts)
+        group = torch.where(held, local, num_experts).flatten()  # pairs held elsewhere sort last
+        order = torch.argsort(group, stable=True)
+        ends = torch.bincount(group, minlength=num_experts + 1)[:num_experts].cumsum(0).to(torch.int32)
+        token = order // k
+        gate_up = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=ends)
+        gate, up = gate_up.chunk(2, dim=-1)
+        expert = self.experts[0]
+        hidden = swiglu_oai(gate, up, expert.alpha, expert.limit)
+        y = torch._grouped_mm(hidden, w2.transpose(1, 2), offs=ends)
+        # Rows past the last group end (pairs held elsewhere) are left unwritten: select, not scale.
+        y = torch.where(held.flatten()[order, None], y.float() * weights.flatten()[order, None], 0.0)
+        return torch.zeros_like(x, dtype=torch.float32).index_add_(0, token, y)

@@ -85,6 +85,49 @@ def test_moe_matches_brute_force_routing():
         torch.testing.assert_close(out[t], want, rtol=1e-5, atol=1e-5)
 
 
+def random_moe(config, seed: int) -> SparseMoE:
+    torch.manual_seed(seed)
+    moe = SparseMoE(config)
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(0, 0.3)
+    return moe
+
+
+@pytest.mark.parametrize("held", ["all", "second_half"], ids=["all_experts", "expert_parallel_rank"])
+def test_stacked_experts_run_grouped_and_equal_the_loop_over_experts(held):
+    config = dataclasses.replace(tiny(), num_local_experts=8, num_experts_per_tok=3)
+    moe = random_moe(config, 2)
+    if held == "second_half":  # as tensor rank 1 of 2 holds them: the rest is another rank's
+        moe.experts, moe.expert_offset = torch.nn.ModuleList(list(moe.experts)[4:]), 4
+    x = torch.randn(13, config.hidden_size)
+    with torch.no_grad():
+        looped = moe(x)
+        names = [name for name, _ in moe.named_parameters()]
+        moe.stack_experts()
+        assert [name for name, _ in moe.named_parameters()] == names
+        torch.testing.assert_close(moe(x), looped, rtol=1e-5, atol=1e-6)
+        w13, _ = moe.stacked
+        moe.experts[1].w3.weight.copy_(torch.ones_like(moe.experts[1].w3.weight))  # a weight update
+        assert bool((w13[1, config.moe_intermediate_size :] == 1).all())
+        grouped = moe(x)
+        moe.stacked = None  # the same parameters, one expert at a time
+        torch.testing.assert_close(grouped, moe(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_stacked_experts_on_the_gpu_in_bf16_match_the_loop():
+    config = dataclasses.replace(tiny(), hidden_size=256, moe_intermediate_size=128, num_local_experts=8)
+    moe = random_moe(config, 3).to("cuda", torch.bfloat16)
+    moe.gate.float()
+    moe.e_score_correction_bias.data = moe.e_score_correction_bias.float()
+    x = torch.randn(24, config.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        looped = moe(x).float()
+        moe.stack_experts()
+        torch.testing.assert_close(moe(x).float(), looped, rtol=2e-2, atol=2e-2)
+
+
 def dense_gqa_reference(q, k, v, scale):
     """Causal GQA by expanding KV heads and calling torch SDPA: [T, H, D] inputs."""
     group = q.shape[1] // k.shape[1]
