@@ -22,6 +22,9 @@ class EngineConfig:
 
     model: a preset name ("tiny", "m3_proxy", "m3"), a checkpoint directory, or a ModelConfig
     (random weights drawn after ``torch.manual_seed(seed)``, as for a preset).
+    random_init: where a preset's or ModelConfig's random weights are drawn: "cpu" (fp32 on the
+    CPU, then cast and sliced: equal to the single-process model) or "device" (on each shard's
+    device in its dtype: fast for large models; see ``msa.cluster.loading``).
     num_pages: KV pages per shard; when None, GPU shards size their cache from free memory x
     ``gpu_memory_utilization`` after the weights, CPU shards from ``kv_cache_memory_bytes``.
     max_num_batched_tokens: per-step token budget shared by decodes and prefill chunks.
@@ -34,6 +37,7 @@ class EngineConfig:
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    random_init: str = "cpu"
     num_pages: int | None = None
     kv_cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
@@ -53,6 +57,7 @@ class EngineConfig:
             _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'", self.device)
         _check(self.dtype in _DTYPES, "dtype", f"one of {sorted(_DTYPES)}", self.dtype)
+        _check(self.random_init in ("cpu", "device"), "random_init", "'cpu' or 'device'", self.random_init)
         _check(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
                "num_pages", "None or an integer >= 1", self.num_pages)
         _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,

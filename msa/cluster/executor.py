@@ -29,7 +29,7 @@ def shard_spec(config: EngineConfig, rank: int) -> ShardSpec:
                      kv_cache_memory_bytes=config.kv_cache_memory_bytes,
                      gpu_memory_utilization=config.gpu_memory_utilization,
                      max_num_batched_tokens=config.max_num_batched_tokens,
-                     collective_timeout_s=config.step_timeout_s)
+                     collective_timeout_s=config.step_timeout_s, random_init=config.random_init)
 
 
 class ModelExecutor(abc.ABC):

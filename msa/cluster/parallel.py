@@ -21,6 +21,7 @@ from torch import nn
 
 from msa.cluster.protocol import WeightUpdateError
 from msa.model.model import MiniMaxM3ForCausalLM
+from msa.platform.checkpoint import TensorPart
 from msa.platform.config import ConfigError, ModelConfig
 
 # Parameter name (suffix) -> dimension split across tensor-parallel ranks.
@@ -43,11 +44,10 @@ def check_parallel_shape(config: ModelConfig, tp: int) -> None:
             raise ConfigError(f"tp={tp} must divide the model's {name} ({count})")
 
 
-def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp: int,
-                 config: ModelConfig) -> tuple[str, torch.Tensor] | None:
-    """The slice of a full checkpoint tensor that tensor-parallel rank ``tp_rank`` holds, under the
-    name it has in that rank's model; None when the rank holds none of it (another rank's expert,
-    or an MTP module, which the engine does not run)."""
+def tensor_part(name: str, tp_rank: int, tp: int, config: ModelConfig) -> TensorPart | None:
+    """Which part of the full checkpoint tensor ``name`` tensor-parallel rank ``tp_rank`` holds,
+    under the name it has in that rank's model; None when the rank holds none of it (another
+    rank's expert, or an MTP module, which the engine does not run)."""
     if name.startswith("model.mtp."):
         return None
     expert = _EXPERT.match(name)
@@ -56,11 +56,20 @@ def shard_tensor(name: str, full: torch.Tensor, tp_rank: int, tp: int,
         local = int(expert.group(2)) - tp_rank * per_rank
         if not 0 <= local < per_rank:
             return None
-        return f"{expert.group(1)}{local}{expert.group(3)}", full
+        return TensorPart(f"{expert.group(1)}{local}{expert.group(3)}")
     for pattern, dim in _SPLIT_DIM.items():
         if re.search(pattern, name):
-            return name, full.chunk(tp, dim=dim)[tp_rank] if tp > 1 else full
-    return name, full
+            return TensorPart(name, dim=dim, index=tp_rank, count=tp)
+    return TensorPart(name)
+
+
+def shard_tensor(
+    name: str, full: torch.Tensor, tp_rank: int, tp: int, config: ModelConfig
+) -> tuple[str, torch.Tensor] | None:
+    """The slice of a full checkpoint tensor that tensor-parallel rank ``tp_rank`` holds (a view),
+    under the name it has in that rank's model; None when it holds none (see ``tensor_part``)."""
+    part = tensor_part(name, tp_rank, tp, config)
+    return None if part is None else (part.name, part.take(full))
 
 
 @dataclass

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
+from msa.cluster.loading import load_shard_model
 from msa.cluster.parallel import (
     ContextParallelGroup,
     ParallelGroups,
-    apply_tensor_parallel,
     init_parallel_groups,
     slice_for_rank,
 )
@@ -29,8 +29,6 @@ from msa.cluster.scheduler import StepPlan
 from msa.cluster.step_inputs import StepInputBuilder
 from msa.cluster.weights import WeightBucket, unpack_bucket
 from msa.model.kv_cache import PagedKVCache, cache_free_batch
-from msa.model.model import MiniMaxM3ForCausalLM
-from msa.platform.checkpoint import cast_model, load_model
 from msa.platform.config import ModelConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +50,7 @@ class ShardSpec:
     gpu_memory_utilization: float
     max_num_batched_tokens: int
     collective_timeout_s: float
+    random_init: str = "cpu"
 
 
 def free_port() -> int:
@@ -92,15 +91,10 @@ class ModelShard:
             torch.set_num_threads(1)  # shard actors share the host's cores
         backend = "nccl" if s.device == "cuda" else "gloo"
         self.groups = init_parallel_groups(s.rank, s.tp, s.sp, port, backend, s.collective_timeout_s)
-        self.model = apply_tensor_parallel(self._load(), self.groups).to(self.device).eval()
+        self.model = load_shard_model(
+            s.model, self.groups, dtype=s.dtype, device=self.device, seed=s.seed, random_init=s.random_init
+        )
         return self._page_capacity()
-
-    def _load(self) -> MiniMaxM3ForCausalLM:
-        s = self.spec
-        if isinstance(s.model, ModelConfig):
-            torch.manual_seed(s.seed)
-            return cast_model(MiniMaxM3ForCausalLM(s.model), dtype=s.dtype, device="cpu")
-        return load_model(s.model, dtype=s.dtype, device="cpu", seed=s.seed, progress=False)[0]
 
     def _kv_heads(self) -> int:
         return self.model.config.num_key_value_heads // self.spec.tp

@@ -90,6 +90,17 @@ class MiniMaxM3Model(nn.Module):
         return self.norm(x)
 
 
+@torch.no_grad()
+def init_parameter_(
+    name: str, p: torch.Tensor, *, std: float = 0.02, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random init of the parameter ``name`` in place: normal weights (``std``), small random norm
+    weights, zero correction bias. Returns ``p``."""
+    if name.endswith("e_score_correction_bias"):
+        return p.zero_()
+    return p.normal_(0.0, 0.1 if p.dim() == 1 else std, generator=generator)
+
+
 class MiniMaxM3ForCausalLM(nn.Module):
     """The text model. ``forward`` runs packed tokens of a batch of sequences described by an
     ``AttentionBatch`` (cache-backed or cache-free) and returns logits of the rows asked for."""
@@ -103,15 +114,9 @@ class MiniMaxM3ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float = 0.02) -> None:
-        """Seeded random init (for presets without a checkpoint): normal weights, small random norm
-        weights, zero correction bias."""
+        """Seeded random init (for presets without a checkpoint), by ``init_parameter_``."""
         for name, p in self.named_parameters():
-            if name.endswith("e_score_correction_bias"):
-                p.zero_()
-            elif p.dim() == 1:
-                p.normal_(0.0, 0.1)
-            else:
-                p.normal_(0.0, std)
+            init_parameter_(name, p, std=std)
 
     def forward(
         self,

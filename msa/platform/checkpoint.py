@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +36,14 @@ class CheckpointError(ValueError):
     """The checkpoint does not fit the model. ``missing``, ``unexpected`` and ``misshaped`` list every
     offending tensor as (name, expected shape or None, found shape or None)."""
 
-    def __init__(self, message: str, *, missing: list | None = None, unexpected: list | None = None,
-                 misshaped: list | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        missing: list | None = None,
+        unexpected: list | None = None,
+        misshaped: list | None = None,
+    ) -> None:
         super().__init__(message)
         self.missing, self.unexpected, self.misshaped = missing or [], unexpected or [], misshaped or []
 
@@ -46,7 +53,50 @@ def keeps_fp32(name: str) -> bool:
     return name.endswith(FP32_SUFFIXES)
 
 
+@dataclass(frozen=True, slots=True)
+class TensorPart:
+    """Which part of a checkpoint tensor a model holds, and under which module key: chunk ``index``
+    of ``count`` equal chunks along ``dim`` (the whole tensor when ``count`` is 1). How a
+    tensor-parallel rank loads only its slices."""
+
+    name: str
+    dim: int = 0
+    index: int = 0
+    count: int = 1
+
+    def bounds(self, size: int) -> tuple[int, int]:
+        if size % self.count:
+            raise CheckpointError(
+                f"'{self.name}': dim {self.dim} of size {size} does not split into {self.count} equal parts"
+            )
+        step = size // self.count
+        return self.index * step, (self.index + 1) * step
+
+    def shape(self, full: tuple[int, ...]) -> tuple[int, ...]:
+        """The part's shape, given the full tensor's."""
+        if self.count == 1:
+            return tuple(full)
+        start, stop = self.bounds(full[self.dim])
+        return (*full[: self.dim], stop - start, *full[self.dim + 1 :])
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """The part of an in-memory full tensor (a view)."""
+        if self.count == 1:
+            return full
+        start, stop = self.bounds(full.shape[self.dim])
+        return full.narrow(self.dim, start, stop - start)
+
+    def read(self, f: Any, checkpoint_name: str) -> torch.Tensor:
+        """Read just the part from an open safetensors file."""
+        if self.count == 1:
+            return f.get_tensor(checkpoint_name)
+        view = f.get_slice(checkpoint_name)
+        start, stop = self.bounds(view.get_shape()[self.dim])
+        return view[(slice(None),) * self.dim + (slice(start, stop),)]
+
+
 # Reading -----------------------------------------------------------------------------------------
+
 
 def _tensor_files(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file holding it."""
@@ -78,13 +128,15 @@ def _tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
             present = set(f.keys())
             for name in names:
                 if name not in present:
-                    raise CheckpointError(f"{INDEX_FILE} places tensor '{name}' in {path.name}, "
-                                          "which lacks it")
+                    raise CheckpointError(
+                        f"{INDEX_FILE} places tensor '{name}' in {path.name}, which lacks it"
+                    )
                 view = f.get_slice(name)
                 if name.endswith("weight_scale_inv") or view.get_dtype().startswith("F8"):
                     raise CheckpointError(
                         f"FP8 block-scaled checkpoints are not supported yet: {path.parent} holds '{name}' "
-                        f"({view.get_dtype()}); use a bf16 release of the weights")
+                        f"({view.get_dtype()}); use a bf16 release of the weights"
+                    )
                 shapes[name] = tuple(view.get_shape())
     return shapes
 
@@ -112,25 +164,35 @@ def _names_in_model(checkpoint_names: Iterable[str]) -> tuple[dict[str, str], li
 
 
 def _mismatch_lines(kind: str, rows: list) -> list[str]:
-    lines = [f"  {kind} {name}: expected {list(e) if e is not None else 'none'}, "
-             f"found {list(f) if f is not None else 'none'}" for name, e, f in rows[:_SHOWN_PER_KIND]]
+    lines = [
+        f"  {kind} {name}: expected {list(e) if e is not None else 'none'}, "
+        f"found {list(f) if f is not None else 'none'}"
+        for name, e, f in rows[:_SHOWN_PER_KIND]
+    ]
     if len(rows) > _SHOWN_PER_KIND:
         lines.append(f"  ... and {len(rows) - _SHOWN_PER_KIND} more {kind} (see CheckpointError.{kind})")
     return lines
 
 
-def _check_match(directory: Path, expected: dict[str, tuple], found: dict[str, tuple],
-                 duplicates: list[str]) -> None:
+def _check_match(
+    directory: Path, expected: dict[str, tuple], found: dict[str, tuple], duplicates: list[str]
+) -> None:
     missing = [(n, expected[n], None) for n in expected if n not in found]
     unexpected = [(n, None, found[n]) for n in found if n not in expected]
     unexpected += [(n, None, None) for n in duplicates]
     misshaped = [(n, expected[n], found[n]) for n in expected if n in found and expected[n] != found[n]]
     if not (missing or unexpected or misshaped):
         return
-    head = (f"checkpoint {directory} does not fit the model: {len(missing)} missing, "
-            f"{len(unexpected)} unexpected, {len(misshaped)} misshaped tensor(s)")
-    lines = [head] + _mismatch_lines("missing", missing) + _mismatch_lines("unexpected", unexpected) \
+    head = (
+        f"checkpoint {directory} does not fit the model: {len(missing)} missing, "
+        f"{len(unexpected)} unexpected, {len(misshaped)} misshaped tensor(s)"
+    )
+    lines = (
+        [head]
+        + _mismatch_lines("missing", missing)
+        + _mismatch_lines("unexpected", unexpected)
         + _mismatch_lines("misshaped", misshaped)
+    )
     raise CheckpointError("\n".join(lines), missing=missing, unexpected=unexpected, misshaped=misshaped)
 
 
@@ -139,8 +201,9 @@ def _same_device(tensor: torch.Tensor, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def _place(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype,
-           device: torch.device) -> None:
+def place_tensor(
+    model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype, device: torch.device
+) -> None:
     """Put ``value`` into the parameter or buffer ``name``: copied in place when it already has the
     target dtype and device, otherwise replaced by a converted tensor (the old one is freed)."""
     owner_name, _, leaf = name.rpartition(".")
@@ -155,19 +218,29 @@ def _place(model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype,
         if value is not current:
             current.copy_(value)
     elif is_param:
-        owner._parameters[leaf] = nn.Parameter(value.to(device=device, dtype=target),
-                                               requires_grad=current.requires_grad)
+        owner._parameters[leaf] = nn.Parameter(
+            value.to(device=device, dtype=target), requires_grad=current.requires_grad
+        )
     else:
         owner._buffers[leaf] = value.to(device=device, dtype=target)
 
 
-def load_checkpoint(model: nn.Module, directory: str | Path, *, dtype: torch.dtype = torch.bfloat16,
-                    device: str | torch.device = "cpu", progress: bool = True) -> None:
+def load_checkpoint(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    part: Callable[[str], TensorPart | None] | None = None,
+) -> None:
     """Fill ``model``'s parameters and buffers from the safetensors checkpoint in ``directory``.
 
     Floating tensors become ``dtype`` on ``device``, except the router's (``keeps_fp32``), which stay
     fp32. Every name/shape mismatch is checked from the file headers before any data is read and
     reported together in one ``CheckpointError``. The model may be built on the meta device.
+    ``part`` maps a full tensor's module key to the part this model holds (None: none of it); only
+    that part is read from the files.
     """
     directory, device = Path(directory), torch.device(device)
     if not dtype.is_floating_point:
@@ -175,15 +248,26 @@ def load_checkpoint(model: nn.Module, directory: str | Path, *, dtype: torch.dty
     files = _tensor_files(directory)
     shapes = _tensor_shapes(files)
     to_model, duplicates = _names_in_model(files)
+    parts: dict[str, TensorPart] = {}  # checkpoint name -> the part of it this model holds
+    taken: set[str] = set()
+    for name, ckpt in to_model.items():
+        held = TensorPart(name) if part is None else part(name)
+        if held is None:
+            continue
+        if held.name in taken:
+            duplicates.append(ckpt)
+        else:
+            parts[ckpt] = held
+            taken.add(held.name)
     expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
-    _check_match(directory, expected, {n: shapes[c] for n, c in to_model.items()}, duplicates)
-    by_file = _by_file({name: files[ckpt] for name, ckpt in to_model.items()})
-    bar = tqdm(total=len(to_model), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
+    found = {p.name: p.shape(shapes[ckpt]) for ckpt, p in parts.items()}
+    _check_match(directory, expected, found, duplicates)
+    bar = tqdm(total=len(parts), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
     with bar:
-        for path, names in by_file.items():
+        for path, names in _by_file({ckpt: files[ckpt] for ckpt in parts}).items():
             with safe_open(path, framework="pt", device="cpu") as f:
-                for name in names:
-                    _place(model, name, f.get_tensor(to_model[name]), dtype, device)
+                for ckpt in names:
+                    place_tensor(model, parts[ckpt].name, parts[ckpt].read(f, ckpt), dtype, device)
                     bar.update()
 
 
@@ -192,11 +276,12 @@ def cast_model(model: nn.Module, *, dtype: torch.dtype, device: str | torch.devi
     tensors (``keeps_fp32``) in fp32. Tensor by tensor, like loading. Returns ``model``."""
     device = torch.device(device)
     for name, tensor in list(model.state_dict(keep_vars=True).items()):
-        _place(model, name, tensor, dtype, device)
+        place_tensor(model, name, tensor, dtype, device)
     return model
 
 
 # Writing -----------------------------------------------------------------------------------------
+
 
 def _plan_shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
     """Greedy, in key order; a tensor larger than the limit gets a shard of its own."""
@@ -219,8 +304,14 @@ def _config_json(config: ModelConfig, layout: str) -> dict[str, Any]:
     return {"model_type": "minimax_m3_vl", "text_config": text}
 
 
-def save_checkpoint(model: nn.Module, directory: str | Path, config: ModelConfig, *,
-                    max_shard_bytes: int = 5 * 2**30, layout: str = "flat") -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    directory: str | Path,
+    config: ModelConfig,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    layout: str = "flat",
+) -> Path:
     """Write ``config.json`` and the module's ``state_dict`` as safetensors, in its own dtypes.
 
     One shard goes to ``model.safetensors``; more go to ``model-0000k-of-0000n.safetensors`` with a
@@ -256,16 +347,24 @@ def save_checkpoint(model: nn.Module, directory: str | Path, config: ModelConfig
 
 # Building a model --------------------------------------------------------------------------------
 
+
 def _check_materialised(model: nn.Module, directory: Path) -> None:
     left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise CheckpointError(f"after loading {directory}, {len(left)} tensor(s) the checkpoint does not "
-                              f"hold are still unset, e.g. '{left[0]}'")
+        raise CheckpointError(
+            f"after loading {directory}, {len(left)} tensor(s) the checkpoint does not "
+            f"hold are still unset, e.g. '{left[0]}'"
+        )
 
 
-def load_model(source: str | Path = "tiny", *, dtype: torch.dtype = torch.bfloat16,
-               device: str | torch.device = "cpu", seed: int = 0,
-               progress: bool = True) -> tuple[nn.Module, ModelConfig]:
+def load_model(
+    source: str | Path = "tiny",
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[nn.Module, ModelConfig]:
     """``(MiniMaxM3ForCausalLM in eval mode, its ModelConfig)`` from a checkpoint directory, or from a
     preset name (``tiny``, ``m3_proxy``, ``m3``) with random weights drawn after
     ``torch.manual_seed(seed)`` on the CPU in fp32, so they do not depend on ``device`` or ``dtype``.
@@ -284,6 +383,7 @@ def load_model(source: str | Path = "tiny", *, dtype: torch.dtype = torch.bfloat
         torch.manual_seed(seed)
         model = cast_model(MiniMaxM3ForCausalLM(config), dtype=dtype, device=device)
     else:
-        raise ConfigError(f"model {str(source)!r} is neither a checkpoint directory nor a preset "
-                          f"(one of {sorted(PRESETS)})")
+        raise ConfigError(
+            f"model {str(source)!r} is neither a checkpoint directory nor a preset (one of {sorted(PRESETS)})"
+        )
     return model.eval(), config

@@ -17,6 +17,7 @@ from msa.cluster.scheduler import Scheduler
 from msa.cluster.sequence import Sequence
 from msa.cluster.weights import pack_buckets
 from msa.model import cache_free_batch
+from msa.platform.checkpoint import save_checkpoint
 from tests.cluster.conftest import (
     collect,
     full_logprobs,
@@ -99,6 +100,26 @@ def test_sharded_engine_matches_single_process(tp, sp, reference):
                 want = reference(torch.tensor(tokens), cache_free_batch([len(tokens)], 4))[-1]
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert stats.pages_used == [0] * sp and len(stats.pages_total) == sp
+
+
+def test_tensor_parallel_ranks_load_their_checkpoint_slices_and_match_single_process(tmp_path, reference):
+    save_checkpoint(reference, tmp_path, reference.config, max_shard_bytes=64 << 10, layout="vl")
+    ids = prompt(45, 7)
+
+    async def main():
+        engine = MSAEngine(engine_config(2, 1, model=str(tmp_path)))
+        await engine.start()
+        try:
+            return await collect(engine, "ckpt", ids, greedy(6, logprobs=0))
+        finally:
+            await engine.shutdown()
+
+    out = asyncio.run(main())[0]
+    got = tokens_of(out)
+    assert got == greedy_reference(reference, ids, 6)
+    want = full_logprobs(reference, ids + got)[len(ids) - 1 : -1]
+    chosen = torch.tensor([lp for o in out for lp in o.logprobs])
+    torch.testing.assert_close(chosen, want[torch.arange(6), torch.tensor(got)], rtol=0, atol=1e-4)
 
 
 def test_sequence_sharded_engine_under_page_pressure_completes_everything(reference):
