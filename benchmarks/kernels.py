@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from msa.kernels import selection_needed  # noqa: E402
 from msa.kernels.dense_attention.triton import paged_attention_triton  # noqa: E402
 from msa.kernels.indexer.reference import select_blocks_reference  # noqa: E402
 from msa.kernels.indexer.triton import select_blocks_triton  # noqa: E402
@@ -47,8 +48,19 @@ BACKENDS = {
 # ---------------------------------------------------------------- timing and bandwidth
 
 
-def graph_time_us(fn, rep_ms: int = 200) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph, with L2 flushed before each replay."""
+_FLUSH: list[torch.Tensor] = []
+
+
+def cold_l2() -> None:
+    """Evict L2 by reading 256 MB (reading, not writing: a written buffer would leave ~50 MB of
+    dirty lines whose write-back the next kernel pays for)."""
+    if not _FLUSH:
+        _FLUSH.extend([torch.ones(2**26, device=DEV), torch.empty((), device=DEV)])
+    torch.sum(_FLUSH[0], dim=0, out=_FLUSH[1])
+
+
+def graph_time_us(fn, reps: int = 100) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph, with a cold L2 before each replay."""
     fn()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -58,7 +70,19 @@ def graph_time_us(fn, rep_ms: int = 200) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=rep_ms, return_mode="median") * 1e3
+    for _ in range(10):
+        graph.replay()
+    events = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)
+    ]
+    for start, end in events:
+        cold_l2()
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[len(times) // 2] * 1e3
 
 
 def event_time_ms(fn, reps: int = 3) -> float:
@@ -87,9 +111,21 @@ def copy_bandwidth() -> float:
 # ---------------------------------------------------------------- problem construction
 
 
-def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: int = 0) -> dict:
+def smooth_queries(T: int, heads: int, gen: torch.Generator, window: int = 256) -> torch.Tensor:
+    """Index queries that drift along the sequence: each token's query is the mean of ``window``
+    consecutive noise vectors (scaled to unit variance), so neighbouring tokens share most of
+    their window and select nearly the same blocks, as queries about one topic do."""
+    noise = torch.randn(T + window, heads, DIM, device=DEV, generator=gen)
+    csum = torch.cumsum(noise, 0)
+    return ((csum[window:] - csum[:-window]) / math.sqrt(window)).to(torch.bfloat16)
+
+
+def paged_problem(
+    B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: int = 0, smooth: bool = False
+) -> dict:
     """Random decode/prefill inputs over shuffled pages: B sequences of L tokens, the last q_len
-    of each being queries."""
+    of each being queries. Index queries are independent per token, or ``smooth`` (see
+    ``smooth_queries``)."""
     gen = torch.Generator(device=DEV).manual_seed(seed)
     nb = triton.cdiv(L, BLOCK)
     pages = B * nb
@@ -100,7 +136,9 @@ def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: in
     T = B * q_len
     return dict(
         q=torch.randn(T, HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
-        iq=torch.randn(T, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
+        iq=smooth_queries(T, KV_HEADS, gen)
+        if smooth
+        else torch.randn(T, KV_HEADS, DIM, device=DEV, dtype=torch.bfloat16, generator=gen),
         k=k,
         v=v,
         ik=ik,
@@ -108,10 +146,17 @@ def paged_problem(B: int, L: int, q_len: int, index_dtype: torch.dtype, seed: in
         cu=torch.arange(0, T + 1, q_len, device=DEV, dtype=torch.int32),
         seq_lens=torch.full((B,), L, device=DEV, dtype=torch.int32),
         q_len=q_len,
+        L=L,
     )
 
 
 def msa_step(p: dict):
+    """What an MSA layer runs: the selection and sparse attention, or, while every visible block
+    would be selected, dense attention (the same result)."""
+    if not selection_needed(p["L"], BLOCK, TOPK):
+        return paged_attention_triton(
+            p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=p["q_len"]
+        )
     ids, _ = select_blocks_triton(
         p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=p["q_len"]
     )
@@ -244,10 +289,13 @@ def dense_decode(B: int, L: int, bw: float) -> dict:
     )
 
 
-def msa_prefill_ms(L: int, chunk: int, index_dtype=torch.bfloat16) -> dict:
+def msa_prefill_ms(
+    L: int, chunk: int, index_dtype=torch.bfloat16, smooth: bool = False, block_t: int | None = None
+) -> dict:
     """One MSA layer over L tokens of one sequence, in chunks: each chunk selects blocks over its
-    prefix (causal inside the chunk) and attends to them."""
-    p = paged_problem(1, L, L, index_dtype)
+    prefix (causal inside the chunk) and attends to them. ``block_t``: query tokens per attention
+    program (None: the kernel's choice)."""
+    p = paged_problem(1, L, L, index_dtype, smooth=smooth)
     cus = torch.tensor([0, chunk], device=DEV, dtype=torch.int32)
     steps = []
     for s in range(0, L, chunk):
@@ -267,20 +315,22 @@ def msa_prefill_ms(L: int, chunk: int, index_dtype=torch.bfloat16) -> dict:
     def attention_only():
         for (r, cu, sl, n), ids in zip(steps, all_ids, strict=True):
             sparse_attention_triton(
-                p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n
+                p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n, block_t=block_t
             )
 
     def both():
         for r, cu, sl, n in steps:
             ids, _ = select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)
             sparse_attention_triton(
-                p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n
+                p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n, block_t=block_t
             )
 
     reps = 3 if L <= 2**17 else 1
     res = dict(
         context=L,
         chunk=chunk,
+        queries="smooth" if smooth else "independent",
+        block_t=block_t,
         index_ms=event_time_ms(index_only, reps),
         sparse_attention_ms=event_time_ms(attention_only, reps),
         msa_ms=event_time_ms(both, reps),
@@ -366,68 +416,99 @@ def print_table(res: dict) -> None:
         )
     for r in res["prefill"]:
         print(
-            f"prefill L={r['context']}: MSA {r['msa_ms']:.1f} ms (index {r['index_ms']:.1f}, attention "
+            f"prefill L={r['context']} ({r['queries']} queries): MSA {r['msa_ms']:.1f} ms "
+            f"(index {r['index_ms']:.1f}, attention "
             f"{r['sparse_attention_ms']:.1f}), dense SDPA {r.get('sdpa_ms')} ms ({r.get('sdpa_backend')}), "
             f"speedup {r.get('speedup', float('nan')):.1f}x"
         )
     print(f"decode crossover (batch 1, bf16 index keys): {res.get('decode_crossover')}")
 
 
-def sweep() -> None:
-    """Tuning sweep (not part of the report): per-kernel times over chunk size, pipelining depth
-    and split count, and the cost of a kernel launch inside a graph."""
-
+def sweep(part: str) -> None:
+    """Tuning sweep (not part of the report): per-kernel times over the launch parameters, and the
+    cost of a kernel launch inside a graph. ``part``: all, decode or prefill."""
     x = torch.zeros(16, device=DEV)
-    for n in (1, 4):
+    for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
-    p = paged_problem(1, 131072, 8192, torch.bfloat16)
-    ids, _ = select_blocks_triton(
-        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=8192
-    )
-    for nw, st in ((4, 2), (4, 1), (4, 3), (2, 1), (2, 2), (8, 2)):
+    for L, B in ((2048, 1), (8192, 1), (131072, 1), (1048576, 1), (131072, 8)) if part != "prefill" else ():
+        for dt in (torch.bfloat16, torch.float8_e4m3fn):
+            if dt != torch.bfloat16 and L < 131072:
+                continue
+            sweep_decode(L, B, dt)
+            torch.cuda.empty_cache()
+    for smooth in (False, True) if part != "decode" else ():
+        sweep_prefill(smooth)
+        torch.cuda.empty_cache()
+
+
+def sweep_prefill(smooth: bool) -> None:
+    p = paged_problem(1, 131072, 8192, torch.bfloat16, smooth=smooth)
+    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=8192)
+    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
+    for bt in (1, 2, 4, 8):
         t = event_time_ms(
-            lambda nw=nw, st=st: sparse_attention_triton(
-                p["q"],
-                p["k"],
-                p["v"],
-                p["table"],
-                p["cu"],
-                p["seq_lens"],
-                ids,
-                scale=SCALE,
-                max_q_len=8192,
-                num_warps=nw,
-                num_stages=st,
+            lambda bt=bt: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, block_t=bt), 3
+        )
+        print(f"prefill chunk smooth={smooth} attention block_t={bt}: {t:.2f} ms", flush=True)
+    for bt, cb, nw in (
+        (None, None, None),
+        (32, None, None),
+        (128, None, None),
+        (64, 64, None),
+        (64, None, 4),
+    ):
+        t = event_time_ms(
+            lambda bt=bt, cb=cb, nw=nw: select_blocks_triton(
+                *a, topk=TOPK, max_q_len=8192, block_t=bt, chunk_blocks=cb, num_warps=nw
             ),
             3,
         )
-        print(f"prefill chunk attention warps={nw} stages={st}: {t:.2f} ms", flush=True)
-    t = event_time_ms(
-        lambda: select_blocks_triton(
-            p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=8192
-        ),
-        3,
-    )
-    print(f"prefill chunk index: {t:.2f} ms", flush=True)
-    for L, B in ((1048576, 1), (131072, 8)):
-        for dt in (torch.bfloat16, torch.float8_e4m3fn):
-            sweep_decode(L, B, dt)
+        print(
+            f"prefill chunk smooth={smooth} index block_t={bt} chunk={cb} warps={nw}: {t:.2f} ms", flush=True
+        )
 
 
 def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
     p = paged_problem(B, L, 1, dt)
     a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
-    t = graph_time_us(lambda: select_blocks_triton(*a, topk=TOPK, max_q_len=1))
-    print(f"L={L} B={B} {str(dt)[6:]} select {t:.1f} us", flush=True)
-    ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
-    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
-    for nw, st in ((4, 2), (4, 1), (8, 2), (8, 1), (2, 1)):
+    tag = f"L={L} B={B} {str(dt)[6:]}"
+    for cb, sb, nw, ms in (
+        (None, None, None, None),
+        (None, 1, 4, None),
+        (None, 1, 8, None),
+        (None, 2, 8, None),
+        (None, 4, 8, None),
+        (None, 4, 4, None),
+        (64, 2, 4, None),
+        (None, None, None, 256),
+    ):
+        if cb is not None and cb > triton.cdiv(L, BLOCK):
+            continue
         t = graph_time_us(
-            lambda nw=nw, st=st: sparse_attention_triton(
-                *kv, scale=SCALE, max_q_len=1, num_warps=nw, num_stages=st
+            lambda cb=cb, sb=sb, nw=nw, ms=ms: select_blocks_triton(
+                *a, topk=TOPK, max_q_len=1, chunk_blocks=cb, step_blocks=sb, num_warps=nw, merge_slice=ms
             )
         )
-        print(f"L={L} B={B} sparse attention warps={nw} stages={st}: {t:.1f} us", flush=True)
+        print(f"{tag} select chunk={cb} step={sb} warps={nw} merge_slice={ms}: {t:.1f} us", flush=True)
+    if dt != torch.bfloat16:
+        return
+    ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
+    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    for ns, nw in ((None, None), (16, 4), (8, 4), (8, 8), (4, 8), (16, 2)):
+        t = graph_time_us(
+            lambda ns=ns, nw=nw: sparse_attention_triton(
+                *kv, ids, scale=SCALE, max_q_len=1, num_splits=ns, num_warps=nw
+            )
+        )
+        print(f"{tag} sparse attention splits={ns} warps={nw}: {t:.1f} us", flush=True)
+    if L <= 8192:
+        t = graph_time_us(lambda: paged_attention_triton(*kv, scale=SCALE, max_q_len=1))
+        print(f"{tag} dense paged attention: {t:.1f} us", flush=True)
+        t = graph_time_us(lambda: msa_step(p))
+        print(f"{tag} MSA step: {t:.1f} us", flush=True)
+        d, best, _ = fastest_sdpa(lambda name: sdpa_decode_fn(B, L, 1, name), graph_time_us)
+        print(f"{tag} SDPA {best}: {d:.1f} us", flush=True)
 
 
 def main() -> None:
@@ -435,10 +516,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a few lengths only")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-1m-prefill", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="tuning sweep only")
+    ap.add_argument(
+        "--sweep", nargs="?", const="all", choices=["all", "decode", "prefill"], help="tuning sweep only"
+    )
     args = ap.parse_args()
     if args.sweep:
-        sweep()
+        sweep(args.sweep)
         return
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -497,14 +580,15 @@ def main() -> None:
     res["prefill"] = []
     best = None
     if checks["index_bf16"]["ok"] and checks["sparse_attention"]["ok"]:
-        for L in [131072] if args.no_1m_prefill or args.quick else [131072, 1048576]:
-            r = msa_prefill_ms(L, 8192)
+        lengths = [131072] if args.no_1m_prefill or args.quick else [131072, 1048576]
+        dense = {}
+        for L, smooth in [(L, sm) for L in lengths for sm in (False, True)]:
+            r = msa_prefill_ms(L, 8192, smooth=smooth)
             torch.cuda.empty_cache()
-            if L <= 131072:
-                r.update(dense_prefill_ms(L))
-                best = r.get("sdpa_backend")
-            elif best is not None:
-                r.update(dense_prefill_once_ms(L, best))
+            if L not in dense:
+                dense[L] = dense_prefill_ms(L) if L <= 131072 else dense_prefill_once_ms(L, best)
+                best = dense[L].get("sdpa_backend") or best
+            r.update(dense[L])
             if r.get("sdpa_ms"):
                 r["speedup"] = r["sdpa_ms"] / r["msa_ms"]
             r["index_floor_ms"] = r["index_tflop"] / res["matmul_tflops"] * 1e3

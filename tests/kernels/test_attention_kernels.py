@@ -148,3 +148,45 @@ def test_reference_with_all_blocks_is_dense_sdpa(case):
         logits = torch.einsum("qhd,hnd->qhn", q[s:e], k.repeat_interleave(group, 0)) * scale
         ref_lse = torch.logsumexp(logits.masked_fill(~mask[:, None, :], float("-inf")), -1)
         torch.testing.assert_close(lse[s:e], ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def shared_and_crowded(cfg, device, dtype, world):
+    """A long prefill chunk whose first half of queries repeat one token's selection (tiles that
+    share their blocks) and whose second half keeps independent selections over many blocks
+    (crowded tiles): the two-pass sparse prefill must give the reference either way."""
+    seq_lens, q_lens = [cfg["block"] * 70 + 5], [160]
+    batch, q, shards, ids = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=world)
+    ids[1:80] = ids[0]  # token 0's blocks are visible to every later token
+    return batch, q, shards, ids
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+def test_sparse_prefill_shared_and_crowded_tiles(world, monkeypatch):
+    _check_two_pass(dict(CPU, topk=6), "cpu", torch.float32, world, 2e-5, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+def test_sparse_prefill_shared_and_crowded_tiles_gpu(world, monkeypatch):
+    _check_two_pass(GPU, "cuda", torch.bfloat16, world, 2e-2, monkeypatch)
+
+
+def _check_two_pass(cfg, device, dtype, world, tol, monkeypatch):
+    from msa.kernels.sparse_attention import triton as kernel
+
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    batch, q, shards, ids = shared_and_crowded(cfg, device, dtype, world)
+    # Both kinds of first-pass tile occur (on shard 0): the rule of the launcher.
+    heads_p = cfg["heads"] // cfg["kv_heads"]
+    tile = kernel._SHARED_TILE * max(1, -(-16 // heads_p))
+    union_max = tile * cfg["topk"] // (3 * world)
+    unions = [
+        len({int(b) for b in ids[s : s + tile, 0].flatten() if b >= 0 and b % world == 0})
+        for s in range(0, ids.shape[0], tile)
+    ]
+    assert min(unions) <= union_max < max(unions), unions
+    scale = 1 / math.sqrt(cfg["dim"])
+    for rank in range(world):
+        out, lse = attend(q, shards[rank], batch, ids, rank, world, scale, True, "triton")
+        ref_out, ref_lse = attend(q, shards[rank], batch, ids, rank, world, scale, True, "reference")
+        check_close(out, lse, ref_out, ref_lse, tol)

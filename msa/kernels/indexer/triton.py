@@ -144,6 +144,7 @@ def _score_chunk_topk_kernel(
     STEPS: tl.constexpr = CHUNK // NB
     steps = tl.arange(0, STEPS)
     sub = tl.arange(0, NB)
+    offs_row = tl.arange(0, NB * BLOCK_SIZE) % BLOCK_SIZE  # token within its block, per tile row
     scores = tl.full([M, STEPS, NB], float("-inf"), tl.float32)
     for j in range(0, tl.cdiv(tl.minimum(CHUNK, n_local - lo), NB)):
         # NB blocks per step: one [NB * BLOCK_SIZE, D] tile keeps more bytes in flight.
@@ -152,15 +153,16 @@ def _score_chunk_topk_kernel(
         blk = shard_rank + (lo + here) * shard_world
         kpos = blk[:, None] * BLOCK_SIZE + offs_s[None, :]  # [NB, BLOCK_SIZE]
         live = (lo + here < n_local)[:, None] & (kpos < seq_len)
+        # One 2-D tile load (the addresses are flattened, not the loaded tile), so the
+        # pipeliner can prefetch the next step's keys while this one is scored.
+        row_page = tl.reshape(tl.broadcast_to(page[:, None], [NB, BLOCK_SIZE]), [NB * BLOCK_SIZE])
+        row_live = tl.reshape(live, [NB * BLOCK_SIZE])
         k = tl.load(
-            ik_ptr
-            + page[:, None, None] * stride_kp
-            + offs_s[None, :, None] * stride_ks
-            + offs_d[None, None, :],
-            mask=live[:, :, None],
+            ik_ptr + row_page[:, None] * stride_kp + offs_row[:, None] * stride_ks + offs_d[None, :],
+            mask=row_live[:, None],
             other=0.0,
-        )  # [NB, BLOCK_SIZE, D]
-        k = tl.reshape(k, [NB * BLOCK_SIZE, D]).to(q.dtype)
+        )  # [NB * BLOCK_SIZE, D]
+        k = k.to(q.dtype)
         if IEEE:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -250,9 +252,9 @@ def _merge_candidates_kernel(
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == SLICES - 1:
             every = tl.arange(0, SLICES * TOPK_P)
-            keys = tl.load(part + every, cache_modifier=".cg")
-            chosen = tl.reshape(_take_top(keys[None, :], TOPK, TOPK_P), [TOPK_P])
-            _store_selection(chosen, out_ids, out_scores, TOPK, TOPK_P)
+            picked = tl.load(part + every, cache_modifier=".cg")
+            best = tl.reshape(_take_top(picked[None, :], TOPK, TOPK_P), [TOPK_P])
+            _store_selection(best, out_ids, out_scores, TOPK, TOPK_P)
             tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
@@ -348,9 +350,9 @@ def launch_candidate_merge(
     scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
     n_cand = cand.shape[2] * cand.shape[3]
     topk_p = next_pow2(topk)
-    # Slices of at most 256 candidates (a one-warp reduction each), unless that leaves the final
+    # Slices of 128 candidates (a one-warp reduction each), unless that leaves the final
     # merge with more picks than the slices had.
-    slice_size = next_pow2(slice_size or max(256, topk_p))
+    slice_size = next_pow2(slice_size or max(128, topk_p))
     slices = triton.cdiv(n_cand, slice_size)
     if slices * topk_p >= n_cand:
         slice_size, slices = next_pow2(n_cand), 1
@@ -398,6 +400,7 @@ def select_blocks_triton(
     num_stages: int | None = None,
     step_blocks: int | None = None,
     merge_slice: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
 
@@ -405,8 +408,9 @@ def select_blocks_triton(
     in index_q's dtype, or float8_e4m3fn, read as fp16 with index_q). Returns (ids ``[T, G, topk]``
     int32 ascending, -1 padded; scores ``[T, G, topk]`` fp32, +inf for the forced local block, -inf
     for padding). ``max_q_len`` saves a host sync; ``block_t`` (query tokens per program),
-    ``chunk_blocks`` (blocks per program), ``step_blocks`` (blocks per load), ``num_stages`` and
-    ``merge_slice`` (candidates per merge program) override the heuristics.
+    ``chunk_blocks`` (blocks per program), ``step_blocks`` (blocks per load), ``num_stages``,
+    ``num_warps`` (of the scoring kernel) and ``merge_slice`` (candidates per merge program)
+    override the heuristics.
     """
     name = "select_blocks"
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -443,5 +447,6 @@ def select_blocks_triton(
         chunk_blocks=chunk_blocks,
         num_stages=num_stages,
         step_blocks=step_blocks,
+        num_warps=num_warps,
     )
     return launch_candidate_merge(cand, topk, slice_size=merge_slice)

@@ -40,32 +40,36 @@ def _combine_last(
     row_ok,
     M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    SPLITS_P: tl.constexpr,
 ):
     """Called by every split after writing its partial ``(out, lse)`` rows; the last split of the
-    unit to arrive merges all ``num_splits`` partials by log-sum-exp (a split that saw no key has
-    lse -inf and weighs 0), writes the final rows and re-zeroes the unit's ticket."""
+    unit to arrive merges all ``num_splits`` (<= ``SPLITS_P``) partials by log-sum-exp (a split
+    that saw no key has lse -inf and weighs 0), writes the final rows and re-zeroes the unit's
+    ticket. All partial lse come in one load and the partial outputs in an unrolled loop, so the
+    reads overlap instead of waiting on each other."""
     tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == num_splits - 1:
-        m = tl.full([M], float("-inf"), tl.float32)
-        for r in range(num_splits):
-            lse_r = tl.load(
-                part_lse_ptrs + r * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"
-            )
-            m = tl.maximum(m, lse_r)
+        r = tl.arange(0, SPLITS_P)
+        part_ok = (r < num_splits)[:, None] & row_ok[None, :]
+        lses = tl.load(
+            part_lse_ptrs[None, :] + r[:, None] * stride_ls,
+            mask=part_ok,
+            other=float("-inf"),
+            cache_modifier=".cg",
+        )  # [SPLITS_P, M]
+        m = tl.max(lses, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.zeros([M], tl.float32)
+        w = tl.exp(lses - m_safe[None, :])  # 0 for a split that saw no key
+        total = tl.sum(w, 0)
         merged = tl.zeros([M, HEAD_DIM], tl.float32)
-        for r in range(num_splits):
-            lse_r = tl.load(
-                part_lse_ptrs + r * stride_ls, mask=row_ok, other=float("-inf"), cache_modifier=".cg"
-            )
-            w = tl.exp(lse_r - m_safe)
-            o_r = tl.load(
-                part_out_ptrs + r * stride_os, mask=row_ok[:, None], other=0.0, cache_modifier=".cg"
-            )
-            merged += w[:, None] * o_r
-            total += w
+        for i in tl.static_range(SPLITS_P):
+            if i < num_splits:
+                o_i = tl.load(
+                    part_out_ptrs + i * stride_os, mask=row_ok[:, None], other=0.0, cache_modifier=".cg"
+                )
+                w_i = tl.sum(tl.where(r[:, None] == i, w, 0.0), 0)  # [M]
+                merged += w_i[:, None] * o_i
         seen = total > 0
         final = merged / tl.where(seen, total, 1.0)[:, None]
         final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
@@ -75,7 +79,7 @@ def _combine_last(
 
 
 @triton.jit
-def _sparse_decode_kernel(
+def _decode_kernel(
     q_ptr,
     k_ptr,
     v_ptr,
@@ -115,12 +119,15 @@ def _sparse_decode_kernel(
     BLOCK_SIZE: tl.constexpr,
     TOPK: tl.constexpr,
     PER_SPLIT: tl.constexpr,
+    SPARSE: tl.constexpr,
     IEEE: tl.constexpr,
     COMBINE: tl.constexpr,
+    SPLITS_P: tl.constexpr,
 ):
     """Decode (one query per sequence): program (sequence, group, split) attends over the
-    ``PER_SPLIT`` selected blocks ``split * PER_SPLIT ...``, loading them all at once. No query
-    offsets to read (token = sequence) and no loop: the chain is ids -> pages -> K/V."""
+    ``PER_SPLIT`` blocks in slots ``split * PER_SPLIT ...`` (of the selection, or dense: of the
+    shard's blocks), loading them all at once. No query offsets to read (token = sequence) and no
+    loop: the chain is ids -> pages -> K/V."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -130,11 +137,16 @@ def _sparse_decode_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_s = tl.arange(0, BLOCK_SIZE)
     slot = split * PER_SPLIT + tl.arange(0, PER_SPLIT)
-    blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < TOPK, other=-1)
-    mine = (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
-    page = tl.load(block_table_ptr + b * stride_bt + (blk - shard_rank) // shard_world, mask=mine, other=0)
-    page = page.to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + b)
+    if SPARSE:  # the slots of the selection: global block ids
+        blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < TOPK, other=-1)
+        mine = (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
+        local = (blk - shard_rank) // shard_world
+    else:  # the slots are this shard's blocks in order (TOPK: the block table's width)
+        local = slot
+        blk = shard_rank + slot * shard_world
+        mine = (slot < TOPK) & (blk * BLOCK_SIZE < seq_len)
+    page = tl.load(block_table_ptr + b * stride_bt + local, mask=mine, other=0).to(tl.int64)
     q = tl.load(
         q_ptr + b * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
     )
@@ -193,6 +205,7 @@ def _sparse_decode_kernel(
             row_ok,
             ROWS,
             HEAD_DIM,
+            SPLITS_P,
         )
 
 
@@ -215,6 +228,9 @@ def _paged_attention_kernel(
     shard_world,
     tiles_per_seq,
     num_splits,
+    crowded_ptr,
+    union_max,
+    shared_tiles_per_seq,
     stride_qt,
     stride_qh,
     stride_kp,
@@ -244,6 +260,9 @@ def _paged_attention_kernel(
     SPARSE: tl.constexpr,
     IEEE: tl.constexpr,
     COMBINE: tl.constexpr,
+    SPLITS_P: tl.constexpr,
+    ADAPT: tl.constexpr = 0,
+    SHARED_T: tl.constexpr = 1,
 ):
     M: tl.constexpr = BLOCK_T * HEADS_P
     pid = tl.program_id(0)
@@ -255,6 +274,10 @@ def _paged_attention_kernel(
     t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
     if t0 >= q_end:
         return
+    if ADAPT == 2:  # second pass: only the tokens of tiles the first pass found crowded
+        shared = b * shared_tiles_per_seq + (t0 - q_start) // SHARED_T
+        if tl.load(crowded_ptr + shared * tl.num_programs(1) + g) == 0:
+            return
     seq_len = tl.load(seq_lens_ptr + b)
     first_pos = seq_len - (q_end - q_start)  # global position of the sequence's first query
 
@@ -296,6 +319,13 @@ def _paged_attention_kernel(
         smaller = first[None, :] & (cand[None, :] < cand[:, None])
         rank = tl.where(first, tl.sum(smaller.to(tl.int32), 1), -1)  # [N]
         n_iter = tl.sum(first.to(tl.int32), 0)
+        if ADAPT == 1:
+            # First pass over tiles of several tokens: worth it while the tokens share blocks.
+            # A tile whose union is crowded is left to the second pass, token by token.
+            crowded = n_iter > union_max
+            tl.store(crowded_ptr + pid * tl.num_programs(1) + g, crowded.to(tl.int8))
+            if crowded:
+                return
         # Every page of the union up front, so no block waits on a block-table read.
         pages = tl.load(
             block_table_ptr + b * stride_bt + (cand - shard_rank) // shard_world, mask=first, other=0
@@ -374,6 +404,7 @@ def _paged_attention_kernel(
             row_ok,
             M,
             HEAD_DIM,
+            SPLITS_P,
         )
 
 
@@ -400,13 +431,18 @@ def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
         raise ValueError(f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}")
 
 
-def _launch_sparse_decode(
+_DENSE_DECODE_BLOCKS = 32
+_SHARED_TILE = 8  # tokens (times the minimum tile) of a shared first-pass tile in sparse prefill
+_ADAPTIVE_MIN_TOKENS = 64
+
+
+def _launch_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
-    block_ids: torch.Tensor,
+    block_ids: torch.Tensor | None,
     out: torch.Tensor,
     lse: torch.Tensor,
     *,
@@ -417,19 +453,33 @@ def _launch_sparse_decode(
     name: str,
     num_warps: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One query per sequence: split-K over the selected blocks, a few blocks per program."""
-    _check_block_ids(name, block_ids)
+    """One query per sequence: split-K over the selected blocks (dense: over the block table), a
+    few blocks per program."""
     B, H, D = q.shape
     H_kv = k_cache.shape[2]
-    topk = block_ids.shape[2]
+    if block_ids is not None:
+        _check_block_ids(name, block_ids)
+        topk, ids_arg, stride_it, stride_ig = (
+            block_ids.shape[2],
+            block_ids,
+            block_ids.stride(0),
+            block_ids.stride(1),
+        )
+    else:
+        topk, ids_arg, stride_it, stride_ig = max(1, block_table.shape[1]), block_table, 0, 0
+    # K and V of the blocks a program loads at once stay in registers: two 128 x 128 bf16 blocks.
+    most = next_pow2(max(1, 256 // D))
     if num_splits is None:
-        # One block per program while the grid stays within a few programs per SM; bigger
-        # batches group blocks so fewer partials are combined.
-        per_split = 1
-        while per_split < topk and B * H_kv * triton.cdiv(topk, per_split) > 4 * num_sms(q.device):
+        # Two blocks per program (one measured slower: twice the partials to combine), more while
+        # the grid would exceed a few programs per SM or the last split combine over 16 partials.
+        per_split = min(2, most)
+        while per_split < min(most, topk) and (
+            B * H_kv * triton.cdiv(topk, per_split) > 4 * num_sms(q.device)
+            or triton.cdiv(topk, per_split) > 16
+        ):
             per_split *= 2
     else:
-        per_split = next_pow2(triton.cdiv(topk, max(1, num_splits)))
+        per_split = min(most, next_pow2(triton.cdiv(topk, max(1, num_splits))))
     per_split = min(per_split, next_pow2(topk))
     splits = triton.cdiv(topk, per_split)
     if splits > 1:
@@ -439,13 +489,13 @@ def _launch_sparse_decode(
     else:
         part_out, part_lse, ticket_buf = out[None], lse[None], lse
     rows = max(16, next_pow2(H // H_kv))
-    _sparse_decode_kernel[(B, H_kv, splits)](
+    _decode_kernel[(B, H_kv, splits)](
         q,
         k_cache,
         v_cache,
         block_table,
         seq_lens,
-        block_ids,
+        ids_arg,
         part_out,
         part_lse,
         out,
@@ -463,8 +513,8 @@ def _launch_sparse_decode(
         v_cache.stride(1),
         v_cache.stride(2),
         block_table.stride(0),
-        block_ids.stride(0),
-        block_ids.stride(1),
+        stride_it,
+        stride_ig,
         part_out.stride(0),
         part_out.stride(1),
         part_out.stride(2),
@@ -479,9 +529,12 @@ def _launch_sparse_decode(
         BLOCK_SIZE=k_cache.shape[1],
         TOPK=topk,
         PER_SPLIT=per_split,
+        SPARSE=block_ids is not None,
         IEEE=q.dtype == torch.float32,
         COMBINE=splits > 1,
-        num_warps=num_warps or (4 if per_split * rows <= 32 else 8),
+        SPLITS_P=next_pow2(splits),
+        # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
+        num_warps=num_warps or (8 if B * H_kv * splits <= num_sms(q.device) else 4),
     )
     return out, lse
 
@@ -521,16 +574,26 @@ def launch_paged_attention(
         return out, lse
     heads_p = next_pow2(group)
     sparse = block_ids is not None
-    if sparse and longest == 1 and T == B and block_t is None:
-        return _launch_sparse_decode(
+    # Decode over a few blocks: the split-per-block kernel (every sparse step; dense ones while
+    # the block table is short, since its grid grows with the table).
+    if (
+        longest == 1
+        and T == B
+        and block_t is None
+        and (sparse or block_table.shape[1] <= _DENSE_DECODE_BLOCKS)
+    ):
+        return _launch_decode(
             q, k_cache, v_cache, block_table, seq_lens, block_ids, out, lse,
             scale=scale, shard_rank=shard_rank, shard_world=shard_world, num_splits=num_splits,
             name=name, num_warps=num_warps,
         )  # fmt: skip
+    # Sparse prefill picks its tile per tile: tokens whose selections overlap (neighbours on one
+    # topic) share one pass over the union of their blocks; where the union is crowded
+    # (unrelated selections), the masked rows cost more than the K/V reads saved, so those
+    # tokens go one by one in a second launch.
+    adaptive = sparse and block_t is None and num_splits is None and longest >= _ADAPTIVE_MIN_TOKENS
     if block_t is None:
-        # Dense: tiles of up to 128 rows. Sparse: one token's heads (16 rows for M3): the union of
-        # several tokens' selections grows with the tokens, and the masked work costs more than
-        # the K/V reads it saves.
+        # Dense: tiles of up to 128 rows. Sparse: one token's heads (16 rows for M3).
         rows = 16 if sparse else 128
         block_t = max(1, min(next_pow2(longest), rows // heads_p))
     block_t = max(block_t, triton.cdiv(16, heads_p))  # tl.dot needs M >= 16
@@ -548,63 +611,93 @@ def launch_paged_attention(
         programs = B * tiles * H_kv
         # About one program per SM: each split then walks a couple of blocks.
         num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
+    num_splits = min(num_splits, 64)  # the combine unrolls over the splits
+    adaptive = adaptive and num_splits == 1
     if num_splits > 1:
         part_out = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out[None], lse[None]
-    grid = (B * tiles, H_kv, num_splits)
     ticket_buf = tickets(q.device, B * tiles * H_kv) if num_splits > 1 else lse
-    _paged_attention_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        cu_seqlens_q,
-        seq_lens,
-        ids_arg,
-        part_out,
-        part_lse,
-        out,
-        lse,
-        ticket_buf,
-        scale * _LOG2E,
-        shard_rank,
-        shard_world,
-        tiles,
-        num_splits,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_table.stride(0),
-        stride_it,
-        stride_ig,
-        part_out.stride(0),
-        part_out.stride(1),
-        part_out.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
-        HEADS_PER_GROUP=group,
-        HEADS_P=heads_p,
-        BLOCK_T=block_t,
-        HEAD_DIM=D,
-        BLOCK_SIZE=k_cache.shape[1],
-        TOPK=topk,
-        TOPK_P=next_pow2(topk),
-        SPARSE=sparse,
-        IEEE=q.dtype == torch.float32,
-        COMBINE=num_splits > 1,
-        num_warps=num_warps or (4 if block_t * heads_p <= 64 else 8),
-        num_stages=num_stages or 2,
-    )
+    topk_p = next_pow2(topk)
+
+    def launch(
+        tile_t: int,
+        n_tiles: int,
+        adapt: int,
+        crowded: torch.Tensor,
+        union_max: int,
+        shared_t: int,
+        shared_tiles: int,
+    ):
+        _paged_attention_kernel[(B * n_tiles, H_kv, num_splits)](
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            cu_seqlens_q,
+            seq_lens,
+            ids_arg,
+            part_out,
+            part_lse,
+            out,
+            lse,
+            ticket_buf,
+            scale * _LOG2E,
+            shard_rank,
+            shard_world,
+            n_tiles,
+            num_splits,
+            crowded,
+            union_max,
+            shared_tiles,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            block_table.stride(0),
+            stride_it,
+            stride_ig,
+            part_out.stride(0),
+            part_out.stride(1),
+            part_out.stride(2),
+            part_lse.stride(0),
+            part_lse.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            HEADS_PER_GROUP=group,
+            HEADS_P=heads_p,
+            BLOCK_T=tile_t,
+            HEAD_DIM=D,
+            BLOCK_SIZE=k_cache.shape[1],
+            TOPK=topk,
+            TOPK_P=topk_p,
+            SPARSE=sparse,
+            IEEE=q.dtype == torch.float32,
+            COMBINE=num_splits > 1,
+            SPLITS_P=next_pow2(num_splits),
+            ADAPT=adapt,
+            SHARED_T=shared_t,
+            num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
+            num_stages=num_stages or 2,
+        )
+
+    if not adaptive:
+        launch(block_t, tiles, 0, lse, 0, 1, 1)
+        return out, lse
+    shared_t = _SHARED_TILE * block_t
+    shared_tiles = triton.cdiv(longest, shared_t)
+    crowded = torch.empty(B * shared_tiles * H_kv, dtype=torch.int8, device=q.device)
+    # Sharing pays while the union is under a third of the tile's selections (on this shard):
+    # a pass over one block with the whole tile's rows costs about 2.5 single-token passes.
+    union_max = shared_t * topk // (3 * shard_world)
+    launch(shared_t, shared_tiles, 1, crowded, union_max, shared_t, shared_tiles)
+    launch(block_t, tiles, 2, crowded, union_max, shared_t, shared_tiles)
     return out, lse
 
 
