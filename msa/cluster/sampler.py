@@ -12,7 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+
+from msa.cluster.transfer import to_device
 
 if TYPE_CHECKING:
     from msa.cluster.sequence import Sequence
@@ -93,9 +96,8 @@ def truncation_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 
 def _draw(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
     """Token ids ``[S]``: the draw of rows with temperature > 0, the argmax of the others."""
-    params = torch.tensor(
-        [[r.temperature, r.top_p, r.top_k, r.uniform()] for r in requests], dtype=torch.float64
-    ).to(logits.device)
+    rows = [[r.temperature, r.top_p, r.top_k, r.uniform()] for r in requests]
+    params = to_device(np.asarray(rows, dtype=np.float64), logits.device)
     temperature = params[:, 0:1].float()
     scaled = logits / torch.where(temperature > 0, temperature, 1.0)
     if any(0 < r.top_k < logits.shape[-1] or r.top_p < 1.0 for r in requests):

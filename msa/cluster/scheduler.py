@@ -24,7 +24,8 @@ class StepPlan:
     the packed ``token_ids``) on top of ``num_cached[b]`` cached ones; its pages are row
     ``table_rows[b]`` of the shards' block tables, which ``table_updates[r]`` brings up to date on
     sequence shard r first. ``samples`` names the rows whose last token's logits are sampled.
-    ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels.
+    ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels;
+    ``dense_attention`` runs the MSA layers' attention densely (benchmarks).
     Block-table rows belong to the scheduler that planned them: one scheduler drives an executor
     at a time."""
 
@@ -37,6 +38,7 @@ class StepPlan:
     samples: list[SampleRequest]
     return_logits: bool = False
     profile: bool = False
+    dense_attention: bool = False
     weight_version: int = 0
 
     @property

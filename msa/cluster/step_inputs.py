@@ -5,7 +5,8 @@ The block table stays on the device between steps, one row per sequence (``Block
 the rows); a step writes only the entries its plan adds. What else a step needs (positions, the
 cache slots of the new tokens, query offsets, lengths, which rows to sample) is computed on the
 host with numpy from the plan and a host copy of the table, and reaches the device in two copies
-(int64 and int32). Nothing is read back from the device, so building a step never waits for the GPU.
+(int64 and int32) that do not wait for the device (``msa.cluster.transfer``). Nothing is read
+back from the device, so building a step never waits for the GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from msa.cluster.block_manager import PageTableUpdate
 from msa.cluster.scheduler import StepPlan
+from msa.cluster.transfer import to_device
 from msa.model.kv_cache import AttentionBatch, ContextParallel, PagedKVCache
 
 
@@ -119,6 +121,7 @@ class StepInputBuilder:
             context_parallel=context_parallel,
             max_q_len=int(new.max(initial=0)),
             max_seq_len=int(seq_lens.max(initial=0)),
+            dense_attention=plan.dense_attention,
         )
         return StepInputs(token_ids=ids, batch=batch, sample_rows=sample_rows)
 
@@ -147,5 +150,5 @@ class StepInputBuilder:
 def _upload(parts: list, dtype: type, device: torch.device) -> list[torch.Tensor]:
     """Concatenate host arrays (or int lists), copy them to ``device`` at once, split them again."""
     arrays = [np.asarray(p, dtype=dtype).ravel() for p in parts]
-    whole = torch.from_numpy(np.concatenate(arrays)).to(device)
+    whole = to_device(np.concatenate(arrays), device)
     return list(torch.split(whole, [a.size for a in arrays]))

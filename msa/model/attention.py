@@ -88,7 +88,7 @@ class Attention(nn.Module):
         k = apply_rope(self.k_norm(self.k_proj(x).view(T, -1, h)), cos, sin)
         v = self.v_proj(x).view(T, -1, h)
         index_q = index_k = None
-        if self.sparse:
+        if self.sparse and not batch.dense_attention:
             index_q = apply_rope(
                 self.index_q_norm(self.index_q_proj(x).view(T, -1, self.index_dim)), cos, sin
             )
@@ -109,7 +109,7 @@ class Attention(nn.Module):
         b = view.batch
         shard = {"shard_rank": b.shard_rank, "shard_world": b.shard_world}
         block_ids = None
-        if self.sparse and selection_needed(b.max_seq_len, b.block_size, self.topk):
+        if index_q is not None and selection_needed(b.max_seq_len, b.block_size, self.topk):
             with torch.no_grad():
                 block_ids = self.select(index_q, view)
         if differentiable:

@@ -40,7 +40,9 @@ class AttentionBatch:
     stores it). ``cache`` None means a cache-free forward (training, full-sequence scoring):
     the layer builds pages from the step's own keys. ``max_q_len`` and ``max_seq_len``, the
     longest query run and sequence as host ints, spare the kernels a device-to-host read and let
-    a step whose sequences all fit in the top-k blocks skip block selection.
+    a step whose sequences all fit in the top-k blocks skip block selection. ``dense_attention``
+    has the MSA layers attend densely like the dense ones, without their indexer (benchmarks
+    compare the two on the same weights and cache).
     """
 
     positions: torch.Tensor
@@ -55,6 +57,7 @@ class AttentionBatch:
     context_parallel: ContextParallel | None = None
     max_q_len: int | None = None
     max_seq_len: int | None = None
+    dense_attention: bool = False
 
     def rope(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of this step's positions, computed once per step and shared by all layers."""

@@ -194,7 +194,10 @@ class SparseMoE(nn.Module):
         held = (local >= 0) & (local < num_experts)
         group = torch.where(held, local, num_experts).flatten()  # pairs held elsewhere sort last
         order = torch.argsort(group, stable=True)
-        ends = torch.bincount(group, minlength=num_experts + 1)[:num_experts].cumsum(0).to(torch.int32)
+        # Counted by a scatter: bincount on a GPU reads the largest id back to the host.
+        counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=x.device)
+        counts.index_add_(0, group, torch.ones_like(group))
+        ends = counts[:num_experts].cumsum(0).to(torch.int32)
         token = order // k
         gate_up = torch._grouped_mm(x[token], w13.transpose(1, 2), offs=ends)
         gate, up = gate_up.chunk(2, dim=-1)

@@ -177,6 +177,22 @@ def test_selection_is_really_sparse(model):
     assert torch.equal((ids >= 0).sum(-1).amin(-1), torch.clamp(visible, max=4))
 
 
+def test_dense_attention_flag_runs_the_msa_layers_as_the_dense_model_does(model):
+    """The benchmark's dense side: the same weights with every layer dense (index weights unused)."""
+    config = dataclasses.replace(model.config, sparse_attention_freq=[0] * model.config.num_hidden_layers)
+    dense = MiniMaxM3ForCausalLM(config).eval()
+    missing, unexpected = dense.load_state_dict(model.state_dict(), strict=False)
+    assert not missing and unexpected and all(".index_" in name for name in unexpected)
+    ids = torch.tensor(list(range(60)))
+    batch = cache_free_batch([60], config.sparse.block_size)
+    with torch.no_grad():
+        want = dense(ids, batch)
+        got = model(ids, dataclasses.replace(batch, dense_attention=True))
+        sparse = model(ids, batch)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(sparse, want, atol=1e-3)
+
+
 def run_incremental(model, seqs, steps, shuffle_pages=True):
     """Feed each sequence in the given step sizes through a paged cache; return the logits of
     every fed token per sequence."""
