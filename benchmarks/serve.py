@@ -220,6 +220,8 @@ def main() -> int:
     if args.num_pages is not None or device == "cpu":
         # On the CPU the cache is sized by pages: room for every stream's prompt and output at once.
         config_args["num_pages"] = args.num_pages or 4096
+    if device == "cuda":
+        config_args["engine"] = {"random_init": "device"}  # a preset's weights drawn on the GPU
     if device == "cpu":
         # Ray gives an actor OMP_NUM_THREADS = its num_cpus; match the threads torch uses here.
         config_args["replica_num_cpus"] = float(torch.get_num_threads())
