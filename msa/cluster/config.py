@@ -29,6 +29,9 @@ class EngineConfig:
     ``gpu_memory_utilization`` after the weights, CPU shards from ``kv_cache_memory_bytes``.
     max_num_batched_tokens: per-step token budget shared by decodes and prefill chunks.
     max_waiting: requests allowed to queue before ``generate`` raises EngineOverloadedError.
+    weight_bucket_bytes: payload size of one weight-update bucket (``msa.cluster.weights``).
+    ray_shards: run the shard as a Ray actor even when tp = sp = 1, so it gets a GPU of its own
+    from Ray instead of the caller's (RL: the engine beside its trainers' GPUs).
     """
 
     model: str | ModelConfig = "tiny"
@@ -49,6 +52,7 @@ class EngineConfig:
     health_timeout_s: float = 30.0
     start_timeout_s: float = 600.0
     tokenizer: str | None = None
+    ray_shards: bool = False
 
     def __post_init__(self) -> None:
         counts = ("tp", "sp", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "weight_bucket_bytes")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from msa.cluster.protocol import (
 from msa.cluster.sampler import SampleResult
 from msa.cluster.scheduler import Scheduler, StepPlan
 from msa.cluster.sequence import Sequence
-from msa.cluster.weights import WeightBucket, pack_buckets
+from msa.cluster.weights import BucketLayout, WeightBucket, pack_buckets
 from msa.platform.config import ModelConfig, load_config, preset
 from msa.platform.tokenizer import Tokenizer
 
@@ -97,7 +97,8 @@ class MSAEngine:
             return
         self.tokenizer = await asyncio.to_thread(_tokenizer_for, self.config)
         self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
-        executor = LocalExecutor(self.config) if self.config.world_size == 1 else RayExecutor(self.config)
+        local = self.config.world_size == 1 and not self.config.ray_shards
+        executor = LocalExecutor(self.config) if local else RayExecutor(self.config)
         try:
             num_pages = await executor.start()
         except BaseException:
@@ -270,7 +271,8 @@ class MSAEngine:
             raise
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
-        """Pack full tensors into checksummed buckets and load them into every shard."""
+        """Pack full tensors held by the caller into checksummed buckets and load them into every
+        shard through Ray's object store (the path for a caller with no weight group)."""
         buckets = pack_buckets(named_tensors, version, self.config.weight_bucket_bytes)
         await self.load_weight_buckets(buckets, version)
 
@@ -278,13 +280,42 @@ class MSAEngine:
         """Stage already packed buckets on every shard (each verifies its checksum), then switch all
         shards to ``version`` between two steps. On any error the staged tensors are dropped, the
         engine keeps its current weights, and the error (WeightUpdateError names the bucket) is raised."""
+
+        async def stage() -> None:
+            iterator = iter(buckets)
+            while (bucket := await asyncio.to_thread(next, iterator, None)) is not None:
+                await self.executor.stage_weights(bucket)
+
+        await self._load_weights(stage, version)
+
+    async def open_weight_group(
+        self, host: str, port: int, world: int, first_rank: int, layout: BucketLayout
+    ) -> None:
+        """Join every shard to a weight-broadcast group whose rank 0 (the sender, e.g. a trainer)
+        hosts its store at ``host:port``; shard r is rank ``first_rank + r`` of ``world``. Returns
+        once every member has joined. Later broadcasts carry buckets of ``layout``."""
+        if self._dead is not None:
+            raise EngineDeadError(str(self._dead))
+        await self.executor.open_weight_group(host, port, world, first_rank, layout)
+
+    async def receive_weights(self, version: int) -> None:
+        """Take one broadcast of full weights from the weight group (the sender broadcasts at the
+        same time), then switch every shard to ``version`` between two steps, as
+        ``load_weight_buckets`` does; a bad bucket raises WeightUpdateError and changes nothing."""
+        await self._load_weights(lambda: self.executor.receive_weights(version), version)
+
+    async def close_weight_group(self) -> None:
+        if self.executor is not None:
+            await self.executor.close_weight_group()
+
+    async def _load_weights(self, stage: Callable[[], Awaitable[None]], version: int) -> None:
+        """Steps keep running while ``stage`` fills every shard's staging area; the switch to
+        ``version`` happens under the step lock, so a step never mixes versions."""
         if self._dead is not None:
             raise EngineDeadError(str(self._dead))
         async with self._update_lock:
-            iterator = iter(buckets)
             try:
-                while (bucket := await asyncio.to_thread(next, iterator, None)) is not None:
-                    await self.executor.stage_weights(bucket)
+                await stage()
                 async with self._step_lock:
                     await self.executor.commit_weights(version)
                     self.weight_version = version

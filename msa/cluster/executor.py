@@ -18,7 +18,7 @@ from msa.cluster.protocol import EngineDeadError, EngineError
 from msa.cluster.sampler import SampleResult
 from msa.cluster.scheduler import StepPlan
 from msa.cluster.shard import ModelShard, ShardSpec
-from msa.cluster.weights import WeightBucket
+from msa.cluster.weights import BucketLayout, WeightBucket
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,20 @@ class ModelExecutor(abc.ABC):
 
     @abc.abstractmethod
     async def stage_weights(self, bucket: WeightBucket) -> None: ...
+
+    @abc.abstractmethod
+    async def open_weight_group(
+        self, host: str, port: int, world: int, first_rank: int, layout: BucketLayout
+    ) -> None:
+        """Every shard joins the weight-broadcast group at ``host:port`` (shard r as rank
+        ``first_rank + r``); returns once all have joined, which needs the sender to join too."""
+
+    @abc.abstractmethod
+    async def receive_weights(self, version: int) -> None:
+        """Every shard stages one broadcast of the weight group and checks its buckets."""
+
+    @abc.abstractmethod
+    async def close_weight_group(self) -> None: ...
 
     @abc.abstractmethod
     async def commit_weights(self, version: int) -> None: ...
@@ -95,6 +109,20 @@ class LocalExecutor(ModelExecutor):
 
     async def stage_weights(self, bucket: WeightBucket) -> None:
         await self._call(self.shard.stage_weights, bucket, timeout=self.config.step_timeout_s)
+
+    async def open_weight_group(
+        self, host: str, port: int, world: int, first_rank: int, layout: BucketLayout
+    ) -> None:
+        timeout = self.config.step_timeout_s
+        await self._call(
+            self.shard.open_weight_group, host, port, world, first_rank, layout, timeout, timeout=timeout
+        )
+
+    async def receive_weights(self, version: int) -> None:
+        await self._call(self.shard.receive_weights, version, timeout=self.config.step_timeout_s)
+
+    async def close_weight_group(self) -> None:
+        self.shard.close_weight_group()
 
     async def commit_weights(self, version: int) -> None:
         await self._call(self.shard.commit_weights, version, timeout=self.config.step_timeout_s)
@@ -166,6 +194,18 @@ class RayExecutor(ModelExecutor):
 
         ref = ray.put(bucket)  # one copy in the object store, read by every shard
         await self._all("stage_weights", ref, timeout=self.config.step_timeout_s)
+
+    async def open_weight_group(
+        self, host: str, port: int, world: int, first_rank: int, layout: BucketLayout
+    ) -> None:
+        timeout = self.config.step_timeout_s
+        await self._all("open_weight_group", host, port, world, first_rank, layout, timeout, timeout=timeout)
+
+    async def receive_weights(self, version: int) -> None:
+        await self._all("receive_weights", version, timeout=self.config.step_timeout_s)
+
+    async def close_weight_group(self) -> None:
+        await self._all("close_weight_group", timeout=self.config.step_timeout_s)
 
     async def commit_weights(self, version: int) -> None:
         await self._all("commit_weights", version, timeout=self.config.step_timeout_s)

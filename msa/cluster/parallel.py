@@ -44,11 +44,17 @@ def check_parallel_shape(config: ModelConfig, tp: int) -> None:
             raise ConfigError(f"tp={tp} must divide the model's {name} ({count})")
 
 
+def engine_runs(name: str) -> bool:
+    """Whether some shard of the engine holds (part of) the checkpoint tensor ``name``: all but
+    the MTP modules, which the engine does not run."""
+    return not name.startswith("model.mtp.")
+
+
 def tensor_part(name: str, tp_rank: int, tp: int, config: ModelConfig) -> TensorPart | None:
     """Which part of the full checkpoint tensor ``name`` tensor-parallel rank ``tp_rank`` holds,
     under the name it has in that rank's model; None when the rank holds none of it (another
     rank's expert, or an MTP module, which the engine does not run)."""
-    if name.startswith("model.mtp."):
+    if not engine_runs(name):
         return None
     expert = _EXPERT.match(name)
     if expert:

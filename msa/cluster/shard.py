@@ -27,7 +27,16 @@ from msa.cluster.protocol import WeightUpdateError
 from msa.cluster.sampler import SampleResult, sample
 from msa.cluster.scheduler import StepPlan
 from msa.cluster.step_inputs import StepInputBuilder
-from msa.cluster.weights import WeightBucket, unpack_bucket
+from msa.cluster.weight_transport import WeightGroup, receive_buckets
+from msa.cluster.weights import (
+    BucketLayout,
+    BucketSpec,
+    WeightBucket,
+    bucket_check,
+    bucket_views,
+    raise_on_mismatch,
+    unpack_bucket,
+)
 from msa.model.kv_cache import PagedKVCache, cache_free_batch
 from msa.platform.config import ModelConfig
 
@@ -73,6 +82,8 @@ class ModelShard:
         self.weight_version = 0
         self._staged: list[tuple[str, torch.Tensor]] = []
         self._staged_version: int | None = None
+        self._weight_group: WeightGroup | None = None
+        self._weight_layout: BucketLayout | None = None
 
     def free_port(self) -> int:
         return free_port()
@@ -189,17 +200,70 @@ class ModelShard:
         self._profile_forward(1)
         return self.weight_version
 
+    def _start_staging(self, version: int) -> None:
+        if self._staged_version != version:
+            self._staged, self._staged_version = [], version
+
+    def _stage_views(self, named: list[tuple[str, torch.Tensor]]) -> int:
+        """Keep copies of this rank's slices (as the initial load cuts them) of full tensors."""
+        pieces = slice_for_rank(self.model, named, self.groups)
+        self._staged.extend((name, t.clone()) for name, t in pieces)
+        return len(pieces)
+
     def stage_weights(self, bucket: WeightBucket) -> int:
         """Verify a bucket's checksum and keep this rank's slices of its tensors until
-        ``commit_weights``; returns how many tensors it kept. Raises WeightUpdateError."""
-        if self._staged_version != bucket.version:
-            self._staged, self._staged_version = [], bucket.version
+        ``commit_weights``; returns how many tensors it kept. Raises WeightUpdateError. The slices
+        wait in host memory, so this path needs no device memory beyond the model."""
+        self._start_staging(bucket.version)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Ray hands the payload over read-only
             tensors = unpack_bucket(bucket)
-        pieces = slice_for_rank(self.model, tensors, self.groups)
-        self._staged.extend((name, t.clone()) for name, t in pieces)
-        return len(pieces)
+        return self._stage_views(tensors)
+
+    def open_weight_group(
+        self, host: str, port: int, world: int, first_rank: int, layout: BucketLayout, timeout_s: float
+    ) -> None:
+        """Join the trainer -> engine weight group (``msa.cluster.weight_transport``) as rank
+        ``first_rank + spec.rank``; every later ``receive_weights`` expects buckets of ``layout``."""
+        self.close_weight_group()
+        self._weight_group = WeightGroup(
+            host, port, first_rank + self.spec.rank, world, self.device, timeout_s
+        )
+        self._weight_layout = layout
+
+    def close_weight_group(self) -> None:
+        if self._weight_group is not None:
+            self._weight_group.close()
+        self._weight_group, self._weight_layout = None, None
+
+    @torch.no_grad()
+    def receive_weights(self, version: int) -> int:
+        """Take every bucket of one broadcast from the weight group, keep this rank's slices until
+        ``commit_weights``, then check every bucket's checksum and version at once. Returns the
+        tensors kept; raises WeightUpdateError naming the first bad bucket. Every bucket is taken
+        off the wire even after an error, so the sender never waits on this shard. The slices wait
+        on the device: for the sync this shard needs room for a second copy of its weights and two
+        buckets beyond its KV cache."""
+        if self._weight_group is None:
+            raise WeightUpdateError("this shard has not joined a weight group (open_weight_group)")
+        self._start_staging(version)
+        specs: list[BucketSpec] = []
+        checks: list[torch.Tensor] = []
+        error: WeightUpdateError | None = None
+        kept = 0
+        for spec, flat in receive_buckets(self._weight_group, self._weight_layout):
+            specs.append(spec)
+            checks.append(bucket_check(spec, flat))
+            if error is None:
+                try:
+                    kept += self._stage_views(bucket_views(spec, flat))
+                except WeightUpdateError as e:
+                    error = e
+        if error is not None:
+            raise error
+        if checks:
+            raise_on_mismatch(specs, torch.stack(checks).cpu(), version)
+        return kept
 
     @torch.no_grad()
     def commit_weights(self, version: int) -> int:
@@ -218,5 +282,6 @@ class ModelShard:
         self._staged, self._staged_version = [], None
 
     def shutdown(self) -> None:
+        self.close_weight_group()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -57,7 +57,8 @@ class ModelSection:
 
 @dataclass(kw_only=True, slots=True)
 class EngineSection:
-    """The rollout engine (``msa.cluster.engine.MSAEngine``): its split and KV budget."""
+    """The rollout engine (``msa.cluster.engine.MSAEngine``): its split and KV budget, and the
+    size of one bucket of the trainers' weight broadcast."""
 
     tp: int = 1
     sp: int = 1
@@ -65,9 +66,12 @@ class EngineSection:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     gpu_memory_utilization: float = 0.5
+    weight_bucket_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
-        _int_at_least(self, "engine", 1, "tp", "sp", "max_num_seqs", "max_num_batched_tokens")
+        _int_at_least(
+            self, "engine", 1, "tp", "sp", "max_num_seqs", "max_num_batched_tokens", "weight_bucket_bytes"
+        )
         _require(
             self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
             "engine.num_pages",

@@ -36,7 +36,7 @@ from msa.rl.envs import ENVIRONMENTS
 from msa.rl.metrics import RunLogger
 from msa.rl.placement import TrainerGroup, runtime_env
 from msa.rl.rollout import RolloutBatch, RolloutWorker
-from msa.rl.sync import sync_weights
+from msa.rl.sync import WeightSync
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ def engine_config(config: RLConfig) -> EngineConfig:
         max_num_seqs=e.max_num_seqs,
         max_num_batched_tokens=e.max_num_batched_tokens,
         gpu_memory_utilization=e.gpu_memory_utilization,
+        weight_bucket_bytes=e.weight_bucket_bytes,
+        # On GPUs the engine's shard needs a GPU of its own beside the trainers' for the weight group.
+        ray_shards=config.model.device == "cuda",
     )
 
 
@@ -138,7 +141,9 @@ async def _loop(
         restore_rng(state.rng)
         log.info("resumed from %s at step %d", directory, state.step)
     # The engine serves exactly the trainers' weights from the first rollout on.
-    await sync_weights(engine, actors, version=state.step, dtype=config.model.dtype)
+    weights = WeightSync(engine, actors, config.model.dtype)
+    await weights.open()
+    await weights.sync(state.step)
     logger = RunLogger(out, config.logging, config.to_dict(), start_step=state.step, wandb_id=state.wandb_id)
     pending = state.pending
     bar = tqdm(
@@ -181,7 +186,7 @@ async def _loop(
         metrics["time/train"] = time.perf_counter() - train_start
 
         # 3. Weight sync: the engine switches to version step + 1 between two of its steps.
-        report = await sync_weights(engine, actors, version=step + 1, dtype=config.model.dtype)
+        report = await weights.sync(step + 1)
         metrics |= report.metrics()
         metrics["time/step"] = time.perf_counter() - step_start
 
@@ -205,6 +210,7 @@ async def _loop(
             )
             mark_latest(out, directory, config.run.keep_checkpoints)
     logger.close()
+    await weights.close()
     return RunSummary(
         steps_run=config.run.steps - state.step, final_step=config.run.steps, history=logger.history
     )

@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 import random
 import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from msa.cluster.weight_transport import WeightGroup, send_buckets
+from msa.cluster.weights import BucketLayout, TensorSpec
 from msa.model import cache_free_batch
 from msa.platform.checkpoint import keeps_fp32, load_model
 from msa.rl.algorithms import policy_loss_sums
@@ -50,7 +54,9 @@ def deepspeed_config(section: TrainerSection, *, bf16: bool) -> dict[str, Any]:
 
 class PolicyTrainer:
     """Rank ``rank`` of ``world``. Call ``setup`` once (it joins the process group), then
-    ``train_step`` per rollout batch; ``named_weights`` feeds the engine's weight update."""
+    ``train_step`` per rollout batch. The weights reach the engine through the weight group
+    (``open_weight_group`` once, ``broadcast_weights`` per sync) or, for a caller without one,
+    as CPU tensors from ``named_weights``."""
 
     def __init__(
         self, rank: int, world: int, model: ModelSection, trainer: TrainerSection, algorithm: AlgorithmSection
@@ -59,6 +65,8 @@ class PolicyTrainer:
         self.model_section, self.section, self.algorithm = model, trainer, algorithm
         self.engine = None
         self.reference = None
+        self._weight_group: WeightGroup | None = None
+        self._weight_layout: BucketLayout | None = None
 
     def address(self) -> tuple[str, int]:
         return free_address()
@@ -189,34 +197,90 @@ class PolicyTrainer:
 
     # Weights and checkpoints -------------------------------------------------------------------
 
+    @staticmethod
+    def _sync_dtype(name: str, dtype: torch.dtype, cast: torch.dtype | None) -> torch.dtype:
+        """``cast`` for floating tensors, except the fp32 router tensors, which the engine keeps."""
+        if cast is not None and dtype.is_floating_point and not keeps_fp32(name):
+            return cast
+        return dtype
+
     @torch.no_grad()
     def named_weights(self, dtype: str | None = None) -> list[tuple[str, torch.Tensor]]:
         """Full (unsharded) policy weights on the CPU by state_dict name, cast to ``dtype`` if given
         (the fp32 router tensors stay fp32, as the engine keeps them). Rank 0 returns them, other
         ranks an empty list; under ZeRO-3 every rank must be called, since each parameter is
         all-gathered (one at a time, so no rank ever holds a second full copy)."""
-        module = self.engine.module
         cast = getattr(torch, dtype) if dtype else None
         out = []
-        for name, tensor in self._full_tensors(module):
-            if self.rank != 0:
-                continue
-            tensor = tensor.detach()
-            if cast is not None and tensor.is_floating_point() and not keeps_fp32(name):
-                tensor = tensor.to(cast)
-            out.append((name, tensor.to("cpu", copy=True)))
+        for name, tensor in self._full_tensors():
+            if self.rank == 0:
+                tensor = tensor.detach().to(self._sync_dtype(name, tensor.dtype, cast))
+                out.append((name, tensor.to("cpu", copy=True)))
         return out
 
-    def _full_tensors(self, module: torch.nn.Module):
-        if self.section.zero_stage != 3:
-            yield from module.state_dict().items()
-            return
-        import deepspeed
-
+    def _full_tensors(self, names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full tensors by state_dict name, in module order (only ``names`` when given). Under
+        ZeRO-3 each parameter is gathered, by every rank, while the consumer holds it."""
+        module = self.engine.module
+        zero3 = self.section.zero_stage == 3
+        if zero3:
+            import deepspeed
         for name, param in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([param]):
+            if names is not None and name not in names:
+                continue
+            if zero3:
+                with deepspeed.zero.GatheredParameters([param]):
+                    yield name, param.data
+            else:
                 yield name, param.data
-        yield from module.named_buffers()
+        for name, buffer in module.named_buffers():
+            if names is None or name in names:
+                yield name, buffer
+
+    def weight_manifest(self, dtype: str | None = None) -> list[TensorSpec]:
+        """Name, full shape and sync dtype of every tensor ``_full_tensors`` yields, in order,
+        without gathering anything (a ZeRO-3 parameter knows its full shape as ``ds_shape``)."""
+        cast = getattr(torch, dtype) if dtype else None
+        module = self.engine.module
+        specs = []
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            shape = tuple(getattr(t, "ds_shape", t.shape))
+            specs.append(TensorSpec(name, shape, self._sync_dtype(name, t.dtype, cast)))
+        return specs
+
+    def open_weight_group(
+        self, host: str, port: int, world: int, layout: BucketLayout, timeout_s: float
+    ) -> None:
+        """Rank 0 joins the weight group as its sender (rank 0, hosting the store at
+        ``host:port``); every rank keeps ``layout``, since under ZeRO-3 all of them gather."""
+        self.close_weight_group()
+        self._weight_layout = layout
+        if self.rank == 0:
+            self._weight_group = WeightGroup(host, port, 0, world, self.device, timeout_s)
+
+    @torch.no_grad()
+    def broadcast_weights(self, version: int, corrupt_bucket: int | None = None) -> dict[str, float]:
+        """Send the full policy weights as ``version`` through the weight group, bucket by bucket
+        from this device (every rank must be called under ZeRO-3; only rank 0 sends). Returns the
+        tensor bytes sent and the seconds it took. ``corrupt_bucket`` damages that bucket in
+        transit, after its checksum was taken (tests)."""
+        layout = self._weight_layout
+        if layout is None:
+            raise RuntimeError("broadcast_weights before open_weight_group")
+        start = time.perf_counter()
+        names = {t.name for b in layout.buckets for t in b.tensors}
+        tensors = self._full_tensors(names)
+        sent = 0
+        if self.rank == 0:
+            sent = send_buckets(self._weight_group, layout, tensors, version, corrupt_bucket=corrupt_bucket)
+        for _ in tensors:  # the rest of the walk: other ranks take part in every ZeRO-3 gather
+            pass
+        return {"bytes": float(sent), "seconds": time.perf_counter() - start}
+
+    def close_weight_group(self) -> None:
+        if self._weight_group is not None:
+            self._weight_group.close()
+        self._weight_group, self._weight_layout = None, None
 
     def save(self, directory: str, tag: str) -> None:
         """Model, optimizer and scheduler state (DeepSpeed layout) plus this rank's RNG states."""

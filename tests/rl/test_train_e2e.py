@@ -16,7 +16,7 @@ from msa.rl.data import PromptSampler, load_prompts
 from msa.rl.envs.base import Environment, StepResult
 from msa.rl.placement import TrainerGroup, runtime_env
 from msa.rl.rollout import RolloutWorker
-from msa.rl.sync import sync_weights
+from msa.rl.sync import WeightSync
 from msa.rl.train import engine_config
 from tests.rl.conftest import tiny_run_config
 
@@ -56,7 +56,9 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
         engine = MSAEngine(engine_config(config))
         await engine.start()
         try:
-            await sync_weights(engine, [actor], version=0, dtype="float32")
+            weights = WeightSync(engine, [actor], "float32")
+            await weights.open()
+            await weights.sync(0)
             worker = RolloutWorker(
                 engine, ChatTokens(engine.tokenizer), LowByteEnv, config.rollout, run_seed=0
             )
@@ -66,7 +68,7 @@ def test_one_step_then_engine_logprobs_equal_the_trainers(ray_cluster, tmp_path)
             before = ray.get(actor.logprobs.remote(samples))
             shards = split_for_trainers(samples, 1, config.trainer.grad_accum_steps)
             metrics = ray.get(actor.train_step.remote(shards[0], sum(s.num_loss_tokens for s in samples)))
-            report = await sync_weights(engine, [actor], version=1, dtype="float32")
+            report = await weights.sync(1)
             after = ray.get(actor.logprobs.remote(samples))
             # Fresh generations on version 1, scored again by the trainer.
             fresh = await _engine_samples(engine, [g.episodes[0].prompt_ids for g in batch.groups])
