@@ -62,18 +62,37 @@ class EngineConfig:
         _check(self.device in ("cpu", "cuda"), "device", "'cpu' or 'cuda'", self.device)
         _check(self.dtype in _DTYPES, "dtype", f"one of {sorted(_DTYPES)}", self.dtype)
         _check(self.random_init in ("cpu", "device"), "random_init", "'cpu' or 'device'", self.random_init)
-        _check(self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
-               "num_pages", "None or an integer >= 1", self.num_pages)
-        _check(self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
-               "kv_cache_memory_bytes", "None or > 0", self.kv_cache_memory_bytes)
-        _check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "in (0, 1]",
-               self.gpu_memory_utilization)
-        _check(self.max_num_batched_tokens >= self.max_num_seqs, "max_num_batched_tokens",
-               f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step",
-               self.max_num_batched_tokens)
+        _check(
+            self.num_pages is None or (isinstance(self.num_pages, int) and self.num_pages >= 1),
+            "num_pages",
+            "None or an integer >= 1",
+            self.num_pages,
+        )
+        _check(
+            self.kv_cache_memory_bytes is None or self.kv_cache_memory_bytes > 0,
+            "kv_cache_memory_bytes",
+            "None or > 0",
+            self.kv_cache_memory_bytes,
+        )
+        _check(
+            0.0 < self.gpu_memory_utilization <= 1.0,
+            "gpu_memory_utilization",
+            "in (0, 1]",
+            self.gpu_memory_utilization,
+        )
+        _check(
+            self.max_num_batched_tokens >= self.max_num_seqs,
+            "max_num_batched_tokens",
+            f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step",
+            self.max_num_batched_tokens,
+        )
         if self.device == "cpu":
-            _check(self.num_pages is not None or self.kv_cache_memory_bytes is not None, "num_pages",
-                   "set (or kv_cache_memory_bytes) when device is 'cpu'", self.num_pages)
+            _check(
+                self.num_pages is not None or self.kv_cache_memory_bytes is not None,
+                "num_pages",
+                "set (or kv_cache_memory_bytes) when device is 'cpu'",
+                self.num_pages,
+            )
         for name in ("step_timeout_s", "health_timeout_s", "start_timeout_s"):
             _check(getattr(self, name) > 0, name, "> 0 seconds", getattr(self, name))
 

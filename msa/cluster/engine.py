@@ -106,14 +106,21 @@ class MSAEngine:
             raise
         if num_pages < 1:
             await executor.shutdown()
-            raise EngineError("no KV page fits on a shard after the weights; lower tp x sp demands or "
-                              "raise gpu_memory_utilization / kv_cache_memory_bytes")
+            raise EngineError(
+                "no KV page fits on a shard after the weights; lower tp x sp demands or "
+                "raise gpu_memory_utilization / kv_cache_memory_bytes"
+            )
         self.executor = executor
         blocks = BlockManager(num_pages, self.config.sp, self.block_size)
         self.scheduler = Scheduler(blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         self._loop_task = asyncio.create_task(self._run_loop(), name="msa-engine-loop")
-        log.info("engine started: tp=%d sp=%d, %d KV pages per shard, longest context %d tokens",
-                 self.config.tp, self.config.sp, num_pages, self.max_context_length)
+        log.info(
+            "engine started: tp=%d sp=%d, %d KV pages per shard, longest context %d tokens",
+            self.config.tp,
+            self.config.sp,
+            num_pages,
+            self.max_context_length,
+        )
 
     async def shutdown(self) -> None:
         if self._loop_task is not None:
@@ -156,16 +163,24 @@ class MSAEngine:
         if total > positions:
             raise RequestTooLongError(len(prompt), params.max_tokens, positions, "max_position_embeddings")
         if total > self.max_context_length:
-            raise RequestTooLongError(len(prompt), params.max_tokens, self.max_context_length,
-                                      f"KV pages: {self.scheduler.block_manager.num_pages} per shard x "
-                                      f"sp={self.config.sp} x {self.block_size} tokens, tp={self.config.tp}")
+            raise RequestTooLongError(
+                len(prompt),
+                params.max_tokens,
+                self.max_context_length,
+                f"KV pages: {self.scheduler.block_manager.num_pages} per shard x "
+                f"sp={self.config.sp} x {self.block_size} tokens, tp={self.config.tp}",
+            )
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             self._rejected += 1
-            raise EngineOverloadedError(f"{len(self.scheduler.waiting)} sequences are waiting "
-                                        f"(max_waiting={self.config.max_waiting})", retry_after=1.0)
+            raise EngineOverloadedError(
+                f"{len(self.scheduler.waiting)} sequences are waiting "
+                f"(max_waiting={self.config.max_waiting})",
+                retry_after=1.0,
+            )
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[TokenOutput]:
         """Stream the request's outputs (``params.n`` choices interleaved, told apart by
         ``index``); ends after every choice's output with a finish_reason."""
         prompt = list(prompt_token_ids)
@@ -333,8 +348,11 @@ class MSAEngine:
         running = {s.request_id for s in self.scheduler.running} if self.scheduler else set()
         waiting = {s.request_id for s in self.scheduler.waiting} - running if self.scheduler else set()
         return EngineStats(
-            running=len(running), waiting=len(waiting),
+            running=len(running),
+            waiting=len(waiting),
             pages_used=blocks.pages_used if blocks else [],
             pages_total=[blocks.num_pages] * blocks.sp if blocks else [],
-            rejected=self._rejected, weight_version=self.weight_version,
-            healthy=self._dead is None and self.executor is not None)
+            rejected=self._rejected,
+            weight_version=self.weight_version,
+            healthy=self._dead is None and self.executor is not None,
+        )

@@ -24,12 +24,21 @@ log = logging.getLogger(__name__)
 
 
 def shard_spec(config: EngineConfig, rank: int) -> ShardSpec:
-    return ShardSpec(model=config.model, dtype=config.torch_dtype, device=config.device, seed=config.seed,
-                     tp=config.tp, sp=config.sp, rank=rank, num_pages=config.num_pages,
-                     kv_cache_memory_bytes=config.kv_cache_memory_bytes,
-                     gpu_memory_utilization=config.gpu_memory_utilization,
-                     max_num_batched_tokens=config.max_num_batched_tokens,
-                     collective_timeout_s=config.step_timeout_s, random_init=config.random_init)
+    return ShardSpec(
+        model=config.model,
+        dtype=config.torch_dtype,
+        device=config.device,
+        seed=config.seed,
+        tp=config.tp,
+        sp=config.sp,
+        rank=rank,
+        num_pages=config.num_pages,
+        kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        collective_timeout_s=config.step_timeout_s,
+        random_init=config.random_init,
+    )
 
 
 class ModelExecutor(abc.ABC):
@@ -93,8 +102,9 @@ class LocalExecutor(ModelExecutor):
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
         except asyncio.TimeoutError as e:
-            raise EngineDeadError(f"the local shard did not answer {fn.__name__} "
-                                  f"within {timeout:.0f} s") from e
+            raise EngineDeadError(
+                f"the local shard did not answer {fn.__name__} within {timeout:.0f} s"
+            ) from e
 
     async def start(self) -> int:
         pages = await self._call(self.shard.setup, 0, timeout=self.config.start_timeout_s)
@@ -154,8 +164,11 @@ class RayExecutor(ModelExecutor):
             return await asyncio.wait_for(asyncio.gather(*calls), timeout)
         except asyncio.TimeoutError as e:
             raise EngineDeadError(f"a shard did not answer {method} within {timeout:.0f} s") from e
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                ray.exceptions.ObjectLostError) as e:
+        except (
+            ray.exceptions.RayActorError,
+            ray.exceptions.ActorUnavailableError,
+            ray.exceptions.ObjectLostError,
+        ) as e:
             raise EngineDeadError(f"a shard actor died during {method}: {e}") from e
         except ray.exceptions.RayTaskError as e:
             raise e.as_instanceof_cause() from None
@@ -169,8 +182,10 @@ class RayExecutor(ModelExecutor):
         self.placement = ReplicaPlacement(config.tp, config.sp, use_gpu=config.device == "cuda")
         await self.placement.ready(self.config.start_timeout_s)
         actor = ray.remote(ModelShard)
-        self.shards = [actor.options(**self.placement.actor_options(rank)).remote(shard_spec(config, rank))
-                       for rank in range(config.world_size)]
+        self.shards = [
+            actor.options(**self.placement.actor_options(rank)).remote(shard_spec(config, rank))
+            for rank in range(config.world_size)
+        ]
         port = await asyncio.wait_for(self.shards[0].free_port.remote(), self.config.start_timeout_s)
         capacities = await self._all("setup", port, timeout=self.config.start_timeout_s)
         pages = min(capacities)

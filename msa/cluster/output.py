@@ -10,8 +10,15 @@ from msa.platform.tokenizer import Tokenizer
 class ChoiceStream:
     """Output state of choice ``index`` of a request."""
 
-    def __init__(self, request_id: str, index: int, num_prompt_tokens: int, params: SamplingParams,
-                 tokenizer: Tokenizer, eos_token_ids: list[int]) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        index: int,
+        num_prompt_tokens: int,
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        eos_token_ids: list[int],
+    ) -> None:
         self.request_id, self.index, self.num_prompt_tokens = request_id, index, num_prompt_tokens
         self.params = params
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
@@ -40,8 +47,9 @@ class ChoiceStream:
                     break
         return best
 
-    def append(self, token: int, logprob: float, top: dict[int, float] | None,
-               weight_version: int) -> TokenOutput:
+    def append(
+        self, token: int, logprob: float, top: dict[int, float] | None, weight_version: int
+    ) -> TokenOutput:
         """Record one sampled token and return the output to stream for it."""
         self.num_tokens += 1
         longest_stop = max((len(s) for s in self.params.stop), default=0)
@@ -62,17 +70,30 @@ class ChoiceStream:
                 end -= self._held_back()
         if self.finish_reason == "stop" and token in self.stop_ids:
             end = len(self._text)
-        text, self._emitted = self._text[self._emitted:end], max(self._emitted, end)
+        text, self._emitted = self._text[self._emitted : end], max(self._emitted, end)
         return TokenOutput(
-            request_id=self.request_id, index=self.index, token_ids=[token], logprobs=[logprob],
-            top_logprobs=None if self.params.logprobs is None else [top or {}], text=text,
-            finish_reason=self.finish_reason, num_prompt_tokens=self.num_prompt_tokens,
-            weight_version=weight_version)
+            request_id=self.request_id,
+            index=self.index,
+            token_ids=[token],
+            logprobs=[logprob],
+            top_logprobs=None if self.params.logprobs is None else [top or {}],
+            text=text,
+            finish_reason=self.finish_reason,
+            num_prompt_tokens=self.num_prompt_tokens,
+            weight_version=weight_version,
+        )
 
     def abort(self, weight_version: int) -> TokenOutput:
         """The closing output of a cancelled choice."""
         self.finish_reason = "abort"
-        return TokenOutput(request_id=self.request_id, index=self.index, token_ids=[], logprobs=[],
-                           top_logprobs=None if self.params.logprobs is None else [], text="",
-                           finish_reason="abort", num_prompt_tokens=self.num_prompt_tokens,
-                           weight_version=weight_version)
+        return TokenOutput(
+            request_id=self.request_id,
+            index=self.index,
+            token_ids=[],
+            logprobs=[],
+            top_logprobs=None if self.params.logprobs is None else [],
+            text="",
+            finish_reason="abort",
+            num_prompt_tokens=self.num_prompt_tokens,
+            weight_version=weight_version,
+        )

@@ -36,10 +36,12 @@ _EXPERT = re.compile(r"^(.*\.experts\.)(\d+)(\..*)$")
 
 def check_parallel_shape(config: ModelConfig, tp: int) -> None:
     """Raise ConfigError unless ``tp`` splits heads, index heads and experts evenly."""
-    for name, count in (("num_key_value_heads", config.num_key_value_heads),
-                        ("num_local_experts", config.num_local_experts),
-                        ("intermediate_size", config.intermediate_size),
-                        ("shared_intermediate_size", config.shared_intermediate_size)):
+    for name, count in (
+        ("num_key_value_heads", config.num_key_value_heads),
+        ("num_local_experts", config.num_local_experts),
+        ("intermediate_size", config.intermediate_size),
+        ("shared_intermediate_size", config.shared_intermediate_size),
+    ):
         if count % tp:
             raise ConfigError(f"tp={tp} must divide the model's {name} ({count})")
 
@@ -94,15 +96,21 @@ class ParallelGroups:
         return self.sp_rank * self.tp + self.tp_rank
 
 
-def init_parallel_groups(rank: int, tp: int, sp: int, port: int, backend: str,
-                         timeout_s: float) -> ParallelGroups:
+def init_parallel_groups(
+    rank: int, tp: int, sp: int, port: int, backend: str, timeout_s: float
+) -> ParallelGroups:
     """Join the replica's process group over a TCP store on 127.0.0.1:``port`` (all shards of a
     replica share one node) and create every tensor- and context-parallel group."""
     groups = ParallelGroups(tp_rank=rank % tp, tp=tp, sp_rank=rank // tp, sp=sp)
     if tp * sp == 1:
         return groups
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp * sp,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=tp * sp,
+        timeout=timedelta(seconds=timeout_s),
+    )
     for s in range(sp):  # every rank must create every group, in the same order
         group = dist.new_group([s * tp + t for t in range(tp)]) if tp > 1 else None
         if s == groups.sp_rank:
@@ -118,6 +126,7 @@ def _all_reduce_hook(group: object):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(output, group=group)
         return output
+
     return hook
 
 
@@ -137,7 +146,7 @@ def apply_tensor_parallel(model: MiniMaxM3ForCausalLM, groups: ParallelGroups) -
         moe = getattr(layer, "block_sparse_moe", None)
         if moe is not None:
             start = groups.tp_rank * per_rank
-            moe.experts = nn.ModuleList(list(moe.experts)[start:start + per_rank])
+            moe.experts = nn.ModuleList(list(moe.experts)[start : start + per_rank])
             moe.expert_offset = start
     params = dict(model.named_parameters())
     for name, tensor in full.items():
@@ -151,8 +160,9 @@ def apply_tensor_parallel(model: MiniMaxM3ForCausalLM, groups: ParallelGroups) -
     return model
 
 
-def slice_for_rank(model: MiniMaxM3ForCausalLM, named_tensors: list[tuple[str, torch.Tensor]],
-                   groups: ParallelGroups) -> list[tuple[str, torch.Tensor]]:
+def slice_for_rank(
+    model: MiniMaxM3ForCausalLM, named_tensors: list[tuple[str, torch.Tensor]], groups: ParallelGroups
+) -> list[tuple[str, torch.Tensor]]:
     """This rank's slices of full (unsharded) tensors given by state_dict name, under the names
     they have in this rank's model, each checked against the parameter it will replace.
     Raises WeightUpdateError naming the first unknown or misshapen tensor."""
@@ -166,9 +176,11 @@ def slice_for_rank(model: MiniMaxM3ForCausalLM, named_tensors: list[tuple[str, t
         if local not in params:
             raise WeightUpdateError(f"weight update names an unknown tensor {name!r}")
         if params[local].shape != value.shape:
-            raise WeightUpdateError(f"weight update tensor {name!r} of shape {tuple(tensor.shape)} gives "
-                                    f"this rank a slice {tuple(value.shape)}, but the model holds "
-                                    f"{tuple(params[local].shape)}")
+            raise WeightUpdateError(
+                f"weight update tensor {name!r} of shape {tuple(tensor.shape)} gives "
+                f"this rank a slice {tuple(value.shape)}, but the model holds "
+                f"{tuple(params[local].shape)}"
+            )
         out.append((local, value))
     return out
 
@@ -186,8 +198,9 @@ class ContextParallelGroup:
         dist.all_gather(parts, t, group=self.group)
         return torch.stack(parts)
 
-    def gather_block_candidates(self, ids: torch.Tensor,
-                                scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gather_block_candidates(
+        self, ids: torch.Tensor, scores: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self._gather(ids), self._gather(scores)
 
     def gather_attention(self, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,11 @@ class ReplicaPlacement:
             await asyncio.wait_for(self.group.ready(), timeout_s)
         except asyncio.TimeoutError as e:
             self.remove()
-            raise EngineError(f"could not place {len(self.bundles)} bundles {self.bundles[0]} on one node "
-                              f"within {timeout_s:.0f} s (tp={self.tp} x sp={self.sp}); cluster has "
-                              f"{ray.available_resources()} available") from e
+            raise EngineError(
+                f"could not place {len(self.bundles)} bundles {self.bundles[0]} on one node "
+                f"within {timeout_s:.0f} s (tp={self.tp} x sp={self.sp}); cluster has "
+                f"{ray.available_resources()} available"
+            ) from e
 
     def actor_options(self, rank: int) -> dict[str, Any]:
         """``.options(...)`` for the shard actor of bundle ``rank``."""
@@ -40,7 +42,8 @@ class ReplicaPlacement:
             "num_cpus": 1,
             "num_gpus": 1 if self.use_gpu else 0,
             "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=self.group, placement_group_bundle_index=rank),
+                placement_group=self.group, placement_group_bundle_index=rank
+            ),
             "max_restarts": 0,
             "max_concurrency": 1,
         }

@@ -111,8 +111,9 @@ class ModelShard:
         return self.model.config.num_key_value_heads // self.spec.tp
 
     def bytes_per_page(self) -> int:
-        return PagedKVCache.bytes_per_page(self.model.config, dtype=self.spec.dtype,
-                                           kv_heads=self._kv_heads(), num_mtp=0)
+        return PagedKVCache.bytes_per_page(
+            self.model.config, dtype=self.spec.dtype, kv_heads=self._kv_heads(), num_mtp=0
+        )
 
     def _page_capacity(self) -> int:
         s = self.spec
@@ -141,8 +142,14 @@ class ModelShard:
         self.model(ids, batch, rows=batch.last_token_rows())
 
     def init_cache(self, num_pages: int) -> None:
-        self.cache = PagedKVCache(self.model.config, num_pages, dtype=self.spec.dtype, device=self.device,
-                                  kv_heads=self._kv_heads(), num_mtp=0)
+        self.cache = PagedKVCache(
+            self.model.config,
+            num_pages,
+            dtype=self.spec.dtype,
+            device=self.device,
+            kv_heads=self._kv_heads(),
+            num_mtp=0,
+        )
         g = self.groups
         self._inputs = StepInputBuilder(self.device, self.cache.block_size, g.sp_rank, g.sp)
         self._context_parallel = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
@@ -269,8 +276,9 @@ class ModelShard:
     def commit_weights(self, version: int) -> int:
         """Copy the staged tensors of ``version`` into the model; later steps run on it."""
         if self._staged_version != version:
-            raise WeightUpdateError(f"no staged weights of version {version} "
-                                    f"(staged: {self._staged_version})")
+            raise WeightUpdateError(
+                f"no staged weights of version {version} (staged: {self._staged_version})"
+            )
         params = dict(self.model.named_parameters())
         for name, value in self._staged:
             params[name].copy_(value)
