@@ -107,6 +107,18 @@ def run_config(args: argparse.Namespace, output_dir: str, source: str) -> RLConf
     )
 
 
+def bench_prompts(config: RLConfig) -> list[dict] | None:
+    """None (the trainer reads the file through ``datasets``), or where ``datasets`` is not
+    installed (the GPU image; its wheel with pyarrow would not fit the bundle carried there) the
+    same jsonl rows read here."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with open(config.data.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    return None
+
+
 def check_sync_correctness(config: RLConfig) -> float:
     """Largest |engine - trainer| log-probability over fresh tokens after a sync; raises if too large."""
     trainers = TrainerGroup(config)
@@ -266,7 +278,7 @@ def main() -> None:
         sampler = GpuIdleSampler()
         sampling = sampler.start() if args.device == "cuda" else False
         wall = time.perf_counter()
-        summary = asyncio.run(train(config))
+        summary = asyncio.run(train(config, prompts=bench_prompts(config)))
         wall = time.perf_counter() - wall
         idle = sampler.stop() if sampling else None
     ray.shutdown()

@@ -94,13 +94,16 @@ def report_failures(batch: RolloutBatch, step: int) -> None:
         )
 
 
-async def train(config: RLConfig) -> RunSummary:
-    """Run (or resume) the post-training described by ``config``; returns the metrics history."""
+async def train(config: RLConfig, prompts: list[dict] | None = None) -> RunSummary:
+    """Run (or resume) the post-training described by ``config``; returns the metrics history.
+    ``prompts``: rows to draw from (keys already the environment's names) instead of reading
+    ``config.data``'s file, for a caller that holds its prompts in memory."""
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
         ray.init(runtime_env=runtime_env(), include_dashboard=False)
-    sampler = PromptSampler(load_prompts(config.data), seed=config.run.seed, shuffle=config.data.shuffle)
+    rows = load_prompts(config.data) if prompts is None else prompts
+    sampler = PromptSampler(rows, seed=config.run.seed, shuffle=config.data.shuffle)
     engine = MSAEngine(engine_config(config))
     await engine.start()
     env_class, env_options = ENVIRONMENTS[config.env.name], dict(config.env.options)
