@@ -49,8 +49,12 @@ from msa.model.generate import generate_stream  # noqa: E402
 from msa.platform.checkpoint import load_model  # noqa: E402
 from msa.platform.config import ModelConfig, m3_proxy, tiny  # noqa: E402
 
-ATTENTION_KERNEL_MODULES = ("msa.kernels.indexer.triton", "msa.kernels.sparse_attention.triton",
-                            "msa.kernels.dense_attention.triton", "msa.kernels.merge.triton")
+ATTENTION_KERNEL_MODULES = (
+    "msa.kernels.indexer.triton",
+    "msa.kernels.sparse_attention.triton",
+    "msa.kernels.dense_attention.triton",
+    "msa.kernels.merge.triton",
+)
 KINDS = ("msa", "dense")
 
 
@@ -69,8 +73,12 @@ def attention_kernel_names() -> set[str]:
 
 def machine() -> dict:
     """The machine and software versions the numbers come from."""
-    info = {"python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
     for name in ("triton", "ray", "numpy"):
         try:
             info[name] = importlib.import_module(name).__version__
@@ -88,18 +96,38 @@ def machine() -> dict:
 
 
 def engine_config(args: argparse.Namespace, model: ModelConfig | str, tp: int, sp: int, **kw) -> EngineConfig:
-    base = dict(model=model, tp=tp, sp=sp, device=args.device, dtype=args.dtype, seed=0,
-                random_init="device", max_num_seqs=max(args.batches + [8]),
-                max_num_batched_tokens=args.max_num_batched_tokens, num_pages=args.num_pages,
-                gpu_memory_utilization=args.gpu_memory_utilization, step_timeout_s=600.0)
+    base = dict(
+        model=model,
+        tp=tp,
+        sp=sp,
+        device=args.device,
+        dtype=args.dtype,
+        seed=0,
+        random_init="device",
+        max_num_seqs=max(args.batches + [8]),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_pages=args.num_pages,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        step_timeout_s=600.0,
+    )
     return EngineConfig(**{**base, **kw})
 
 
 async def check_layout(args: argparse.Namespace, tp: int, sp: int) -> dict:
     """Greedy tokens of the tiny model on this layout vs the single process, in fp32."""
     lengths, max_tokens = [5, 41, 77], 6
-    engine = MSAEngine(engine_config(args, "tiny", tp, sp, dtype="float32", num_pages=256,
-                                     max_num_batched_tokens=256, random_init="cpu"))
+    engine = MSAEngine(
+        engine_config(
+            args,
+            "tiny",
+            tp,
+            sp,
+            dtype="float32",
+            num_pages=256,
+            max_num_batched_tokens=256,
+            random_init="cpu",
+        )
+    )
     await engine.start()
     try:
         prompts = [[random.Random(n).randrange(256) for _ in range(n)] for n in lengths]
@@ -138,8 +166,9 @@ def adopt_synthetic_context(scheduler: Scheduler, seq: Sequence, total_tokens: i
     scheduler.running.append(seq)
 
 
-async def decode_steps(engine: MSAEngine, context: int, batch: int, kind: str, args: argparse.Namespace,
-                       kernels: set[str]) -> dict:
+async def decode_steps(
+    engine: MSAEngine, context: int, batch: int, kind: str, args: argparse.Namespace, kernels: set[str]
+) -> dict:
     """Time ``args.steps`` decode steps of ``batch`` sequences at ``context`` tokens with ``kind``
     attention, then profile ``args.profile_steps`` more."""
     sp, block = engine.config.sp, engine.block_size
@@ -152,8 +181,10 @@ async def decode_steps(engine: MSAEngine, context: int, batch: int, kind: str, a
     rng = random.Random(context * 31 + batch)
     params = SamplingParams(max_tokens=total, temperature=0.0, ignore_eos=True)
     # The cached tokens' ids do not matter (their keys and values are random): one id repeated.
-    seqs = [Sequence(f"b{i}", 0, [rng.randrange(engine.model_config.vocab_size)] * context, params, 0, sp)
-            for i in range(batch)]
+    seqs = [
+        Sequence(f"b{i}", 0, [rng.randrange(engine.model_config.vocab_size)] * context, params, 0, sp)
+        for i in range(batch)
+    ]
     for seq in seqs:
         adopt_synthetic_context(scheduler, seq, total)
     by_id = {s.seq_id: s for s in seqs}
@@ -187,7 +218,7 @@ async def real_prefill_steps(engine: MSAEngine, context: int, batch: int, args: 
         prompt = [rng.randrange(vocab) for _ in range(context)]
         stream = engine.generate(f"p{context}-{batch}-{i}", prompt, params)
         stamps = [time.perf_counter() async for _ in stream]
-        return [b - a for a, b in zip(stamps[args.warmup:], stamps[args.warmup + 1:], strict=False)]
+        return [b - a for a, b in zip(stamps[args.warmup :], stamps[args.warmup + 1 :], strict=False)]
 
     gaps = await asyncio.gather(*[one(i) for i in range(batch)])
     return summarize([statistics.mean(step) for step in zip(*gaps, strict=False)], [], batch, set())
@@ -195,8 +226,11 @@ async def real_prefill_steps(engine: MSAEngine, context: int, batch: int, args: 
 
 def summarize(times: list[float], profiles: list[dict], batch: int, kernels: set[str]) -> dict:
     step_s = statistics.median(times)
-    out = {"time_per_output_token_ms": step_s * 1e3, "decode_tokens_per_s": batch / statistics.mean(times),
-           "steps_timed": len(times)}
+    out = {
+        "time_per_output_token_ms": step_s * 1e3,
+        "decode_tokens_per_s": batch / statistics.mean(times),
+        "steps_timed": len(times),
+    }
     if profiles:
         per_kernel: dict[str, float] = {}
         for p in profiles:
@@ -204,13 +238,15 @@ def summarize(times: list[float], profiles: list[dict], batch: int, kernels: set
                 per_kernel[name] = per_kernel.get(name, 0.0) + us / len(profiles)
         attention_us = sum(us for name, us in per_kernel.items() if name in kernels)
         device_us = sum(per_kernel.values())
-        out.update({
-            "device_ms_per_step": device_us / 1e3,
-            "attention_kernels_ms_per_step": attention_us / 1e3,
-            "attention_share_of_step": attention_us / 1e3 / (step_s * 1e3) if per_kernel else None,
-            "attention_share_of_device_time": attention_us / device_us if device_us else None,
-            "attention_kernels": sorted(name for name in per_kernel if name in kernels),
-        })
+        out.update(
+            {
+                "device_ms_per_step": device_us / 1e3,
+                "attention_kernels_ms_per_step": attention_us / 1e3,
+                "attention_share_of_step": attention_us / 1e3 / (step_s * 1e3) if per_kernel else None,
+                "attention_share_of_device_time": attention_us / device_us if device_us else None,
+                "attention_kernels": sorted(name for name in per_kernel if name in kernels),
+            }
+        )
     return out
 
 
@@ -222,8 +258,9 @@ def side_by_side(results: dict[str, dict]) -> dict:
     return {}
 
 
-async def bench_layout(args: argparse.Namespace, tp: int, sp: int, kernels: set[str], row: dict,
-                       save: Callable[[], None]) -> None:
+async def bench_layout(
+    args: argparse.Namespace, tp: int, sp: int, kernels: set[str], row: dict, save: Callable[[], None]
+) -> None:
     """Check one layout, then measure it into ``row`` (saving the report after each result)."""
     began = time.perf_counter()
     check = await check_layout(args, tp, sp)
@@ -234,8 +271,11 @@ async def bench_layout(args: argparse.Namespace, tp: int, sp: int, kernels: set[
     started = time.perf_counter()
     engine = MSAEngine(engine_config(args, model_config(args), tp, sp))
     await engine.start()
-    row.update(check_s=started - began, engine_start_s=time.perf_counter() - started,
-               pages_per_shard=engine.scheduler.block_manager.num_pages)
+    row.update(
+        check_s=started - began,
+        engine_start_s=time.perf_counter() - started,
+        pages_per_shard=engine.scheduler.block_manager.num_pages,
+    )
     try:
         if args.prefill == "synthetic":
             await engine.executor.fill_cache_random(seed=1)
@@ -262,8 +302,9 @@ def model_config(args: argparse.Namespace) -> ModelConfig:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--smoke", action="store_true",
-                    help="CPU dry run: tiny model, short contexts, CPU actors")
+    ap.add_argument(
+        "--smoke", action="store_true", help="CPU dry run: tiny model, short contexts, CPU actors"
+    )
     ap.add_argument("--layouts", default=None, help="tp x sp list, e.g. 1x1,1x2,2x1,2x2,1x4")
     ap.add_argument("--contexts", default=None, help="comma-separated context lengths")
     ap.add_argument("--batches", default=None, help="comma-separated decode batch sizes")
@@ -279,8 +320,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.device = "cpu" if smoke else "cuda"
     args.dtype = "float32" if smoke else "bfloat16"
     args.num_pages = 512 if smoke else None
-    args.layouts = [tuple(int(x) for x in item.split("x"))
-                    for item in (args.layouts or ("1x1,1x2" if smoke else "1x1,1x2,2x1,2x2,1x4")).split(",")]
+    args.layouts = [
+        tuple(int(x) for x in item.split("x"))
+        for item in (args.layouts or ("1x1,1x2" if smoke else "1x1,1x2,2x1,2x2,1x4")).split(",")
+    ]
     contexts = args.contexts or ("48,200" if smoke else "32768,131072,1048576")
     args.contexts = [int(x) for x in contexts.split(",")]
     args.batches = [int(x) for x in (args.batches or ("1,2" if smoke else "1,8")).split(",")]
@@ -303,16 +346,29 @@ async def main(args: argparse.Namespace) -> dict:
     available = torch.cuda.device_count() if args.device == "cuda" else os.cpu_count() or 1
     layouts = [(tp, sp) for tp, sp in args.layouts if args.device == "cpu" or tp * sp <= available]
     if any(tp * sp > 1 for tp, sp in layouts) and not ray.is_initialized():
-        ray.init(num_cpus=max(4, max(tp * sp for tp, sp in layouts)) if args.device == "cpu" else None,
-                 include_dashboard=False, log_to_driver=False)
+        ray.init(
+            num_cpus=max(4, max(tp * sp for tp, sp in layouts)) if args.device == "cpu" else None,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     kernels = attention_kernel_names()
     report = {
-        "benchmark": "engine decode", "argv": sys.argv[1:], "smoke": args.smoke, "device": args.device,
-        "machine": machine(), "dtype": args.dtype, "context": args.prefill,
+        "benchmark": "engine decode",
+        "argv": sys.argv[1:],
+        "smoke": args.smoke,
+        "device": args.device,
+        "machine": machine(),
+        "dtype": args.dtype,
+        "context": args.prefill,
         "model": "tiny" if args.smoke else "m3_proxy (4 layers: 1 dense + 3 MSA/MoE, 8 experts)",
         "weights": "random, drawn on each shard's device (random_init='device')",
-        "contexts": args.contexts, "batches": args.batches, "steps": args.steps, "warmup": args.warmup,
-        "profile_steps": args.profile_steps, "attention_kernel_names": sorted(kernels), "layouts": [],
+        "contexts": args.contexts,
+        "batches": args.batches,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "profile_steps": args.profile_steps,
+        "attention_kernel_names": sorted(kernels),
+        "layouts": [],
         "complete": False,
     }
     path = result_path(args)
