@@ -65,6 +65,7 @@ class BlockTable:
             self.host[update.rows, update.cols] = update.pages
 
     def apply_device(self, rows: torch.Tensor, cols: torch.Tensor, pages: torch.Tensor) -> None:
+        """The same update on the device copy, from its (uploaded) rows, columns and pages."""
         if pages.numel():
             self.table.index_put_((rows, cols), pages)
 
@@ -90,6 +91,7 @@ class StepInputBuilder:
     def build(
         self, plan: StepPlan, cache: PagedKVCache, context_parallel: ContextParallel | None = None
     ) -> StepInputs:
+        """This shard's inputs for ``plan``; first brings its block table up to date."""
         update = plan.table_updates[self.shard_rank]
         rows = np.asarray(plan.table_rows, dtype=np.int64)
         self.tables.apply_host(update, rows)
