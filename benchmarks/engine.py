@@ -11,7 +11,8 @@ decoding starts at position ``context`` (decode cost does not depend on the cach
 ``--prefill real`` prefills real prompts through the engine instead, MSA only).
 
 Before a layout is timed, the engine on that layout must reproduce single-process greedy tokens of
-the tiny model; a layout that fails gets no speed. Writes
+the tiny model; a layout that fails gets no speed. On one GPU the m3_proxy engine's grouped expert
+matmuls are also compared with the loop over experts (``grouped_experts_vs_loop``). Writes
 ``benchmarks/results/engine-<device>-<layouts>.json``, rewritten after every measurement, so a run
 cut short still leaves what it measured (``complete`` tells).
 
@@ -46,6 +47,7 @@ from msa.cluster.protocol import SamplingParams  # noqa: E402
 from msa.cluster.scheduler import Scheduler  # noqa: E402
 from msa.cluster.sequence import Sequence, SequenceStatus  # noqa: E402
 from msa.model.generate import generate_stream  # noqa: E402
+from msa.model.layers import SparseMoE  # noqa: E402
 from msa.platform.checkpoint import load_model  # noqa: E402
 from msa.platform.config import ModelConfig, m3_proxy, tiny  # noqa: E402
 
@@ -140,6 +142,23 @@ async def check_layout(args: argparse.Namespace, tp: int, sp: int) -> dict:
     reference, _ = load_model("tiny", dtype=torch.float32, device=args.device, seed=0, progress=False)
     want = [list(generate_stream(reference, p, max_tokens=max_tokens, temperature=0.0)) for p in prompts]
     return {"passed": got == want, "lengths": lengths, "got": got, "want": want}
+
+
+@torch.no_grad()
+def grouped_experts_check(engine: MSAEngine) -> dict:
+    """On an in-process engine: the stacked experts' grouped matmuls against the loop over experts,
+    on random tokens through the first MoE layer (the kernels the timed steps use)."""
+    moe = next(m for m in engine.executor.shard.model.modules() if isinstance(m, SparseMoE))
+    x = torch.randn(
+        64, engine.model_config.hidden_size, device=moe.stacked[0].device, dtype=moe.stacked[0].dtype
+    )
+    grouped, stacked = moe(x).float(), moe.stacked
+    moe.stacked = None
+    try:
+        looped = moe(x).float()
+    finally:
+        moe.stacked = stacked
+    return {"max_abs_diff": (grouped - looped).abs().max().item(), "max_abs": looped.abs().max().item()}
 
 
 def host_syncs(engine: MSAEngine, plan) -> tuple[object, dict]:
@@ -276,6 +295,8 @@ async def bench_layout(
         engine_start_s=time.perf_counter() - started,
         pages_per_shard=engine.scheduler.block_manager.num_pages,
     )
+    if engine.config.world_size == 1:
+        row["grouped_experts_vs_loop"] = grouped_experts_check(engine)
     try:
         if args.prefill == "synthetic":
             await engine.executor.fill_cache_random(seed=1)
