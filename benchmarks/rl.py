@@ -100,7 +100,7 @@ def run_config(args: argparse.Namespace, output_dir: str, source: str) -> RLConf
                 "max_tokens": args.max_tokens,
                 "max_concurrency": args.prompts * args.group_size,
             },
-            "trainer": {"gpus_per_trainer": 1 if cuda else 0, "zero_stage": args.zero_stage, "lr": 1e-5},
+            "trainer": {"gpus_per_trainer": 1 if cuda else 0, "zero_stage": args.zero_stage, "lr": args.lr},
             "run": {"steps": args.warmup + args.steps, "output_dir": output_dir, "resume": False},
             "logging": {"wandb_mode": "disabled", "progress_bar": False},
         }
@@ -240,6 +240,8 @@ def summarize(history: list[dict], warmup: int) -> dict:
             {k: round(row[k], 4) for k in ("time/step", "time/rollout", "time/train", "sync/seconds")}
             for row in timed
         ],
+        # Every step's mean reward, warm-up included: the learning curve of the run.
+        "reward_curve": [round(row["rollout/reward_mean"], 4) for row in history],
     }
 
 
@@ -257,6 +259,9 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=None, help="resize m3_proxy: routed experts")
     parser.add_argument("--vocab", type=int, default=None, help="resize m3_proxy: vocabulary size")
     parser.add_argument("--bucket-mb", type=int, default=512, help="weight-sync bucket size (MiB)")
+    parser.add_argument(
+        "--lr", type=float, default=1e-5, help="learning rate (0.01 lets the tiny model learn)"
+    )
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument(
@@ -304,6 +309,7 @@ def main() -> None:
             "steps": args.steps,
             "dtype": config.model.dtype,
             "bucket_mb": args.bucket_mb,
+            "lr": args.lr,
         },
         "sync_check_max_logprob_error": sync_error,
         **summarize(summary.history, args.warmup),
