@@ -408,6 +408,20 @@ def _paged_attention_kernel(
         )
 
 
+def _input_strides(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor
+) -> tuple:
+    """stride_qt, stride_qh, stride_k{p,s,h}, stride_v{p,s,h}, stride_bt: the kernels' input strides."""
+    return (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0))
+
+
+def _output_strides(
+    part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple:
+    """stride_o{s,t,h}, stride_l{s,t}, stride_fo{t,h}, stride_flt: the kernels' output strides."""
+    return (*part_out.stride()[:3], *part_lse.stride()[:2], *out.stride()[:2], lse.stride(0))
+
+
 def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name}: q must be fp32, bf16 or fp16, got {q.dtype}")
@@ -504,25 +518,10 @@ def _launch_decode(
         scale * _LOG2E,
         shard_rank,
         shard_world,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_table.stride(0),
+        *_input_strides(q, k_cache, v_cache, block_table),
         stride_it,
         stride_ig,
-        part_out.stride(0),
-        part_out.stride(1),
-        part_out.stride(2),
-        part_lse.stride(0),
-        part_lse.stride(1),
-        out.stride(0),
-        out.stride(1),
-        lse.stride(0),
+        *_output_strides(part_out, part_lse, out, lse),
         HEADS_PER_GROUP=H // H_kv,
         ROWS=rows,
         HEAD_DIM=D,
@@ -651,25 +650,10 @@ def launch_paged_attention(
             crowded,
             union_max,
             shared_tiles,
-            q.stride(0),
-            q.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            v_cache.stride(0),
-            v_cache.stride(1),
-            v_cache.stride(2),
-            block_table.stride(0),
+            *_input_strides(q, k_cache, v_cache, block_table),
             stride_it,
             stride_ig,
-            part_out.stride(0),
-            part_out.stride(1),
-            part_out.stride(2),
-            part_lse.stride(0),
-            part_lse.stride(1),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
+            *_output_strides(part_out, part_lse, out, lse),
             HEADS_PER_GROUP=group,
             HEADS_P=heads_p,
             BLOCK_T=tile_t,
