@@ -102,7 +102,7 @@ def run_config(args: argparse.Namespace, output_dir: str, source: str) -> RLConf
             },
             "trainer": {"gpus_per_trainer": 1 if cuda else 0, "zero_stage": args.zero_stage, "lr": args.lr},
             "run": {"steps": args.warmup + args.steps, "output_dir": output_dir, "resume": False},
-            "logging": {"wandb_mode": "disabled", "progress_bar": False},
+            "logging": {"wandb_mode": "disabled", "progress_bar": args.progress},
         }
     )
 
@@ -262,6 +262,7 @@ def main() -> None:
     parser.add_argument(
         "--lr", type=float, default=1e-5, help="learning rate (0.01 lets the tiny model learn)"
     )
+    parser.add_argument("--progress", action="store_true", help="a progress bar per step")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument(

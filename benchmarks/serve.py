@@ -1,6 +1,8 @@
 """What Ray Serve costs on top of the engine: TTFT, inter-token latency and output tokens/s at 1, 8
-and 32 concurrent streams, measured directly on an in-process ``MSAEngine`` and through the Serve
-app (HTTP, streaming /v1/completions) with the same engine config and the same requests.
+and 32 concurrent streams, measured directly on an ``MSAEngine`` in this process and through the
+Serve app (HTTP, streaming /v1/completions) with the same engine config and the same requests.
+Where the Serve replica runs its shard in an actor (GPUs), the engine is measured both that way and
+with the shard in this process, and Serve is compared against each.
 
     python benchmarks/serve.py --preset tiny                       # CPU, writes serve-cpu-tiny.json
     python benchmarks/serve.py --model /models/MiniMax-M3 --tp 4 --sp 2 --device cuda
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import gc
 import json
 import os
@@ -32,8 +35,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from msa.cluster.config import EngineConfig  # noqa: E402
 from msa.cluster.engine import MSAEngine  # noqa: E402
 from msa.cluster.protocol import SamplingParams  # noqa: E402
+from msa.serve.app import GIL_SWITCH_INTERVAL_S  # noqa: E402
 from msa.serve.config import ServeConfig  # noqa: E402
 
 TTFT_BUDGET_MS = 20.0
@@ -151,13 +156,15 @@ async def run_levels(one_stream, args, label: str) -> dict:
     return results
 
 
-async def bench_engine(config: ServeConfig, args) -> tuple[dict, str]:
-    engine = MSAEngine(config.engine_config())
+async def bench_engine(engine_config: EngineConfig, args, label: str) -> tuple[dict, str]:
+    if engine_config.world_size == 1 and not engine_config.ray_shards:
+        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as the Serve replica runs its in-process shard
+    engine = MSAEngine(engine_config)
     await engine.start()
     try:
         check = await engine_greedy_text(engine, make_prompts(1, args.prompt_tokens)[0], args.max_tokens)
         one = lambda name, prompt: engine_stream(engine, name, prompt, args)
-        results = await run_levels(one, args, "engine")
+        results = await run_levels(one, args, label)
         return results, check
     finally:
         await engine.shutdown()
@@ -172,8 +179,15 @@ async def bench_serve(base_url: str, model: str, args) -> tuple[dict, str]:
         return results, check
 
 
-def start_serve(config_args: dict, device: str) -> tuple[str, str]:
+def init_ray(device: str) -> None:
     import ray
+
+    if not ray.is_initialized():
+        local_cpu = device == "cpu" and not os.environ.get("RAY_ADDRESS")
+        ray.init(include_dashboard=False, **({"num_cpus": 4} if local_cpu else {}))
+
+
+def start_serve(config_args: dict, device: str) -> tuple[str, str]:
     from ray import serve
 
     from msa.serve.app import build_app
@@ -181,9 +195,7 @@ def start_serve(config_args: dict, device: str) -> tuple[str, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    if not ray.is_initialized():
-        local_cpu = device == "cpu" and not os.environ.get("RAY_ADDRESS")
-        ray.init(include_dashboard=False, **({"num_cpus": 4} if local_cpu else {}))
+    init_ray(device)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_args), name="msa-bench", route_prefix="/")
     return f"http://127.0.0.1:{port}", ServeConfig.from_args(config_args).model_name
@@ -209,6 +221,8 @@ def main() -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-stream", type=int, default=3)
+    p.add_argument("--shards", choices=("auto", "actor", "replica"), default="auto",
+                   help="where the replica's single shard runs (auto: an actor on GPUs, in the replica on CPU)")
     p.add_argument("--out", type=Path, default=None,
                    help="default: benchmarks/results/serve-<device>-<model>.json")
     args = p.parse_args()
@@ -220,15 +234,24 @@ def main() -> int:
     if args.num_pages is not None or device == "cpu":
         # On the CPU the cache is sized by pages: room for every stream's prompt and output at once.
         config_args["num_pages"] = args.num_pages or 4096
+    config_args["engine"] = {}
     if device == "cuda":
-        config_args["engine"] = {"random_init": "device"}  # a preset's weights drawn on the GPU
+        config_args["engine"]["random_init"] = "device"  # a preset's weights drawn on the GPU
+    if args.shards != "auto":
+        config_args["engine"]["ray_shards"] = args.shards == "actor"
     if device == "cpu":
         # Ray gives an actor OMP_NUM_THREADS = its num_cpus; match the threads torch uses here.
         config_args["replica_num_cpus"] = float(torch.get_num_threads())
     config = ServeConfig.from_args(config_args)
 
     load = {"before": os.getloadavg()[0]}
-    engine_results, engine_text = asyncio.run(bench_engine(config, args))
+    init_ray(device)  # shard actors need it
+    engine_config = config.engine_config()
+    engine_results, engine_text = asyncio.run(bench_engine(engine_config, args, "engine"))
+    in_process = None
+    if engine_config.ray_shards and engine_config.world_size == 1:
+        local = dataclasses.replace(engine_config, ray_shards=False)
+        in_process, _ = asyncio.run(bench_engine(local, args, "engine in process"))
     load["after_engine"] = os.getloadavg()[0]
     gc.collect()
     if torch.cuda.is_available():
@@ -244,7 +267,8 @@ def main() -> int:
 
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{device}-{Path(model).name}.json"
     report = {
-        "benchmark": "serve overhead: Ray Serve HTTP streaming vs the engine in-process",
+        "benchmark": "serve overhead: Ray Serve HTTP streaming vs the same engine driven in-process",
+        "engine_shards": "Ray actor" if engine_config.ray_shards else "in the driving process",
         "numbers": f"{device.upper()} numbers" + (" (tiny preset, random weights; not GPU performance)"
                                                   if device == "cpu" else ""),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -264,6 +288,12 @@ def main() -> int:
     else:
         report["levels"] = [{"concurrency": c, "engine": engine_results[c], "serve": serve_results[c],
                              **compare(engine_results[c], serve_results[c])} for c in args.concurrency]
+        if in_process is not None:
+            # The same comparison against the single shard run in the driving process.
+            for level in report["levels"]:
+                c = level["concurrency"]
+                level["engine_shard_in_process"] = in_process[c]
+                level["vs_shard_in_process"] = compare(in_process[c], serve_results[c])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
