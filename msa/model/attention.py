@@ -2,7 +2,9 @@
 
 Both write this step's keys into the paged cache (or lay them into pages of their own for a
 cache-free forward) and call the ``msa.kernels`` entry points. Under autograd the PyTorch
-references run, since the Triton kernels have no backward.
+references run, since the Triton kernels have no backward. The index branch reads a detached copy
+of the layer input: only the indexer's own loss (``msa.model.indexer_loss``), collected through
+``AttentionBatch.indexer_losses``, trains it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from msa.kernels import (
     store_tokens,
 )
 from msa.kernels.sparse_attention.reference import paged_attention_reference
+from msa.model.indexer_loss import indexer_kl
 from msa.model.kv_cache import AttentionBatch, pack_into_pages
 from msa.model.layers import GemmaRMSNorm, apply_rope
 from msa.platform.config import ModelConfig
@@ -89,15 +92,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(T, -1, h)
         index_q = index_k = None
         if self.sparse and not batch.dense_attention:
+            xi = x.detach()
             index_q = apply_rope(
-                self.index_q_norm(self.index_q_proj(x).view(T, -1, self.index_dim)), cos, sin
+                self.index_q_norm(self.index_q_proj(xi).view(T, -1, self.index_dim)), cos, sin
             )
             index_k = apply_rope(
-                self.index_k_norm(self.index_k_proj(x).view(T, 1, self.index_dim)), cos, sin
+                self.index_k_norm(self.index_k_proj(xi).view(T, 1, self.index_dim)), cos, sin
             )[:, 0]
         view = _PagedView(batch, self.layer, k, v, index_k)
         differentiable = torch.is_grad_enabled() and x.requires_grad
-        out, lse = self._attend(q, index_q, view, differentiable)
+        out, lse, block_ids = self._attend(q, index_q, view, differentiable)
+        if batch.indexer_losses is not None and index_q is not None:
+            if batch.cache is not None or batch.context_parallel is not None:
+                raise ValueError("indexer_losses needs a cache-free forward of whole sequences")
+            loss = indexer_kl(
+                q, k, index_q, index_k, batch.cu_seqlens_q, block_ids, batch.block_size, self.scale
+            )
+            batch.indexer_losses.append(loss)
         if batch.context_parallel is not None:
             outs, lses = batch.context_parallel.gather_attention(out, lse)
             out, _ = merge_attention_states(outs, lses)
@@ -105,7 +116,8 @@ class Attention(nn.Module):
 
     def _attend(
         self, q: torch.Tensor, index_q: torch.Tensor | None, view: _PagedView, differentiable: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Output, lse and the selected blocks (None when every query attends to all it sees)."""
         b = view.batch
         shard = {"shard_rank": b.shard_rank, "shard_world": b.shard_world}
         block_ids = None
@@ -113,16 +125,18 @@ class Attention(nn.Module):
             with torch.no_grad():
                 block_ids = self.select(index_q, view)
         if differentiable:
-            return paged_attention_reference(
+            out, lse = paged_attention_reference(
                 q, view.k, view.v, *view.tables, block_ids, scale=self.scale, **shard
             )
-        if block_ids is None:
-            return paged_attention(
+        elif block_ids is None:
+            out, lse = paged_attention(
                 q, view.k, view.v, *view.tables, scale=self.scale, max_q_len=b.max_q_len, **shard
             )
-        return sparse_attention(
-            q, view.k, view.v, *view.tables, block_ids, scale=self.scale, max_q_len=b.max_q_len, **shard
-        )
+        else:
+            out, lse = sparse_attention(
+                q, view.k, view.v, *view.tables, block_ids, scale=self.scale, max_q_len=b.max_q_len, **shard
+            )
+        return out, lse, block_ids
 
     def select(self, index_q: torch.Tensor, view: _PagedView) -> torch.Tensor:
         """Global top-k blocks ``[T, G, K]`` for this step's queries."""

@@ -42,7 +42,8 @@ class AttentionBatch:
     longest query run and sequence as host ints, spare the kernels a device-to-host read and let
     a step whose sequences all fit in the top-k blocks skip block selection. ``dense_attention``
     has the MSA layers attend densely like the dense ones, without their indexer (benchmarks
-    compare the two on the same weights and cache).
+    compare the two on the same weights and cache). ``indexer_losses``, when a list, collects each
+    MSA layer's indexer loss (``msa.model.indexer_loss``) in a cache-free forward (training).
     """
 
     positions: torch.Tensor
@@ -58,6 +59,7 @@ class AttentionBatch:
     max_q_len: int | None = None
     max_seq_len: int | None = None
     dense_attention: bool = False
+    indexer_losses: list[torch.Tensor] | None = None
 
     def rope(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of this step's positions, computed once per step and shared by all layers."""
