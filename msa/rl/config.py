@@ -173,12 +173,16 @@ class AlgorithmSection:
     name: "grpo" (group-normalised advantages) or "reinforce_pp" (REINFORCE++: batch-normalised).
     clip_low/clip_high: the ratio is clipped to [1 - clip_low, 1 + clip_high].
     kl_coef: weight of the k3 KL estimate to the frozen initial policy (0 turns the reference off).
+    indexer_kl_coef: weight of the MSA indexer's sparse-KL loss (``msa.model.indexer_loss``). It
+    reaches only the index projections and norms, and keeps the indexer picking the blocks the
+    changing policy's attention uses; 0 leaves the indexer as loaded.
     """
 
     name: str = "grpo"
     clip_low: float = 0.2
     clip_high: float = 0.2
     kl_coef: float = 0.0
+    indexer_kl_coef: float = 0.0
     normalize_std: bool = True
     updates_per_rollout: int = 1
 
@@ -195,6 +199,7 @@ class AlgorithmSection:
                 value,
             )
         _require(self.kl_coef >= 0.0, "algorithm.kl_coef", ">= 0", self.kl_coef)
+        _require(self.indexer_kl_coef >= 0.0, "algorithm.indexer_kl_coef", ">= 0", self.indexer_kl_coef)
         _int_at_least(self, "algorithm", 1, "updates_per_rollout")
 
 

@@ -117,9 +117,13 @@ class PolicyTrainer:
 
     # Log-probabilities ---------------------------------------------------------------------------
 
-    def _token_logprobs(self, module: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-        """log p(target) ``[N]`` fp32 for the batch's trained tokens."""
+    def _token_logprobs(
+        self, module: torch.nn.Module, batch: PackedBatch, indexer_losses: list | None = None
+    ) -> torch.Tensor:
+        """log p(target) ``[N]`` fp32 for the batch's trained tokens; ``indexer_losses``, a list,
+        receives each MSA layer's indexer loss."""
         attn = cache_free_batch(batch.lengths, self.model_config.sparse.block_size, device=self.device)
+        attn.indexer_losses = indexer_losses
         logits = module(batch.input_ids, attn, rows=batch.pred_rows)
         return torch.log_softmax(logits.float(), dim=-1).gather(1, batch.targets[:, None])[:, 0]
 
@@ -148,13 +152,19 @@ class PolicyTrainer:
         # DeepSpeed divides each micro-batch loss by the accumulation steps and averages ranks.
         scale = self.section.grad_accum_steps * self.world / max(global_tokens, 1)
         totals = dict.fromkeys(("loss", "pg", "kl", "clipped", "ratio", "tokens"), 0.0)
+        indexer_kl = []
         for samples in micro_batches:
             terms = self._micro_step(samples, scale)
+            if "indexer_kl" in terms:
+                indexer_kl.append(terms.pop("indexer_kl"))
             for key, value in terms.items():
                 totals[key] += value
         grad_norm = engine.get_global_grad_norm()
         tokens = max(totals.pop("tokens"), 1.0)
         metrics = {f"train/{k}": v / tokens for k, v in totals.items()}
+        if indexer_kl:
+            # Per MSA layer, mean over index heads and queries; averaged over the micro-batches.
+            metrics["train/indexer_kl"] = sum(indexer_kl) / len(indexer_kl)
         metrics["train/tokens"] = tokens
         metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         metrics["train/lr"] = engine.get_lr()[0]
@@ -169,7 +179,8 @@ class PolicyTrainer:
             engine.backward(loss)
             engine.step()
             return {"tokens": 0.0}
-        logprobs = self._token_logprobs(engine, batch)
+        indexer_losses = [] if self.algorithm.indexer_kl_coef > 0 else None
+        logprobs = self._token_logprobs(engine, batch, indexer_losses)
         ref = None
         if self.reference is not None:
             with torch.no_grad():
@@ -184,9 +195,16 @@ class PolicyTrainer:
             kl_coef=self.algorithm.kl_coef,
             ref_logprobs=ref,
         )
-        engine.backward(terms.loss * scale)
+        loss = terms.loss * scale
+        extra = {}
+        if indexer_losses:
+            # A mean per layer already: DeepSpeed's averaging over micro-batches and ranks keeps it one.
+            indexer = torch.stack(indexer_losses).sum()
+            loss = loss + self.algorithm.indexer_kl_coef * indexer
+            extra["indexer_kl"] = float(indexer.detach()) / len(indexer_losses)
+        engine.backward(loss)
         engine.step()
-        return {
+        return extra | {
             "loss": float(terms.loss.detach()),
             "pg": float(terms.pg),
             "kl": float(terms.kl),

@@ -138,6 +138,8 @@ def test_config_errors_name_the_field(tmp_path):
         RLConfig.from_dict({"data": {"path": "x.jsonl"}, "rollout": {"group_size": 1}})
     with pytest.raises(ConfigError, match="algorithm.name"):
         RLConfig.from_dict({"data": {"path": "x.jsonl"}, "algorithm": {"name": "dpo"}})
+    with pytest.raises(ConfigError, match="algorithm.indexer_kl_coef"):
+        RLConfig.from_dict({"data": {"path": "x.jsonl"}, "algorithm": {"indexer_kl_coef": -1.0}})
     with pytest.raises(ConfigError, match="trainer.grad_accum_steps"):
         RLConfig.from_dict(
             {

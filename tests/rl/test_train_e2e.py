@@ -10,6 +10,7 @@ import pytest
 import ray
 
 from msa.cluster.protocol import SamplingParams
+from msa.platform.config import tiny
 from msa.rl.batch import TrainSample, split_for_trainers, to_samples
 from msa.rl.chat import ChatTokens
 from msa.rl.data import PromptSampler, load_prompts
@@ -150,3 +151,31 @@ def test_zero3_trainer_gathers_full_weights_for_the_sync(ray_cluster, tmp_path):
     # Adam's first step moves every parameter with a gradient by about lr.
     moved = max((after[n] - initial[n]).abs().max().item() for n in initial)
     assert 0.005 < moved <= 0.0101
+
+
+def test_indexer_loss_moves_only_the_index_branch(ray_cluster, tmp_path):
+    """With a zero advantage the policy loss has no gradient: what moves is the indexer's loss."""
+    config = tiny_run_config(
+        str(tmp_path), algorithm={"indexer_kl_coef": 1.0}, trainer={"grad_accum_steps": 1, "lr": 0.01}
+    )
+    trainers = TrainerGroup(config)
+    actor = trainers.actors[0]
+    length = 40  # ten 4-token blocks, more than the top-4: the selection is sparse
+    sample = TrainSample(
+        input_ids=[(7 * i + 3) % 250 for i in range(length)],
+        loss_mask=[0] * 20 + [1] * 20,
+        old_logprobs=[0.0] * length,
+        advantage=0.0,
+    )
+    try:
+        ray.get(actor.setup.remote(*ray.get(actor.address.remote())))
+        before = dict(ray.get(actor.named_weights.remote("float32")))
+        metrics = ray.get(actor.train_step.remote([[sample]], 20))
+        after = dict(ray.get(actor.named_weights.remote("float32")))
+    finally:
+        trainers.shutdown()
+    assert metrics["train/indexer_kl"] > 0
+    moved = {name for name in before if not (after[name] == before[name]).all()}
+    assert moved and all(".index_" in name for name in moved), sorted(moved)
+    sparse_layers = [i for i, on in enumerate(tiny().sparse_attention_freq) if on]
+    assert {f"model.layers.{i}.self_attn.index_k_proj.weight" for i in sparse_layers} <= moved
