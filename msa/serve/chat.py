@@ -91,21 +91,11 @@ async def create_chat_completion(
 ) -> JSONResponse | StreamingResponse:
     server.check_model(req.model)
     prompt_ids, prefill = render_prompt(server, req)
-    params = server.sampling_params(
-        max_tokens=server.completion_budget(len(prompt_ids), req.completion_limit, "messages"),
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=max(0, req.top_k),
-        seed=req.seed,
-        n=req.n,
-        stop=req.stop,
-        ignore_eos=req.ignore_eos,
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-    )
+    top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    params = server.request_params(req, len(prompt_ids), req.completion_limit, "messages", top_logprobs)
     timer = server.metrics.track(arrival, "chat")
     stream = await server.open_stream(prompt_ids, params, timer, "messages")
     parse_tools = bool(req.tools) and req.effective_tool_choice != "none"
-    top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
     choices = [
         ChatChoice(server, i, parse_tools=parse_tools, prefill=prefill, top_logprobs=top_logprobs)
         for i in range(req.n)

@@ -51,18 +51,7 @@ async def create_completion(
         )
     prompt_ids = [_prompt_ids(server, p, i) for i, p in enumerate(prompts)]
     params = [
-        server.sampling_params(
-            max_tokens=server.completion_budget(len(ids), req.max_tokens, "prompt"),
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=max(0, req.top_k),
-            seed=req.seed,
-            n=req.n,
-            stop=req.stop,
-            ignore_eos=req.ignore_eos,
-            logprobs=req.logprobs,
-        )
-        for ids in prompt_ids
+        server.request_params(req, len(ids), req.max_tokens, "prompt", req.logprobs) for ids in prompt_ids
     ]
     streams: list[GenerationStream] = []
     try:

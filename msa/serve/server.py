@@ -15,7 +15,7 @@ from msa.cluster.protocol import Engine, EngineError, InvalidRequestError, Sampl
 from msa.platform.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from msa.serve.errors import OpenAIError, from_engine_error
 from msa.serve.metrics import RequestTimer, ServeMetrics
-from msa.serve.schemas import new_id
+from msa.serve.schemas import ChatCompletionRequest, CompletionRequest, new_id
 from msa.serve.tools import special_marker_ids
 
 
@@ -77,10 +77,27 @@ class OpenAIServer:
             )
         return requested if requested is not None else limit - num_prompt_tokens
 
-    @staticmethod
-    def sampling_params(**fields: object) -> SamplingParams:
+    def request_params(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        num_prompt_tokens: int,
+        requested_max_tokens: int | None,
+        prompt_field: str,
+        logprobs: int | None,
+    ) -> SamplingParams:
+        """The engine's sampling parameters for one prompt of a chat or completions request."""
         try:
-            return SamplingParams(**fields)
+            return SamplingParams(
+                max_tokens=self.completion_budget(num_prompt_tokens, requested_max_tokens, prompt_field),
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=max(0, req.top_k),
+                seed=req.seed,
+                n=req.n,
+                stop=req.stop,
+                ignore_eos=req.ignore_eos,
+                logprobs=logprobs,
+            )
         except InvalidRequestError as e:
             raise OpenAIError(400, str(e), code="invalid_value") from e
 

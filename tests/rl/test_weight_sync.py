@@ -5,6 +5,8 @@ a bucket damaged in transit is named and the engine keeps its old version."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 
 import pytest
 import ray
@@ -63,6 +65,20 @@ async def engine_tokens(engine: MSAEngine) -> list[tuple[list[int], list[float],
     return out
 
 
+@contextlib.asynccontextmanager
+async def synced_engine(config, actors: list) -> AsyncIterator[tuple[MSAEngine, WeightSync]]:
+    """A started engine that serves the trainers' initial weights (version 0) through the group."""
+    engine = MSAEngine(engine_config(config))
+    await engine.start()
+    try:
+        weights = WeightSync(engine, actors, "float32")
+        await weights.open()
+        await weights.sync(0)
+        yield engine, weights
+    finally:
+        await engine.shutdown()
+
+
 def trainer_logprobs(actors: list, generated) -> list[list[float]]:
     samples = [
         TrainSample(
@@ -96,12 +112,7 @@ def test_tensor_parallel_engine_matches_the_trainer_and_keeps_its_version_on_a_d
     actors = trainers.actors
 
     async def main():
-        engine = MSAEngine(engine_config(config))
-        await engine.start()
-        try:
-            weights = WeightSync(engine, actors, "float32")
-            await weights.open()
-            await weights.sync(0)
+        async with synced_engine(config, actors) as (engine, weights):
             initial = await engine_tokens(engine)
             train_once(actors, seed=0)
             report = await weights.sync(1)
@@ -116,8 +127,6 @@ def test_tensor_parallel_engine_matches_the_trainer_and_keeps_its_version_on_a_d
             still = await engine_tokens(engine)
             repaired = await weights.sync(2)
             return initial, report, synced, synced_view, str(err.value), kept, still, repaired
-        finally:
-            await engine.shutdown()
 
     try:
         initial, report, synced, synced_view, error, kept, still, repaired = asyncio.run(main())
@@ -144,17 +153,10 @@ def test_zero3_trainers_broadcast_gathered_weights(ray_cluster, tmp_path):
     actors = trainers.actors
 
     async def main():
-        engine = MSAEngine(engine_config(config))
-        await engine.start()
-        try:
-            weights = WeightSync(engine, actors, "float32")
-            await weights.open()
-            await weights.sync(0)
+        async with synced_engine(config, actors) as (engine, weights):
             train_once(actors, seed=0)
             report = await weights.sync(1)
             return report, await engine_tokens(engine)
-        finally:
-            await engine.shutdown()
 
     try:
         report, synced = asyncio.run(main())
