@@ -20,15 +20,18 @@ import math
 import torch
 
 
-def selected_token_mask(block_ids: torch.Tensor | None, length: int, block_size: int) -> torch.Tensor:
-    """``[G, L, L]`` bool: query t of index head g may attend to key j. ``block_ids [L, G, K]``
-    holds each query's selected blocks of this sequence (-1 unused); None means every block."""
-    pos = torch.arange(length, device=block_ids.device if block_ids is not None else "cpu")
+def selected_token_mask(
+    block_ids: torch.Tensor | None, length: int, block_size: int, device: torch.device
+) -> torch.Tensor:
+    """``[G, L, L]`` bool on ``device``: query t of index head g may attend to key j.
+    ``block_ids [L, G, K]`` holds each query's selected blocks of this sequence (-1 unused);
+    None means every block (then the mask is ``[1, L, L]``)."""
+    pos = torch.arange(length, device=device)
     causal = pos[None, :] <= pos[:, None]  # [t, j]
     if block_ids is None:
         return causal[None]
     num_blocks = (length + block_size - 1) // block_size
-    slots = torch.where(block_ids >= 0, block_ids, num_blocks).long()  # -1 -> a spare column
+    slots = torch.where(block_ids >= 0, block_ids, num_blocks).long().to(device)  # -1 -> a spare column
     chosen = torch.zeros(length, block_ids.shape[1], num_blocks + 1, dtype=torch.bool, device=pos.device)
     chosen.scatter_(2, slots, True)
     by_token = chosen[:, :, :num_blocks][:, :, pos // block_size]  # [t, G, j]
@@ -66,7 +69,7 @@ def indexer_kl(
         if length == 0:
             continue
         ids = block_ids[start:end] if block_ids is not None else None
-        allowed = selected_token_mask(ids, length, block_size).to(q.device)  # [G or 1, t, j]
+        allowed = selected_token_mask(ids, length, block_size, q.device)  # [G or 1, t, j]
         with torch.no_grad():
             qs = q[start:end].float().view(length, num_groups, per_group, -1)
             logits = torch.einsum("tgpd,jgd->gptj", qs, k[start:end].float()) * scale
