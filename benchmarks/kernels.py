@@ -430,7 +430,10 @@ def sweep(part: str) -> None:
     x = torch.zeros(16, device=DEV)
     for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
-    for L, B in ((2048, 1), (8192, 1), (131072, 1), (1048576, 1), (131072, 8)) if part != "prefill" else ():
+    shapes = ((2048, 1), (8192, 1), (32768, 1), (131072, 1), (1048576, 1), (131072, 8))
+    for L, B in shapes if part != "prefill" else ():
+        if part == "select" and L < 8192:
+            continue
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
             if dt != torch.bfloat16 and L < 131072:
                 continue
@@ -439,6 +442,23 @@ def sweep(part: str) -> None:
     for smooth in (False, True) if part != "decode" else ():
         sweep_prefill(smooth)
         torch.cuda.empty_cache()
+
+
+def kernel_breakdown(tag: str, fn, reps: int = 20) -> None:
+    """Device time of each kernel ``fn`` launches (profiler records, cold L2 before each call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            cold_l2()
+            fn()
+        torch.cuda.synchronize()
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time", None) or getattr(ev, "cuda_time", 0.0)
+        if ev.count >= reps and "reduce" not in ev.key and us > 0:
+            print(f"{tag} kernel {ev.key[:70]}: {ev.count // reps} x {us:.1f} us", flush=True)
 
 
 def sweep_prefill(smooth: bool) -> None:
@@ -456,6 +476,7 @@ def sweep_prefill(smooth: bool) -> None:
         (32, None, None),
         (128, None, None),
         (64, 64, None),
+        (64, 16, None),
         (64, None, 4),
     ):
         t = event_time_ms(
@@ -473,28 +494,24 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
     p = paged_problem(B, L, 1, dt)
     a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
     tag = f"L={L} B={B} {str(dt)[6:]}"
-    for cb, sb, nw, st in (
-        (None, None, None, None),
-        (None, 2, 4, 3),
-        (None, 1, 4, 4),
-        (None, 1, 4, 6),
-        (None, 2, 8, 3),
-        (None, 4, 8, 3),
-        (16, 2, 4, 3),
-        (16, 1, 4, 4),
+    for kw in (
+        {},
+        dict(fused_select=True),
+        dict(fused_select=False),
+        dict(fused_select=False, merge_slice=512),
+        dict(fused_select=False, merge_slice=4096),
+        dict(step_blocks=1, num_warps=4, num_stages=4),
+        dict(chunk_blocks=64, step_blocks=2, num_warps=4, num_stages=3),
     ):
-        if cb is not None and cb > triton.cdiv(L, BLOCK):
+        if kw.get("chunk_blocks", 0) > triton.cdiv(L, BLOCK):
             continue
         try:
-            t = graph_time_us(
-                lambda cb=cb, sb=sb, nw=nw, st=st: select_blocks_triton(
-                    *a, topk=TOPK, max_q_len=1, chunk_blocks=cb, step_blocks=sb, num_warps=nw, num_stages=st
-                )
-            )
+            t = graph_time_us(lambda kw=kw: select_blocks_triton(*a, topk=TOPK, max_q_len=1, **kw))
         except Exception as e:  # e.g. out of shared memory
             t = float("nan")
             print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
-        print(f"{tag} select chunk={cb} step={sb} warps={nw} stages={st}: {t:.1f} us", flush=True)
+        print(f"{tag} select {kw or 'defaults'}: {t:.1f} us", flush=True)
+    kernel_breakdown(tag, lambda: msa_step(p))
     if dt != torch.bfloat16:
         return
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
@@ -521,7 +538,11 @@ def main() -> None:
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--no-1m-prefill", action="store_true")
     ap.add_argument(
-        "--sweep", nargs="?", const="all", choices=["all", "decode", "prefill"], help="tuning sweep only"
+        "--sweep",
+        nargs="?",
+        const="all",
+        choices=["all", "decode", "prefill", "select"],
+        help="tuning sweep only (select: block selection, decode and prefill)",
     )
     args = ap.parse_args()
     if args.sweep:

@@ -59,21 +59,24 @@ def build(
     return batch, iq, shards
 
 
-def select(iq, shard, batch, topk, rank, world, backend):
+def select(iq, shard, batch, topk, rank, world, backend, **tuning):
+    """``backend``: "reference", "triton" (the public entry point, dispatched) or "tuned" (the
+    Triton launcher itself, with tuning arguments such as chunk_blocks, merge_slice, fused_select)."""
+    from msa.kernels.indexer.triton import select_blocks_triton
+
+    backends = {"reference": select_blocks_reference, "triton": select_blocks, "tuned": select_blocks_triton}
+    fn = backends[backend]
     cache, table = shard
-    if backend == "reference":
-        return select_blocks_reference(
-            iq,
-            cache,
-            table,
-            batch.cu_seqlens_q,
-            batch.seq_lens,
-            topk=topk,
-            shard_rank=rank,
-            shard_world=world,
-        )
-    return select_blocks(
-        iq, cache, table, batch.cu_seqlens_q, batch.seq_lens, topk=topk, shard_rank=rank, shard_world=world
+    return fn(
+        iq,
+        cache,
+        table,
+        batch.cu_seqlens_q,
+        batch.seq_lens,
+        topk=topk,
+        shard_rank=rank,
+        shard_world=world,
+        **tuning,
     )
 
 
@@ -130,22 +133,26 @@ def test_select_blocks_chunks_merge_candidates(chunk, merge_slice, ties):
     """Chunks of fewer blocks than topk (each keeps all its blocks) and of more (each keeps its
     topk): the merge sees many chunks' candidates, in one program or cut down by several slices
     whose picks the last one to finish merges."""
-    from msa.kernels.indexer.triton import select_blocks_triton
-
     batch, iq, shards = build([700, 300], [2, 1], **CPU, ties=ties)
-    cache, table = shards[0]
-    ids, scores = select_blocks_triton(
-        iq,
-        cache,
-        table,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        topk=4,
-        chunk_blocks=chunk,
-        merge_slice=merge_slice,
-    )
+    ids, scores = select(iq, shards[0], batch, 4, 0, 1, "tuned", chunk_blocks=chunk, merge_slice=merge_slice)
     ref_ids, ref_scores = select(iq, shards[0], batch, 4, 0, 1, "reference")
     check_same_selection(ids, scores, ref_ids, ref_scores, True)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_select", "merge_launch"])
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
+@pytest.mark.parametrize("case", ["decode_b1_one_block", "decode_mixed", "decode_few_blocks"])
+def test_decode_selection_in_the_scoring_launch_matches_reference(case, ties, fused):
+    """Decode's final top-k taken by the last scoring program of each sequence (atomic ticket)
+    equals the reference and the separate merge, per shard, and twice in a row (the tickets are
+    left at zero for the next launch)."""
+    seq_lens, q_lens = CASES[case]
+    batch, iq, shards = build(seq_lens, q_lens, **CPU, world=2, ties=ties)
+    for rank, shard in enumerate(shards):
+        ref_ids, ref_scores = select(iq, shard, batch, 4, rank, 2, "reference")
+        for _ in range(2 if fused else 1):
+            ids, scores = select(iq, shard, batch, 4, rank, 2, "tuned", chunk_blocks=2, fused_select=fused)
+            check_same_selection(ids, scores, ref_ids, ref_scores, True)
 
 
 GPU = dict(groups=4, dim=128, block=128, topk=16)

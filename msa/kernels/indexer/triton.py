@@ -5,11 +5,12 @@ chunk of this shard's blocks); its rows are the tile's tokens x index heads (the
 shared by the heads, so one ``tl.dot`` scores them all), it keeps each block's max score in
 registers and writes the chunk's own top-k as candidates. Splitting the context into chunks lets
 one decoding sequence fill the GPU. ``_merge_candidates_kernel``: one program per (token, head)
-picks the exact top-k of all chunks' candidates and writes them in ascending block order.
+picks the exact top-k of all chunks' candidates and writes them in ascending block order. In
+decode with few candidates the scoring launch's last program per sequence does that itself.
 
 Candidates are ranked by one int64 key, ``(order-preserving int of the fp32 score) << 32 |
-(2**31 - 1 - block id)``, so a single max reduction finds the best score with ties going to the
-lower block id.
+(2**31 - 1 - block id)``, so one integer comparison orders two candidates, ties going to the lower
+block id, and the top-k of a row is a bitonic top-k of its keys.
 """
 
 from __future__ import annotations
@@ -27,8 +28,12 @@ from msa.kernels._launch import (
     tickets,
 )
 
-_KEY_FLOOR = tl.constexpr(-(2**63))  # below every real key: marks taken or empty candidates
+_KEY_FLOOR = tl.constexpr(-(2**63))  # below every real key: marks empty candidates
 _NEG_INF_ORDER = tl.constexpr(-2139095041)  # order-preserving int of -inf; keys at or under it hold no block
+# Decode candidates per head up to which the scoring launch's last program takes the top-k itself.
+FUSED_SELECT_MAX = 128
+# Candidates per program of the separate merge.
+MERGE_SLICE = 512
 
 
 @triton.jit
@@ -54,16 +59,12 @@ def _key_block(key):
 
 @triton.jit
 def _take_top(keys, K: tl.constexpr, K_P: tl.constexpr):
-    """The ``K`` largest keys of each row of ``keys [R, N]``, best first, as ``[R, K_P]``
-    (``_KEY_FLOOR`` past K or past the row's real keys). Keys are distinct (they carry the block
-    id), so removing the max removes exactly one."""
-    picks = tl.arange(0, K_P)
-    chosen = tl.full([keys.shape[0], K_P], _KEY_FLOOR, tl.int64)
-    for r in range(K):
-        top = tl.max(keys, 1)  # [R]
-        chosen = tl.where(picks[None, :] == r, top[:, None], chosen)
-        keys = tl.where(keys == top[:, None], _KEY_FLOOR, keys)
-    return chosen
+    """The ``K`` largest keys of each row of ``keys [R, N]`` (``K <= K_P <= N``, powers of two but
+    K): all N unordered when ``K == N``, else the ``K_P`` largest, best first, by a bitonic top-k
+    (a few compare-exchange layers over all keys at once, no chain of K reductions)."""
+    if keys.shape[1] == K:
+        return keys
+    return tl.topk(keys, K_P)
 
 
 @triton.jit
@@ -74,6 +75,9 @@ def _score_chunk_topk_kernel(
     cu_q_ptr,
     seq_lens_ptr,
     cand_ptr,
+    tickets_ptr,
+    ids_ptr,
+    scores_ptr,
     score_scale,
     shard_rank,
     shard_world,
@@ -86,6 +90,10 @@ def _score_chunk_topk_kernel(
     stride_ct,
     stride_cg,
     stride_cc,
+    stride_it,
+    stride_ig,
+    stride_st,
+    stride_sg,
     G: tl.constexpr,
     GP: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -98,6 +106,10 @@ def _score_chunk_topk_kernel(
     IEEE: tl.constexpr,
     K_FP8: tl.constexpr,
     DECODE: tl.constexpr,
+    SELECT: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    N_CAND_P: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * GP
     pid = tl.program_id(0)
@@ -189,23 +201,44 @@ def _score_chunk_topk_kernel(
         chosen,
         mask=row_ok[:, None] & (picks[None, :] < KC),
     )
+    if SELECT:
+        # Decode with few candidates: the sequence's last chunk to finish (atomic ticket) takes
+        # every head's top-k of all chunks' candidates, so no second launch waits on this one.
+        tl.debug_barrier()  # every thread's candidates are stored before the ticket is taken
+        ticket_ptr = tickets_ptr + b
+        ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:
+            heads = tl.arange(0, GP)
+            every = tl.arange(0, N_CAND_P)
+            keys = tl.load(
+                cand_ptr + b * stride_ct + heads[:, None] * stride_cg + every[None, :],
+                mask=(heads < G)[:, None] & (every < tl.num_programs(1) * KC)[None, :],
+                other=_KEY_FLOOR,
+                cache_modifier=".cg",
+            )  # a sequence's candidates are contiguous per head
+            best = _take_top(keys, TOPK, TOPK_P)
+            out_ids = ids_ptr + b * stride_it + heads * stride_ig
+            out_scores = scores_ptr + b * stride_st + heads * stride_sg
+            _store_selection(best, out_ids, out_scores, heads < G, TOPK, TOPK_P)
+            tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
 @triton.jit
-def _store_selection(chosen, ids_ptrs, scores_ptrs, TOPK: tl.constexpr, TOPK_P: tl.constexpr):
-    """Write the picks ``chosen [TOPK_P]`` (best first) in ascending block order, empty last."""
+def _store_selection(chosen, ids_ptrs, scores_ptrs, row_ok, TOPK: tl.constexpr, TOPK_P: tl.constexpr):
+    """Write each row's picks ``chosen [R, TOPK_P]`` (best first) in ascending block order, empty
+    last, at ``ids_ptrs``/``scores_ptrs [R]``."""
     picks = tl.arange(0, TOPK_P)
     valid = (chosen >> 32) > _NEG_INF_ORDER
     blk = tl.where(valid, _key_block(chosen), 2147483647)
     score = tl.where(valid, _key_score(chosen), float("-inf"))
-    # The rank of each pick among the picks.
-    before = (blk[None, :] < blk[:, None]) | (
-        (blk[None, :] == blk[:, None]) & (picks[None, :] < picks[:, None])
+    # The rank of each pick among its row's picks.
+    before = (blk[:, None, :] < blk[:, :, None]) | (
+        (blk[:, None, :] == blk[:, :, None]) & (picks[None, None, :] < picks[None, :, None])
     )
-    slot = tl.sum(before.to(tl.int32), 1)
-    keep = picks < TOPK
-    tl.store(ids_ptrs + slot, tl.where(valid, blk, -1), mask=keep)
-    tl.store(scores_ptrs + slot, score, mask=keep)
+    slot = tl.sum(before.to(tl.int32), 2)  # [R, TOPK_P]
+    keep = row_ok[:, None] & (picks < TOPK)[None, :]
+    tl.store(ids_ptrs[:, None] + slot, tl.where(valid, blk, -1), mask=keep)
+    tl.store(scores_ptrs[:, None] + slot, score, mask=keep)
 
 
 @triton.jit
@@ -238,23 +271,24 @@ def _merge_candidates_kernel(
     sl = tl.program_id(2)
     offs = sl * SLICE + tl.arange(0, SLICE)
     keys = tl.load(cand_ptr + t * stride_ct + g * stride_cg + offs, mask=offs < n_cand, other=_KEY_FLOOR)
-    chosen = tl.reshape(_take_top(keys[None, :], TOPK, TOPK_P), [TOPK_P])
-    out_ids = ids_ptr + t * stride_it + g * stride_ig
-    out_scores = scores_ptr + t * stride_st + g * stride_sg
+    chosen = _take_top(keys[None, :], TOPK, TOPK_P)  # [1, TOPK_P]
+    one = tl.arange(0, 1)
+    out_ids = ids_ptr + t * stride_it + g * stride_ig + one
+    out_scores = scores_ptr + t * stride_st + g * stride_sg + one
     if SLICES == 1:
-        _store_selection(chosen, out_ids, out_scores, TOPK, TOPK_P)
+        _store_selection(chosen, out_ids, out_scores, one == 0, TOPK, TOPK_P)
     else:
         picks = tl.arange(0, TOPK_P)
         part = partial_ptr + t * stride_pt + g * stride_pg
-        tl.store(part + sl * TOPK_P + picks, chosen)
+        tl.store(part + sl * TOPK_P + picks[None, :] + one[:, None], chosen)
         tl.debug_barrier()  # the picks are stored before the ticket is taken
         ticket_ptr = tickets_ptr + t * tl.num_programs(1) + g
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
         if ticket == SLICES - 1:
             every = tl.arange(0, SLICES * TOPK_P)
             picked = tl.load(part + every, cache_modifier=".cg")
-            best = tl.reshape(_take_top(picked[None, :], TOPK, TOPK_P), [TOPK_P])
-            _store_selection(best, out_ids, out_scores, TOPK, TOPK_P)
+            best = _take_top(picked[None, :], TOPK, TOPK_P)
+            _store_selection(best, out_ids, out_scores, one == 0, TOPK, TOPK_P)
             tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
@@ -282,9 +316,13 @@ def launch_chunk_scores(
     num_stages: int | None,
     step_blocks: int | None = None,
     num_warps: int | None = None,
-) -> torch.Tensor:
+    fused_select: bool | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Score every chunk of blocks and keep each chunk's best: candidate keys ``[T, G, chunks, kc]``
-    int64 with ``kc = min(chunk, topk)``."""
+    int64 with ``kc = min(chunk, topk)``. Decode with at most ``FUSED_SELECT_MAX`` candidates per
+    head (``fused_select`` overrides) also takes the final top-k in the same launch and returns
+    it as the selection (ids, scores); otherwise the selection is None and the candidates go to
+    ``launch_candidate_merge``."""
     T, G, D = index_q.shape
     B = seq_lens.shape[0]
     gp = next_pow2(G)
@@ -304,6 +342,15 @@ def launch_chunk_scores(
     stages = max(1, min(3, (160 * 1024) // step_bytes))  # pipelined copies must fit in shared memory
     # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
     cand = torch.empty(T, G, n_chunks, kc, dtype=torch.int64, device=index_q.device)
+    decode = longest == 1 and T == B
+    n_cand = n_chunks * kc
+    select = decode and (fused_select if fused_select is not None else n_cand <= FUSED_SELECT_MAX)
+    if select:
+        ids = torch.empty(T, G, topk, dtype=torch.int32, device=index_q.device)
+        scores = torch.empty(T, G, topk, dtype=torch.float32, device=index_q.device)
+        ticket_buf = tickets(index_q.device, B)
+    else:
+        ids, scores, ticket_buf = cand, cand, cand  # unused
     _score_chunk_topk_kernel[(B * tiles, n_chunks)](
         index_q,
         index_k_cache,
@@ -311,6 +358,9 @@ def launch_chunk_scores(
         cu_seqlens_q,
         seq_lens,
         cand,
+        ticket_buf,
+        ids,
+        scores,
         float(D) ** 0.5,
         shard_rank,
         shard_world,
@@ -323,6 +373,10 @@ def launch_chunk_scores(
         cand.stride(0),
         cand.stride(1),
         cand.stride(2),
+        ids.stride(0),
+        ids.stride(1),
+        scores.stride(0),
+        scores.stride(1),
         G=G,
         GP=gp,
         BLOCK_T=block_t,
@@ -334,11 +388,15 @@ def launch_chunk_scores(
         KC_P=next_pow2(kc),
         IEEE=index_q.dtype == torch.float32,
         K_FP8=index_k_cache.dtype == torch.float8_e4m3fn,
-        DECODE=longest == 1 and T == B,
+        DECODE=decode,
+        SELECT=select,
+        TOPK=topk,
+        TOPK_P=next_pow2(topk),
+        N_CAND_P=max(next_pow2(n_cand), next_pow2(topk)),
         num_warps=num_warps or (4 if rows * nb <= 64 else 8),
         num_stages=num_stages or stages,
     )
-    return cand
+    return cand, (ids, scores) if select else None
 
 
 def launch_candidate_merge(
@@ -350,12 +408,12 @@ def launch_candidate_merge(
     scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
     n_cand = cand.shape[2] * cand.shape[3]
     topk_p = next_pow2(topk)
-    # Slices of 128 candidates (a one-warp reduction each), unless that leaves the final
-    # merge with more picks than the slices had.
-    slice_size = next_pow2(slice_size or max(128, topk_p))
+    # Slices of MERGE_SLICE candidates, unless that leaves the final merge with more picks than
+    # the slices had.
+    slice_size = next_pow2(slice_size or max(MERGE_SLICE, topk_p))
     slices = triton.cdiv(n_cand, slice_size)
     if slices * topk_p >= n_cand:
-        slice_size, slices = next_pow2(n_cand), 1
+        slice_size, slices = max(next_pow2(n_cand), topk_p), 1
     slices = next_pow2(slices)
     partial = (
         torch.empty(T, G, slices * topk_p, dtype=torch.int64, device=cand.device) if slices > 1 else cand
@@ -401,6 +459,7 @@ def select_blocks_triton(
     step_blocks: int | None = None,
     merge_slice: int | None = None,
     num_warps: int | None = None,
+    fused_select: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA block selection (see ``msa.kernels.select_blocks``) in Triton.
 
@@ -409,8 +468,8 @@ def select_blocks_triton(
     int32 ascending, -1 padded; scores ``[T, G, topk]`` fp32, +inf for the forced local block, -inf
     for padding). ``max_q_len`` saves a host sync; ``block_t`` (query tokens per program),
     ``chunk_blocks`` (blocks per program), ``step_blocks`` (blocks per load), ``num_stages``,
-    ``num_warps`` (of the scoring kernel) and ``merge_slice`` (candidates per merge program)
-    override the heuristics.
+    ``num_warps`` (of the scoring kernel), ``fused_select`` (decode: the final top-k in the scoring
+    launch) and ``merge_slice`` (candidates per merge program) override the heuristics.
     """
     name = "select_blocks"
     if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -433,7 +492,7 @@ def select_blocks_triton(
             torch.full((T, G, topk), -1, dtype=torch.int32, device=index_q.device),
             torch.full((T, G, topk), float("-inf"), dtype=torch.float32, device=index_q.device),
         )
-    cand = launch_chunk_scores(
+    cand, selection = launch_chunk_scores(
         index_q,
         index_k_cache,
         block_table,
@@ -448,5 +507,8 @@ def select_blocks_triton(
         num_stages=num_stages,
         step_blocks=step_blocks,
         num_warps=num_warps,
+        fused_select=fused_select,
     )
+    if selection is not None:
+        return selection
     return launch_candidate_merge(cand, topk, slice_size=merge_slice)
