@@ -50,6 +50,18 @@ class StreamTiming:
     ttft: float
     gaps: list[float] = field(default_factory=list)
     tokens: int = 0
+    last: float = 0.0
+
+    @classmethod
+    def first(cls, start: float, now: float, tokens: int) -> StreamTiming:
+        return cls(ttft=now - start, tokens=tokens, last=now)
+
+    def more(self, now: float, tokens: int) -> None:
+        """An output of ``tokens`` tokens arrived: each gets an equal share of the gap (outputs
+        carry several tokens when the reader fell behind the engine)."""
+        self.gaps += [(now - self.last) / tokens] * tokens
+        self.tokens += tokens
+        self.last = now
 
 
 def summarize(timings: list[StreamTiming], wall: float) -> dict:
@@ -76,17 +88,15 @@ def make_prompts(count: int, length: int, vocab: int = 256) -> list[list[int]]:
 async def engine_stream(engine: MSAEngine, request_id: str, prompt: list[int], args) -> StreamTiming:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=1, ignore_eos=True, logprobs=0)
     start = time.perf_counter()
-    timing, last = None, start
+    timing = None
     async for out in engine.generate(request_id, prompt, params):
         now = time.perf_counter()
         if not out.token_ids:
             continue
         if timing is None:
-            timing = StreamTiming(ttft=now - start)
+            timing = StreamTiming.first(start, now, len(out.token_ids))
         else:
-            timing.gaps.append(now - last)
-        timing.tokens += len(out.token_ids)
-        last = now
+            timing.more(now, len(out.token_ids))
     return timing
 
 
@@ -101,7 +111,7 @@ async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], 
     body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 1,
             "ignore_eos": True, "logprobs": 0, "stream": True}
     start = time.perf_counter()
-    timing, last = None, start
+    timing = None
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -112,11 +122,9 @@ async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], 
             if tokens == 0:
                 continue
             if timing is None:
-                timing = StreamTiming(ttft=now - start)
+                timing = StreamTiming.first(start, now, tokens)
             else:
-                timing.gaps.append(now - last)
-            timing.tokens += tokens
-            last = now
+                timing.more(now, tokens)
     return timing
 
 
@@ -201,6 +209,15 @@ def start_serve(config_args: dict, device: str) -> tuple[str, str]:
     return f"http://127.0.0.1:{port}", ServeConfig.from_args(config_args).model_name
 
 
+def wait_for_free_gpu_memory(device: str, free_before: int, timeout_s: float = 60.0) -> None:
+    """Until the stopped Serve replica's engine process has given its GPU memory back."""
+    deadline = time.monotonic() + timeout_s
+    while device == "cuda" and torch.cuda.mem_get_info()[0] < 0.95 * free_before:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the Serve engine's GPU memory was not released within {timeout_s} s")
+        time.sleep(0.5)
+
+
 def compare(engine: dict, served: dict) -> dict:
     added = served["ttft_ms_median"] - engine["ttft_ms_median"]
     loss = 1.0 - served["output_tokens_per_s"] / engine["output_tokens_per_s"]
@@ -222,7 +239,9 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--requests-per-stream", type=int, default=3)
     p.add_argument("--shards", choices=("auto", "actor", "replica"), default="auto",
-                   help="where the replica's single shard runs (auto: an actor on GPUs, in the replica on CPU)")
+                   help="where a single shard runs: in the engine's process (auto, replica) or an actor")
+    p.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
+                   help="Serve's engine in an actor of its own (on) or in the replica (off); auto: GPUs on")
     p.add_argument("--out", type=Path, default=None,
                    help="default: benchmarks/results/serve-<device>-<model>.json")
     args = p.parse_args()
@@ -237,6 +256,8 @@ def main() -> int:
     config_args["engine"] = {}
     if device == "cuda":
         config_args["engine"]["random_init"] = "device"  # a preset's weights drawn on the GPU
+    if args.engine_process != "auto":
+        config_args["engine_process"] = args.engine_process == "on"
     if args.shards != "auto":
         config_args["engine"]["ray_shards"] = args.shards == "actor"
     if device == "cpu":
@@ -256,6 +277,7 @@ def main() -> int:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the Serve replica that runs next needs this GPU memory
+    free_before = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
     base_url, served_name = start_serve(config_args, device)
     try:
         serve_results, serve_text = asyncio.run(bench_serve(base_url, served_name, args))
@@ -264,11 +286,21 @@ def main() -> int:
 
         serve.shutdown()
     load["after_serve"] = os.getloadavg()[0]
+    # The direct engine once more, after Serve: the baseline of each level is the faster of its two
+    # runs (the first one may have shared the machine with Ray's start-up).
+    wait_for_free_gpu_memory(device, free_before)
+    engine_again, _ = asyncio.run(bench_engine(engine_config, args, "engine"))
+    engine_first = engine_results
+    engine_results = {c: max(engine_first[c], engine_again[c], key=lambda r: r["output_tokens_per_s"])
+                      for c in args.concurrency}
 
     out = args.out or ROOT / "benchmarks" / "results" / f"serve-{device}-{Path(model).name}.json"
     report = {
-        "benchmark": "serve overhead: Ray Serve HTTP streaming vs the same engine driven in-process",
+        "benchmark": "serve overhead: Ray Serve HTTP streaming vs the same engine driven in-process "
+                     "(per level the faster of two direct runs, one before and one after Serve)",
         "engine_shards": "Ray actor" if engine_config.ray_shards else "in the driving process",
+        "serve_engine": "its own Ray actor process (RemoteEngine)" if config.runs_engine_process
+        else "in the replica's process",
         "numbers": f"{device.upper()} numbers" + (" (tiny preset, random weights; not GPU performance)"
                                                   if device == "cpu" else ""),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
@@ -287,7 +319,8 @@ def main() -> int:
         print(report["error"], file=sys.stderr)
     else:
         report["levels"] = [{"concurrency": c, "engine": engine_results[c], "serve": serve_results[c],
-                             **compare(engine_results[c], serve_results[c])} for c in args.concurrency]
+                             **compare(engine_results[c], serve_results[c]),
+                             "engine_runs": [engine_first[c], engine_again[c]]} for c in args.concurrency]
         if in_process is not None:
             # The same comparison against the single shard run in the driving process.
             for level in report["levels"]:

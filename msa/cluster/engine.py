@@ -31,6 +31,7 @@ from msa.cluster.protocol import (
     RequestTooLongError,
     SamplingParams,
     TokenOutput,
+    stream_queue,
 )
 from msa.cluster.sampler import SampleResult
 from msa.cluster.scheduler import Scheduler, StepPlan
@@ -56,7 +57,9 @@ class _Request:
         return all(s.finished for s in self.streams)
 
 
-def _tokenizer_for(config: EngineConfig) -> Tokenizer:
+def tokenizer_for(config: EngineConfig) -> Tokenizer:
+    """The checkpoint's tokenizer (tokenizer.json in the model or tokenizer directory), else the
+    byte-level default."""
     source = config.tokenizer or config.model
     if isinstance(source, str) and Path(source).is_dir() and (Path(source) / "tokenizer.json").exists():
         return Tokenizer.from_directory(source)
@@ -95,7 +98,7 @@ class MSAEngine:
     async def start(self) -> None:
         if self._loop_task is not None:
             return
-        self.tokenizer = await asyncio.to_thread(_tokenizer_for, self.config)
+        self.tokenizer = await asyncio.to_thread(tokenizer_for, self.config)
         self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         local = self.config.world_size == 1 and not self.config.ray_shards
         executor = LocalExecutor(self.config) if local else RayExecutor(self.config)
@@ -198,13 +201,8 @@ class MSAEngine:
         self._requests[request_id] = request
         self._wake.set()
         try:
-            finished = 0
-            while finished < params.n:
-                item = await request.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished += item.finish_reason is not None
-                yield item
+            async for out in stream_queue(request.queue, params.n):
+                yield out
         finally:
             if not request.done and self._dead is None:
                 self._abort(request, notify=False)

@@ -6,6 +6,7 @@ check_health, update_weights, shutdown. Implementations live in ``msa.cluster.en
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,7 +15,18 @@ import torch
 
 
 class EngineError(RuntimeError):
-    """Base of the errors an engine raises to its callers."""
+    """Base of the errors an engine raises to its callers. They pickle with their message and
+    attributes (whatever their constructor takes), so they cross from an engine process intact."""
+
+    def __reduce__(self):
+        return _rebuild_error, (type(self), str(self), dict(self.__dict__))
+
+
+def _rebuild_error(cls: type[EngineError], message: str, state: dict) -> EngineError:
+    error = cls.__new__(cls)
+    RuntimeError.__init__(error, message)
+    error.__dict__.update(state)
+    return error
 
 
 class InvalidRequestError(EngineError, ValueError):
@@ -102,6 +114,58 @@ class TokenOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     weight_version: int
+
+    def can_absorb(self, later: TokenOutput) -> bool:
+        """Whether ``later`` (the next output of the same request) may be folded into this one:
+        same choice and weight version, and this one is not the choice's last."""
+        return (
+            later.index == self.index
+            and later.weight_version == self.weight_version
+            and self.finish_reason is None
+        )
+
+    def absorb(self, later: TokenOutput) -> None:
+        """Append ``later``'s tokens, logprobs and text; its finish_reason becomes this one's."""
+        self.token_ids += later.token_ids
+        self.logprobs += later.logprobs
+        if self.top_logprobs is not None and later.top_logprobs is not None:
+            self.top_logprobs += later.top_logprobs
+        self.text += later.text
+        self.finish_reason = later.finish_reason
+
+
+def coalesce(outputs: list[TokenOutput]) -> list[TokenOutput]:
+    """Fold each choice's outputs into as few as its weight versions allow, in the order each
+    choice's outputs came. A consumer that fell behind the engine then gets one output per choice
+    instead of one per step, as vLLM's output collector merges the deltas a slow reader has not
+    taken yet."""
+    merged: list[TokenOutput] = []
+    open_by_choice: dict[int, TokenOutput] = {}
+    for out in outputs:
+        into = open_by_choice.get(out.index)
+        if into is not None and into.can_absorb(out):
+            into.absorb(out)
+        else:
+            merged.append(out)
+            open_by_choice[out.index] = out
+    return merged
+
+
+async def stream_queue(queue: asyncio.Queue, n: int) -> AsyncIterator[TokenOutput]:
+    """A request's outputs from the queue its engine feeds, until its ``n`` choices finished; an
+    exception in the queue is raised. Everything queued since the last read goes out at once,
+    ``coalesce``d: a reader behind the engine pays per read, not per token."""
+    finished = 0
+    while finished < n:
+        items = [await queue.get()]
+        while not queue.empty():
+            items.append(queue.get_nowait())
+        failure = next((i for i in items if isinstance(i, BaseException)), None)
+        for out in coalesce([i for i in items if not isinstance(i, BaseException)]):
+            finished += out.finish_reason is not None
+            yield out
+        if failure is not None:
+            raise failure
 
 
 @dataclass(kw_only=True, slots=True)

@@ -1,8 +1,11 @@
 """The Ray Serve application: ``build_app(args)`` for ``serve run msa.serve.app:build_app``.
 
-Each replica creates an ``MSAEngine`` (which places its own shard actors) and awaits its start,
-then serves ``create_app`` around it. The FastAPI app is built on the replica, after the engine
-is up (``serve.ingress`` in its late-bound form), because its routes close over that engine.
+Each replica creates its engine and awaits its start, then serves ``create_app`` around it. By
+default a GPU engine runs in an actor of its own (``RemoteEngine``), so the replica's process only
+serves HTTP; otherwise (``engine_process: false``, or a CPU engine) the replica runs ``MSAEngine``
+itself. Either way the engine places its own shard actors when it has several. The FastAPI app is
+built on the replica, after the engine is up (``serve.ingress`` in its late-bound form), because its
+routes close over that engine.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from ray import serve
 from ray.serve import Application
 
 from msa.cluster.engine import MSAEngine
-from msa.cluster.protocol import EngineDeadError
+from msa.cluster.protocol import Engine, EngineDeadError
+from msa.cluster.remote import RemoteEngine
 from msa.serve.api import create_app
 from msa.serve.config import ServeConfig
 from msa.serve.server import OpenAIServer
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "MSAOpenAIServer"
 API_KEY_ENV = "MSA_API_KEY"
-# A single shard steps in a worker thread of the replica, holding the GIL while it launches
+# A single shard in the replica's process steps in a worker thread, holding the GIL while it launches
 # kernels; with Python's default 5 ms switch interval the event loop (HTTP, streamed tokens, the
 # engine loop itself) waits up to 5 ms for every turn. 0.5 ms lets it in promptly.
 GIL_SWITCH_INTERVAL_S = 0.0005
@@ -40,9 +44,12 @@ class OpenAIDeployment:
     async def __init__(self, config: ServeConfig) -> None:
         self.config = config
         engine_config = config.engine_config()
-        if engine_config.world_size == 1 and not engine_config.ray_shards:
-            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        self.engine = MSAEngine(engine_config)
+        if config.runs_engine_process:
+            self.engine: Engine = RemoteEngine(engine_config, config.engine_actor_options())
+        else:
+            if engine_config.world_size == 1 and not engine_config.ray_shards:
+                sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+            self.engine = MSAEngine(engine_config)
         await self.engine.start()
         # Deployed from a manifest, the key comes from the node's environment (a Kubernetes Secret).
         api_key = config.api_key or os.environ.get(API_KEY_ENV) or None

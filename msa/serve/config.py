@@ -23,7 +23,12 @@ def _check(ok: bool, name: str, allowed: str, value: object) -> None:
 @dataclass(kw_only=True, slots=True)
 class ServeConfig:
     """model: a preset name or a checkpoint directory. device None picks "cuda" when the cluster has
-    GPUs. ``engine`` passes further ``EngineConfig`` fields (e.g. ``max_num_batched_tokens``)."""
+    GPUs. ``engine`` passes further ``EngineConfig`` fields (e.g. ``max_num_batched_tokens``).
+    ``engine_process``: the engine and its step loop run in a Ray actor beside the replica, which
+    then only serves HTTP (as vLLM separates its API server from its engine core); off, they share
+    the replica's process. Unset: on for GPU engines (their host threads then never wait on the
+    HTTP work), off on CPU (where the engine needs those cores itself). ``replica_num_cpus``: the
+    CPUs reserved for the engine's process."""
 
     model: str = "tiny"
     tp: int = 1
@@ -38,6 +43,7 @@ class ServeConfig:
     num_replicas: int = 1
     max_ongoing_requests: int = 1024
     replica_num_cpus: float = 1.0
+    engine_process: bool | None = None
     engine: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -102,8 +108,24 @@ class ServeConfig:
             fields["num_pages"] = DEFAULT_CPU_PAGES
         return EngineConfig(**fields)
 
+    @property
+    def runs_engine_process(self) -> bool:
+        return self.engine_process if self.engine_process is not None else self.device == "cuda"
+
     def replica_actor_options(self) -> dict[str, Any]:
-        """The replica itself holds the model only when it runs a single shard (in-process);
-        otherwise its shards take the GPUs through the engine's own placement group."""
-        in_process_gpu = self.device == "cuda" and self.tp * self.sp == 1
-        return {"num_cpus": self.replica_num_cpus, "num_gpus": 1 if in_process_gpu else 0}
+        """With ``engine_process`` the replica only serves HTTP and its engine runs in an actor of
+        its own (``engine_actor_options``). Otherwise the replica holds the model itself when it
+        runs a single shard (in-process); else its shards take the GPUs through the engine's own
+        placement group."""
+        if self.runs_engine_process:
+            return {"num_cpus": 0, "num_gpus": 0}
+        return {"num_cpus": self.replica_num_cpus, "num_gpus": self._single_shard_gpus()}
+
+    def engine_actor_options(self) -> dict[str, Any]:
+        """Resources of the engine's own process (``engine_process``): the replica's CPUs, and the
+        GPU when it runs a single shard in-process."""
+        return {"num_cpus": self.replica_num_cpus, "num_gpus": self._single_shard_gpus()}
+
+    def _single_shard_gpus(self) -> int:
+        engine = self.engine_config()
+        return 1 if self.device == "cuda" and engine.world_size == 1 and not engine.ray_shards else 0

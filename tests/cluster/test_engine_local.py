@@ -14,7 +14,9 @@ from msa.cluster.protocol import (
     InvalidRequestError,
     RequestTooLongError,
     SamplingParams,
+    TokenOutput,
     WeightUpdateError,
+    coalesce,
 )
 from msa.cluster.weights import pack_buckets
 from msa.model import PagedKVCache
@@ -278,3 +280,49 @@ def test_requests_after_shutdown_fail_at_once():
         assert not engine.stats().healthy
 
     asyncio.run(main())
+
+
+def test_a_reader_behind_the_engine_gets_the_same_tokens_in_fewer_outputs(reference):
+    """Outputs queued while the reader is busy reach it merged (one per choice and run of steps),
+    with the same tokens, logprobs, top logprobs and text as a reader that keeps up."""
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, n=2, logprobs=2)
+
+    async def main():
+        engine = await started()
+        try:
+            fast = await collect(engine, "fast", prompt(17, 0), params)
+            slow: dict[int, list] = {}
+            async for out in engine.generate("slow", prompt(17, 0), params):
+                slow.setdefault(out.index, []).append(out)
+                await asyncio.sleep(0.05)  # several engine steps pass before the next read
+            return fast, slow
+        finally:
+            await engine.shutdown()
+
+    fast, slow = asyncio.run(main())
+    for index in (0, 1):
+        assert len(fast[index]) == 12
+        assert len(slow[index]) < len(fast[index])
+        assert any(len(o.token_ids) > 1 for o in slow[index])
+        for field in ("token_ids", "logprobs", "top_logprobs"):
+            assert [x for o in slow[index] for x in getattr(o, field)] == [
+                x for o in fast[index] for x in getattr(o, field)
+            ]
+        assert "".join(o.text for o in slow[index]) == "".join(o.text for o in fast[index])
+        assert [o.finish_reason for o in slow[index]][-1] == "length"
+        assert all(o.finish_reason is None for o in slow[index][:-1])
+
+
+def test_coalesce_merges_each_choice_within_one_weight_version():
+    def out(index, token, version=0, finish=None):
+        return TokenOutput(request_id="r", index=index, token_ids=[token], logprobs=[-float(token)],
+                           top_logprobs=None, text=f"<{token}>", finish_reason=finish,
+                           num_prompt_tokens=3, weight_version=version)
+
+    merged = coalesce([out(0, 1), out(0, 2), out(1, 3), out(0, 4), out(0, 5, version=1),
+                       out(0, 6, version=1, finish="length"), out(1, 7, finish="stop")])
+    assert [(o.index, o.token_ids, o.weight_version, o.finish_reason) for o in merged] == [
+        (0, [1, 2, 4], 0, None), (1, [3, 7], 0, "stop"), (0, [5, 6], 1, "length"),
+    ]
+    assert merged[0].logprobs == [-1.0, -2.0, -4.0] and merged[0].text == "<1><2><4>"
+    assert coalesce([]) == []

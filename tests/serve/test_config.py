@@ -11,16 +11,26 @@ def test_defaults_serve_the_tiny_preset_on_cpu():
     engine = config.engine_config()
     assert (config.model_name, engine.device, engine.dtype, engine.num_pages) == \
         ("tiny", "cpu", "float32", DEFAULT_CPU_PAGES)
+    # A CPU engine shares the replica's process (it needs the cores); asked for, it gets its own.
     assert config.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 0}
+    own = ServeConfig(engine_process=True).resolved(cluster_gpus=0)
+    assert own.replica_actor_options() == {"num_cpus": 0, "num_gpus": 0}
+    assert own.engine_actor_options() == {"num_cpus": 1.0, "num_gpus": 0}
 
 
-def test_gpu_cluster_single_shard_replica_holds_the_gpu_and_sharded_one_does_not():
+def test_gpu_cluster_single_shard_engine_holds_the_gpu_and_sharded_one_does_not():
     single = ServeConfig(model="m3_proxy").resolved(cluster_gpus=8)
+    assert single.runs_engine_process  # a GPU engine runs in a process of its own
     assert single.engine_config().device == "cuda" and single.engine_config().dtype == "bfloat16"
-    assert single.replica_actor_options()["num_gpus"] == 1
+    assert single.engine_actor_options()["num_gpus"] == 1
+    assert single.replica_actor_options()["num_gpus"] == 0
+    in_replica = ServeConfig(model="m3_proxy", engine_process=False, replica_num_cpus=4).resolved(8)
+    assert in_replica.replica_actor_options() == {"num_cpus": 4, "num_gpus": 1}
     sharded = ServeConfig(model="m3_proxy", tp=2, sp=2).resolved(cluster_gpus=8)
-    assert sharded.replica_actor_options()["num_gpus"] == 0
+    assert sharded.engine_actor_options()["num_gpus"] == 0
     assert sharded.engine_config().world_size == 4
+    actor_shard = ServeConfig(model="m3_proxy", engine_process=False, engine={"ray_shards": True}).resolved(8)
+    assert actor_shard.replica_actor_options()["num_gpus"] == 0
 
 
 def test_engine_passthrough_and_names():

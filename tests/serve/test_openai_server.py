@@ -205,3 +205,27 @@ def test_sequence_sharded_replica_through_serve(base_url):
         assert wait_until(lambda: shard_pages_used(url, "tiny-sp2") == [0, 0], timeout=10)
     finally:
         serve.delete("msa-sp2")
+
+
+def test_engine_in_its_own_process_through_serve(base_url):
+    """engine_process on: the engine runs in an actor beside the replica (RemoteEngine); streaming,
+    usage and a disconnect that frees the pages work the same."""
+    serve.run(build_app({"model": "tiny", "num_pages": 256, "served_model_name": "tiny-proc",
+                         "api_key": API_KEY, "engine_process": True}), name="msa-proc", route_prefix="/proc")
+    try:
+        url = f"{base_url}/proc"
+        own = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        chunks = list(own.chat.completions.create(model="tiny-proc", messages=USER, max_tokens=5,
+                                                     stream=True, stream_options={"include_usage": True}))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].usage.completion_tokens == 5
+        body = {"model": "tiny-proc", "messages": USER, "max_tokens": 2000, "ignore_eos": True,
+                "stream": True}
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60) as s:
+            for i, _ in enumerate(s.iter_lines()):
+                if i == 20:
+                    break
+        assert wait_until(lambda: shard_pages_used(url, "tiny-proc") == [0], timeout=10)
+    finally:
+        serve.delete("msa-proc")

@@ -1,0 +1,104 @@
+"""``RemoteEngine``: the engine in its own Ray actor process (real Ray on loopback), against the
+same engine run in this process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from msa.cluster.engine import EngineConfig, MSAEngine
+from msa.cluster.protocol import EngineDeadError, RequestTooLongError, SamplingParams
+from msa.cluster.remote import RemoteEngine
+from tests.cluster.conftest import collect, prompt, tokens_of
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_cluster():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def config(**kw) -> EngineConfig:
+    base = dict(model="tiny", device="cpu", dtype="float32", num_pages=64, max_num_seqs=8,
+                max_num_batched_tokens=32, seed=0)
+    return EngineConfig(**{**base, **kw})
+
+
+PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, n=2, logprobs=2)
+
+
+async def outputs_of(engine, lengths: list[int]) -> list[dict]:
+    requests = [collect(engine, f"r{i}", prompt(n, i), PARAMS) for i, n in enumerate(lengths)]
+    return await asyncio.gather(*requests)
+
+
+def test_remote_engine_streams_what_the_engine_does_in_process():
+    lengths = [3, 17, 41]
+
+    async def main():
+        local = MSAEngine(config())
+        await local.start()
+        remote = RemoteEngine(config())
+        await remote.start()
+        try:
+            assert remote.max_context_length == local.max_context_length
+            assert remote.tokenizer.eos_token_ids == local.tokenizer.eos_token_ids
+            return await outputs_of(local, lengths), await outputs_of(remote, lengths), remote.stats()
+        finally:
+            await local.shutdown()
+            await remote.shutdown()
+
+    local, remote, stats = asyncio.run(main())
+    assert stats.healthy and stats.pages_total == [64]
+    for got, want in zip(remote, local, strict=True):
+        for index in (0, 1):
+            assert tokens_of(got[index]) == tokens_of(want[index])
+            assert [p for o in got[index] for p in o.logprobs] == pytest.approx(
+                [p for o in want[index] for p in o.logprobs], abs=1e-5)
+            assert "".join(o.text for o in got[index]) == "".join(o.text for o in want[index])
+            assert got[index][-1].finish_reason == "length"
+
+
+def test_remote_engine_errors_cancellation_and_a_dead_engine_process():
+    async def main():
+        remote = RemoteEngine(config())
+        await remote.start()
+        try:
+            # An admission error crosses the process boundary with its fields.
+            with pytest.raises(RequestTooLongError) as too_long:
+                await collect(remote, "long", prompt(10, 0), SamplingParams(max_tokens=1000))
+            assert (too_long.value.prompt_tokens, too_long.value.max_tokens) == (10, 1000)
+            assert too_long.value.limit == remote.max_context_length == 256  # 64 pages x 4 tokens
+
+            # A reader that stops early aborts the request and its pages come back.
+            stream = remote.generate("early", prompt(9, 1), SamplingParams(max_tokens=200, ignore_eos=True))
+            async for _ in stream:
+                break
+            await stream.aclose()
+            for _ in range(100):
+                if remote.stats().pages_used == [0] and remote.stats().running == 0:
+                    break
+                await asyncio.sleep(0.05)
+            freed = remote.stats().pages_used
+
+            # Killing the engine process fails the request in flight and marks the engine dead.
+            stream = remote.generate("doomed", prompt(9, 2), SamplingParams(max_tokens=200, ignore_eos=True))
+            await stream.__anext__()
+            ray.kill(remote._actor)
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            with pytest.raises(EngineDeadError):
+                await remote.check_health()
+            with pytest.raises(EngineDeadError):
+                await collect(remote, "after", prompt(3, 0), SamplingParams(max_tokens=2))
+            return freed, remote.stats().healthy
+        finally:
+            await remote.shutdown()
+
+    freed, healthy = asyncio.run(main())
+    assert freed == [0]
+    assert not healthy
