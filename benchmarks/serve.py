@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 from msa.cluster.config import EngineConfig  # noqa: E402
 from msa.cluster.engine import MSAEngine  # noqa: E402
 from msa.cluster.protocol import SamplingParams  # noqa: E402
-from msa.serve.app import GIL_SWITCH_INTERVAL_S  # noqa: E402
 from msa.serve.config import ServeConfig  # noqa: E402
 
 TTFT_BUDGET_MS = 20.0
@@ -165,8 +164,6 @@ async def run_levels(one_stream, args, label: str) -> dict:
 
 
 async def bench_engine(engine_config: EngineConfig, args, label: str) -> tuple[dict, str]:
-    if engine_config.world_size == 1 and not engine_config.ray_shards:
-        sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)  # as the Serve replica runs its in-process shard
     engine = MSAEngine(engine_config)
     await engine.start()
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from typing import Any
 
 import ray
@@ -31,10 +30,6 @@ log = logging.getLogger(__name__)
 
 DEPLOYMENT_NAME = "MSAOpenAIServer"
 API_KEY_ENV = "MSA_API_KEY"
-# A single shard in the replica's process steps in a worker thread, holding the GIL while it launches
-# kernels; with Python's default 5 ms switch interval the event loop (HTTP, streamed tokens, the
-# engine loop itself) waits up to 5 ms for every turn. 0.5 ms lets it in promptly.
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @serve.ingress()
@@ -47,8 +42,6 @@ class OpenAIDeployment:
         if config.runs_engine_process:
             self.engine: Engine = RemoteEngine(engine_config, config.engine_actor_options())
         else:
-            if engine_config.world_size == 1 and not engine_config.ray_shards:
-                sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
             self.engine = MSAEngine(engine_config)
         await self.engine.start()
         # Deployed from a manifest, the key comes from the node's environment (a Kubernetes Secret).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 import pytest
 import torch
@@ -326,3 +327,20 @@ def test_coalesce_merges_each_choice_within_one_weight_version():
     ]
     assert merged[0].logprobs == [-1.0, -2.0, -4.0] and merged[0].text == "<1><2><4>"
     assert coalesce([]) == []
+
+
+def test_an_in_process_shard_shortens_the_gil_switch_interval_and_never_lengthens_it():
+    """The step thread holds the GIL while it launches work; the event loop must get it back
+    within GIL_SWITCH_INTERVAL_S, not Python's default 5 ms."""
+    from msa.cluster.executor import GIL_SWITCH_INTERVAL_S, LocalExecutor
+
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)
+        LocalExecutor(engine_config())
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S, rel=0.05)
+        sys.setswitchinterval(0.0001)
+        LocalExecutor(engine_config())
+        assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
+    finally:
+        sys.setswitchinterval(before)
