@@ -177,7 +177,7 @@ class RemoteEngine:
         self._queues[request_id] = queue
         finished = False
         try:
-            await self._actor.add.remote(request_id, list(prompt_token_ids), params)
+            await self._call(self._actor.add.remote(request_id, list(prompt_token_ids), params))
             async for out in stream_queue(queue, params.n):
                 yield out
             finished = True
@@ -187,23 +187,29 @@ class RemoteEngine:
                 with contextlib.suppress(Exception):
                     await self._actor.abort.remote(request_id)
 
+    async def _call(self, ref: Any) -> Any:
+        """Await an actor call; the engine's own errors pass through, a dead actor becomes
+        EngineDeadError (and fails every request in flight)."""
+        try:
+            return await ref
+        except EngineError:
+            raise
+        except Exception as e:
+            if self._dead is None:
+                self._fail(EngineDeadError(f"the engine process failed: {e}"))
+            raise EngineDeadError(str(self._dead)) from e
+
     async def abort(self, request_id: str) -> None:
         if self._actor is not None and self._dead is None:
-            await self._actor.abort.remote(request_id)
+            await self._call(self._actor.abort.remote(request_id))
 
     async def check_health(self) -> None:
         self._check_alive()
-        try:
-            await self._actor.check_health.remote()
-        except EngineError:
-            raise
-        except Exception as e:  # the actor itself is gone
-            self._fail(EngineDeadError(f"the engine process failed: {e}"))
-            raise self._dead from e
+        await self._call(self._actor.check_health.remote())
 
     async def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
         self._check_alive()
-        await self._actor.update_weights.remote(list(named_tensors), version)
+        await self._call(self._actor.update_weights.remote(list(named_tensors), version))
 
     def stats(self) -> EngineStats:
         """The engine's stats as of the latest poll (at most ``POLL_TIMEOUT_S`` old)."""
