@@ -118,7 +118,9 @@ class ServeConfig:
         runs a single shard (in-process); else its shards take the GPUs through the engine's own
         placement group."""
         if self.runs_engine_process:
-            return {"num_cpus": 0, "num_gpus": 0}
+            # One CPU for the HTTP work, which also keeps the replica off CPU-less head nodes:
+            # its engine actor is placed on the replica's node.
+            return {"num_cpus": 1, "num_gpus": 0}
         return {"num_cpus": self.replica_num_cpus, "num_gpus": self._single_shard_gpus()}
 
     def engine_actor_options(self) -> dict[str, Any]:

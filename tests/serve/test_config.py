@@ -14,7 +14,7 @@ def test_defaults_serve_the_tiny_preset_on_cpu():
     # A CPU engine shares the replica's process (it needs the cores); asked for, it gets its own.
     assert config.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 0}
     own = ServeConfig(engine_process=True).resolved(cluster_gpus=0)
-    assert own.replica_actor_options() == {"num_cpus": 0, "num_gpus": 0}
+    assert own.replica_actor_options() == {"num_cpus": 1, "num_gpus": 0}
     assert own.engine_actor_options() == {"num_cpus": 1.0, "num_gpus": 0}
 
 
