@@ -43,10 +43,10 @@ class _PagedView:
     ) -> None:
         self.batch = batch
         if batch.cache is None:
-            bs = batch.block_size
-            self.k = pack_into_pages(k, batch.cu_seqlens_q, bs)
-            self.v = pack_into_pages(v, batch.cu_seqlens_q, bs)
-            self.index_k = pack_into_pages(index_k, batch.cu_seqlens_q, bs) if index_k is not None else None
+            bs, bounds = batch.block_size, batch.host_query_bounds()
+            self.k = pack_into_pages(k, bounds, bs)
+            self.v = pack_into_pages(v, bounds, bs)
+            self.index_k = pack_into_pages(index_k, bounds, bs) if index_k is not None else None
             return
         cache = batch.cache
         self.k, self.v, self.index_k = cache.k[layer], cache.v[layer], cache.index_k[layer]
@@ -106,7 +106,7 @@ class Attention(nn.Module):
             if batch.cache is not None or batch.context_parallel is not None:
                 raise ValueError("indexer_losses needs a cache-free forward of whole sequences")
             loss = indexer_kl(
-                q, k, index_q, index_k, batch.cu_seqlens_q, block_ids, batch.block_size, self.scale
+                q, k, index_q, index_k, batch.host_query_bounds(), block_ids, batch.block_size, self.scale
             )
             batch.indexer_losses.append(loss)
         if batch.context_parallel is not None:

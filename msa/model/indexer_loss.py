@@ -19,6 +19,8 @@ import math
 
 import torch
 
+from msa.model.kv_cache import host_bounds
+
 
 def selected_token_mask(
     block_ids: torch.Tensor | None, length: int, block_size: int, device: torch.device
@@ -32,7 +34,7 @@ def selected_token_mask(
         return causal[None]
     num_blocks = (length + block_size - 1) // block_size
     slots = torch.where(block_ids >= 0, block_ids, num_blocks).long().to(device)  # -1 -> a spare column
-    chosen = torch.zeros(length, block_ids.shape[1], num_blocks + 1, dtype=torch.bool, device=pos.device)
+    chosen = torch.zeros(length, block_ids.shape[1], num_blocks + 1, dtype=torch.bool, device=device)
     chosen.scatter_(2, slots, True)
     by_token = chosen[:, :, :num_blocks][:, :, pos // block_size]  # [t, G, j]
     return by_token.permute(1, 0, 2) & causal[None]
@@ -43,7 +45,7 @@ def indexer_kl(
     k: torch.Tensor,
     index_q: torch.Tensor,
     index_k: torch.Tensor,
-    cu_seqlens: torch.Tensor,
+    cu_seqlens: torch.Tensor | list[int],
     block_ids: torch.Tensor | None,
     block_size: int,
     scale: float,
@@ -51,9 +53,9 @@ def indexer_kl(
     """One layer's loss: the mean of KL(p_T || p_S) over index heads and queries of every sequence.
 
     q ``[T, H, d]`` and k ``[T, G, d]``: the main queries and keys after norm and RoPE (only read);
-    index_q ``[T, G, di]``, index_k ``[T, di]``; cu_seqlens ``[B+1]``; block_ids ``[T, G, K]``
-    (sequence-relative block ids, -1 unused) or None when every query attends to all it sees;
-    scale: the main attention's softmax scale.
+    index_q ``[T, G, di]``, index_k ``[T, di]``; cu_seqlens ``[B+1]`` (host ints spare a device
+    read); block_ids ``[T, G, K]`` (sequence-relative block ids, -1 unused) or None when every query
+    attends to all it sees; scale: the main attention's softmax scale.
     """
     num_groups, per_group = k.shape[1], q.shape[1] // k.shape[1]
     if index_q.shape[1] != num_groups:
@@ -63,7 +65,7 @@ def indexer_kl(
     index_scale = 1.0 / math.sqrt(index_q.shape[-1])
     total = index_q.new_zeros((), dtype=torch.float32)
     count = 0
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         length = end - start
         if length == 0:

@@ -44,6 +44,7 @@ class AttentionBatch:
     has the MSA layers attend densely like the dense ones, without their indexer (benchmarks
     compare the two on the same weights and cache). ``indexer_losses``, when a list, collects each
     MSA layer's indexer loss (``msa.model.indexer_loss``) in a cache-free forward (training).
+    ``query_bounds``: ``cu_seqlens_q`` as host ints, for the per-sequence work of cache-free layers.
     """
 
     positions: torch.Tensor
@@ -60,6 +61,11 @@ class AttentionBatch:
     max_seq_len: int | None = None
     dense_attention: bool = False
     indexer_losses: list[torch.Tensor] | None = None
+    query_bounds: list[int] | None = None
+
+    def host_query_bounds(self) -> list[int]:
+        """``cu_seqlens_q`` as host ints: ``query_bounds`` when the builder kept them (no device read)."""
+        return self.query_bounds if self.query_bounds is not None else host_bounds(self.cu_seqlens_q)
 
     def rope(self, rotary_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of this step's positions, computed once per step and shared by all layers."""
@@ -177,6 +183,7 @@ def build_batch(
         context_parallel=context_parallel,
         max_q_len=max(num_new, default=0),
         max_seq_len=max(lengths, default=0),
+        query_bounds=cu,
     )
 
 
@@ -193,11 +200,17 @@ def cache_free_batch(
     return build_batch(tables, [0] * len(lengths), list(lengths), block_size, device=device)
 
 
-def pack_into_pages(x: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int) -> torch.Tensor:
+def host_bounds(cu_seqlens: torch.Tensor | list[int]) -> list[int]:
+    """Sequence bounds as host ints (a list passes through; a tensor is read once)."""
+    return cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+
+
+def pack_into_pages(x: torch.Tensor, cu_seqlens: torch.Tensor | list[int], block_size: int) -> torch.Tensor:
     """Differentiably lay packed rows ``x [T, ...]`` into pages ``[P, block, ...]`` in the order of
-    ``cache_free_batch`` (each sequence padded with zeros to whole blocks)."""
+    ``cache_free_batch`` (each sequence padded with zeros to whole blocks). Host bounds spare a
+    device read."""
     parts = []
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         seq = x[start:end]
         pad = (-seq.shape[0]) % block_size
