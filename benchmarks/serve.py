@@ -1,8 +1,9 @@
 """What Ray Serve costs on top of the engine: TTFT, inter-token latency and output tokens/s at 1, 8
 and 32 concurrent streams, measured directly on an ``MSAEngine`` in this process and through the
 Serve app (HTTP, streaming /v1/completions) with the same engine config and the same requests.
-Where the Serve replica runs its shard in an actor (GPUs), the engine is measured both that way and
-with the shard in this process, and Serve is compared against each.
+The direct engine runs before and after Serve; each level compares Serve with the faster run. With
+``--shards actor`` the engine is also measured with its single shard in this process, and Serve is
+compared against both.
 
     python benchmarks/serve.py --preset tiny                       # CPU, writes serve-cpu-tiny.json
     python benchmarks/serve.py --model /models/MiniMax-M3 --tp 4 --sp 2 --device cuda
@@ -46,19 +47,20 @@ THROUGHPUT_LOSS_BUDGET = 0.05
 
 @dataclass
 class StreamTiming:
-    ttft: float
+    start: float
+    ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
     tokens: int = 0
     last: float = 0.0
 
-    @classmethod
-    def first(cls, start: float, now: float, tokens: int) -> StreamTiming:
-        return cls(ttft=now - start, tokens=tokens, last=now)
-
-    def more(self, now: float, tokens: int) -> None:
-        """An output of ``tokens`` tokens arrived: each gets an equal share of the gap (outputs
-        carry several tokens when the reader fell behind the engine)."""
-        self.gaps += [(now - self.last) / tokens] * tokens
+    def add(self, now: float, tokens: int) -> None:
+        """An output of ``tokens`` tokens arrived: the first sets the TTFT; later ones give each of
+        their tokens an equal share of the gap (outputs carry several tokens when the reader fell
+        behind the engine)."""
+        if self.ttft is None:
+            self.ttft = now - self.start
+        else:
+            self.gaps += [(now - self.last) / tokens] * tokens
         self.tokens += tokens
         self.last = now
 
@@ -86,16 +88,10 @@ def make_prompts(count: int, length: int, vocab: int = 256) -> list[list[int]]:
 
 async def engine_stream(engine: MSAEngine, request_id: str, prompt: list[int], args) -> StreamTiming:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=1.0, seed=1, ignore_eos=True, logprobs=0)
-    start = time.perf_counter()
-    timing = None
+    timing = StreamTiming(start=time.perf_counter())
     async for out in engine.generate(request_id, prompt, params):
-        now = time.perf_counter()
-        if not out.token_ids:
-            continue
-        if timing is None:
-            timing = StreamTiming.first(start, now, len(out.token_ids))
-        else:
-            timing.more(now, len(out.token_ids))
+        if out.token_ids:
+            timing.add(time.perf_counter(), len(out.token_ids))
     return timing
 
 
@@ -109,8 +105,7 @@ async def engine_greedy_text(engine: MSAEngine, prompt: list[int], max_tokens: i
 async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], args) -> StreamTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 1,
             "ignore_eos": True, "logprobs": 0, "stream": True}
-    start = time.perf_counter()
-    timing = None
+    timing = StreamTiming(start=time.perf_counter())
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
@@ -118,12 +113,8 @@ async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], 
                 continue
             now = time.perf_counter()
             tokens = len(json.loads(line[6:])["choices"][0]["logprobs"]["tokens"])
-            if tokens == 0:
-                continue
-            if timing is None:
-                timing = StreamTiming.first(start, now, tokens)
-            else:
-                timing.more(now, tokens)
+            if tokens:
+                timing.add(now, tokens)
     return timing
 
 
