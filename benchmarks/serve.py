@@ -3,7 +3,10 @@ and 32 concurrent streams, measured directly on an ``MSAEngine`` in this process
 Serve app (HTTP, streaming /v1/completions) with the same engine config and the same requests.
 The direct engine runs before and after Serve; each level compares Serve with the faster run. With
 ``--shards actor`` the engine is also measured with its single shard in this process, and Serve is
-compared against both.
+compared against both. When Serve runs its engine in an actor of its own (GPUs), that actor is also
+driven from here without HTTP, which splits Serve's cost into the process boundary and the rest.
+Every level reports what the engine's steps did (count, busy fraction, tokens per step), read from
+``Engine.stats()`` directly and from ``/metrics`` through Serve.
 
     python benchmarks/serve.py --preset tiny                       # CPU, writes serve-cpu-tiny.json
     python benchmarks/serve.py --model /models/MiniMax-M3 --tp 4 --sp 2 --device cuda
@@ -36,9 +39,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msa.cluster.config import EngineConfig  # noqa: E402
 from msa.cluster.engine import MSAEngine  # noqa: E402
 from msa.cluster.protocol import SamplingParams  # noqa: E402
+from msa.cluster.remote import RemoteEngine  # noqa: E402
 from msa.serve.config import ServeConfig  # noqa: E402
 
 TTFT_BUDGET_MS = 20.0
@@ -143,27 +146,63 @@ async def run_level(one_stream, prompts: list[list[int]], concurrency: int, tag:
     return summarize(timings, time.perf_counter() - start)
 
 
-async def run_levels(one_stream, args, label: str) -> dict:
-    """Per concurrency level: one warm-up round, then ``requests_per_stream`` requests per stream."""
+STEP_COUNTERS = ("steps", "step_seconds", "decode_tokens", "prefill_tokens")
+
+
+def step_summary(before: dict, after: dict, wall: float) -> dict:
+    """What the engine's steps did during a level: how many, how busy it was (the rest of the wall
+    time it had no work), and how many tokens a step carried."""
+    d = {k: after[k] - before[k] for k in STEP_COUNTERS}
+    steps = max(d["steps"], 1)
+    return {"steps": int(d["steps"]), "busy_fraction": round(d["step_seconds"] / wall, 3),
+            "ms_per_step": round(1e3 * d["step_seconds"] / steps, 2),
+            "decode_tokens_per_step": round(d["decode_tokens"] / steps, 2),
+            "prefill_tokens": int(d["prefill_tokens"])}
+
+
+async def run_levels(one_stream, counters, args, label: str) -> dict:
+    """Per concurrency level: one warm-up round, then ``requests_per_stream`` requests per stream.
+    ``counters()`` reads the engine's step counters (``STEP_COUNTERS``) before and after."""
     results = {}
     for level in args.concurrency:
         await run_level(one_stream, make_prompts(level, args.prompt_tokens), level, f"warm{level}")
         prompts = make_prompts(level * args.requests_per_stream, args.prompt_tokens)
+        before = await counters()
         results[level] = await run_level(one_stream, prompts, level, f"c{level}")
+        results[level]["engine_steps"] = step_summary(before, await counters(), results[level]["wall_s"])
         print(f"{label:<6} c={level:>2}: {results[level]}", flush=True)
     return results
 
 
-async def bench_engine(engine_config: EngineConfig, args, label: str) -> tuple[dict, str]:
-    engine = MSAEngine(engine_config)
+async def bench_engine(engine: MSAEngine | RemoteEngine, args, label: str) -> tuple[dict, str]:
+    """Drive ``engine`` (in this process, or in its actor) directly, without HTTP."""
     await engine.start()
+
+    async def counters() -> dict:
+        stats = engine.stats()
+        return {k: getattr(stats, k) for k in STEP_COUNTERS}
+
     try:
         check = await engine_greedy_text(engine, make_prompts(1, args.prompt_tokens)[0], args.max_tokens)
         one = lambda name, prompt: engine_stream(engine, name, prompt, args)
-        results = await run_levels(one, args, label)
+        results = await run_levels(one, counters, args, label)
         return results, check
     finally:
         await engine.shutdown()
+
+
+async def scrape_step_counters(client: httpx.AsyncClient) -> dict:
+    """The engine's step counters from the server's /metrics (``msa_engine_*_total``)."""
+    names = {"msa_engine_steps_total": "steps", "msa_engine_step_seconds_total": "step_seconds",
+             'msa_engine_tokens_total{kind="decode"': "decode_tokens",
+             'msa_engine_tokens_total{kind="prefill"': "prefill_tokens"}
+    text = (await client.get("/metrics")).text
+    found = {}
+    for line in text.splitlines():
+        for prefix, key in names.items():
+            if line.startswith(prefix):
+                found[key] = float(line.split()[-1])
+    return found
 
 
 async def bench_serve(base_url: str, model: str, args) -> tuple[dict, str]:
@@ -171,7 +210,7 @@ async def bench_serve(base_url: str, model: str, args) -> tuple[dict, str]:
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits) as client:
         check = await http_greedy_text(client, model, make_prompts(1, args.prompt_tokens)[0], args.max_tokens)
         one = lambda name, prompt: http_stream(client, model, prompt, args)
-        results = await run_levels(one, args, "serve")
+        results = await run_levels(one, lambda: scrape_step_counters(client), args, "serve")
         return results, check
 
 
@@ -256,16 +295,24 @@ def main() -> int:
     load = {"before": os.getloadavg()[0]}
     init_ray(device)  # shard actors need it
     engine_config = config.engine_config()
-    engine_results, engine_text = asyncio.run(bench_engine(engine_config, args, "engine"))
+    engine_results, engine_text = asyncio.run(bench_engine(MSAEngine(engine_config), args, "engine"))
     in_process = None
     if engine_config.ray_shards and engine_config.world_size == 1:
         local = dataclasses.replace(engine_config, ray_shards=False)
-        in_process, _ = asyncio.run(bench_engine(local, args, "engine in process"))
+        in_process, _ = asyncio.run(bench_engine(MSAEngine(local), args, "engine in process"))
     load["after_engine"] = os.getloadavg()[0]
     gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the Serve replica that runs next needs this GPU memory
+        torch.cuda.empty_cache()  # the engine actor and the Serve replica that run next need this memory
     free_before = torch.cuda.mem_get_info()[0] if device == "cuda" else 0
+    actor_results = None
+    if config.runs_engine_process:
+        # The engine in its actor, driven from here without HTTP: the process boundary's own cost.
+        remote = RemoteEngine(engine_config, config.engine_actor_options())
+        actor_results, actor_text = asyncio.run(bench_engine(remote, args, "actor"))
+        if actor_text != engine_text:
+            raise RuntimeError("greedy outputs differ between the engine and its actor")
+        wait_for_free_gpu_memory(device, free_before)
     base_url, served_name = start_serve(config_args, device)
     try:
         serve_results, serve_text = asyncio.run(bench_serve(base_url, served_name, args))
@@ -277,7 +324,7 @@ def main() -> int:
     # The direct engine once more, after Serve: the baseline of each level is the faster of its two
     # runs (the first one may have shared the machine with Ray's start-up).
     wait_for_free_gpu_memory(device, free_before)
-    engine_again, _ = asyncio.run(bench_engine(engine_config, args, "engine"))
+    engine_again, _ = asyncio.run(bench_engine(MSAEngine(engine_config), args, "engine"))
     engine_first = engine_results
     engine_results = {c: max(engine_first[c], engine_again[c], key=lambda r: r["output_tokens_per_s"])
                       for c in args.concurrency}
@@ -309,6 +356,13 @@ def main() -> int:
         report["levels"] = [{"concurrency": c, "engine": engine_results[c], "serve": serve_results[c],
                              **compare(engine_results[c], serve_results[c]),
                              "engine_runs": [engine_first[c], engine_again[c]]} for c in args.concurrency]
+        if actor_results is not None:
+            # The engine actor without HTTP against the direct engine, and Serve against it.
+            for level in report["levels"]:
+                c = level["concurrency"]
+                level["engine_actor"] = actor_results[c]
+                level["engine_actor_vs_engine"] = compare(engine_results[c], actor_results[c])
+                level["serve_vs_engine_actor"] = compare(actor_results[c], serve_results[c])
         if in_process is not None:
             # The same comparison against the single shard run in the driving process.
             for level in report["levels"]:

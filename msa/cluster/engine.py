@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,22 @@ class _Request:
         return all(s.finished for s in self.streams)
 
 
+@dataclass(slots=True)
+class StepCounters:
+    """Steps run since the start, the seconds they took, and their decode and prefill tokens."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
+
+    def add(self, plan: StepPlan, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.prefill_tokens += plan.num_prompt_tokens
+        self.decode_tokens += plan.num_tokens - plan.num_prompt_tokens
+
+
 def tokenizer_for(config: EngineConfig) -> Tokenizer:
     """The checkpoint's tokenizer (tokenizer.json in the model or tokenizer directory), else the
     byte-level default."""
@@ -92,6 +109,7 @@ class MSAEngine:
         self._step_lock = asyncio.Lock()
         self._update_lock = asyncio.Lock()
         self._loop_task: asyncio.Task | None = None
+        self._steps = StepCounters()
 
     # Lifecycle ---------------------------------------------------------------------------------
 
@@ -241,7 +259,9 @@ class MSAEngine:
                     continue
                 async with self._step_lock:
                     plan.weight_version = self.weight_version
+                    start = time.perf_counter()
                     result = await self.executor.execute(plan)
+                    self._steps.add(plan, time.perf_counter() - start)
                 self._deliver(plan, result)
         except asyncio.CancelledError:
             raise
@@ -353,4 +373,8 @@ class MSAEngine:
             rejected=self._rejected,
             weight_version=self.weight_version,
             healthy=self._dead is None and self.executor is not None,
+            steps=self._steps.steps,
+            step_seconds=self._steps.seconds,
+            decode_tokens=self._steps.decode_tokens,
+            prefill_tokens=self._steps.prefill_tokens,
         )

@@ -170,7 +170,10 @@ async def stream_queue(queue: asyncio.Queue, n: int) -> AsyncIterator[TokenOutpu
 
 @dataclass(kw_only=True, slots=True)
 class EngineStats:
-    """A snapshot for metrics and admission: request counts and KV pages per shard."""
+    """A snapshot for metrics and admission: request counts and KV pages per shard, and counters
+    since the engine started: steps run, the seconds spent in them (the rest of the time the engine
+    had no work), and the tokens they computed: prompt tokens (prefill) and generated ones (decode;
+    a sequence recomputed after preemption counts its generated tokens here again)."""
 
     running: int
     waiting: int
@@ -179,6 +182,10 @@ class EngineStats:
     rejected: int
     weight_version: int
     healthy: bool
+    steps: int = 0
+    step_seconds: float = 0.0
+    decode_tokens: int = 0
+    prefill_tokens: int = 0
 
 
 class Engine(Protocol):

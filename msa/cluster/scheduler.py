@@ -24,7 +24,8 @@ class StepPlan:
     the packed ``token_ids``) on top of ``num_cached[b]`` cached ones; its pages are row
     ``table_rows[b]`` of the shards' block tables, which ``table_updates[r]`` brings up to date on
     sequence shard r first. ``samples`` names the rows whose last token's logits are sampled.
-    ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels;
+    ``num_prompt_tokens`` of the tokens are prompt tokens (prefill), the rest generated ones
+    (decode). ``return_logits`` sends those logits back; ``profile`` has rank 0 time its device kernels;
     ``dense_attention`` runs the MSA layers' attention densely (benchmarks).
     Block-table rows belong to the scheduler that planned them: one scheduler drives an executor
     at a time."""
@@ -36,6 +37,7 @@ class StepPlan:
     table_rows: list[int]
     table_updates: list[PageTableUpdate]
     samples: list[SampleRequest]
+    num_prompt_tokens: int = 0
     return_logits: bool = False
     profile: bool = False
     dense_attention: bool = False
@@ -138,10 +140,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _plan(self, chunks: list[_Chunk]) -> StepPlan:
-        tokens, samples = [], []
+        tokens, samples, num_prompt = [], [], 0
         for b, c in enumerate(chunks):
-            tokens.extend(c.seq.token_ids[c.seq.num_cached : c.seq.num_cached + c.num_new])
-            if c.seq.num_cached + c.num_new == c.seq.num_tokens:
+            start, end = c.seq.num_cached, c.seq.num_cached + c.num_new
+            tokens.extend(c.seq.token_ids[start:end])
+            num_prompt += max(0, min(end, c.seq.num_prompt_tokens) - start)
+            if end == c.seq.num_tokens:
                 samples.append(SampleRequest.for_sequence(b, c.seq))
         updates = self.block_manager.table_updates([c.seq for c in chunks])
         return StepPlan(
@@ -152,6 +156,7 @@ class Scheduler:
             table_rows=[c.seq.table_row for c in chunks],
             table_updates=updates,
             samples=samples,
+            num_prompt_tokens=num_prompt,
         )
 
     def postprocess(

@@ -77,6 +77,19 @@ class EngineStatsCollector(Collector):
         )
         rejected.add_metric(labels, s.rejected)
         yield rejected
+        for name, value, doc in (
+            ("msa_engine_steps", s.steps, "Engine steps run."),
+            ("msa_engine_step_seconds", s.step_seconds, "Seconds the engine spent in steps (busy)."),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["model"])
+            counter.add_metric(labels, value)
+            yield counter
+        tokens = CounterMetricFamily(
+            "msa_engine_tokens", "Tokens the engine's steps computed, by kind.", labels=["model", "kind"]
+        )
+        tokens.add_metric([self._model, "decode"], s.decode_tokens)
+        tokens.add_metric([self._model, "prefill"], s.prefill_tokens)
+        yield tokens
 
 
 class ServeMetrics:

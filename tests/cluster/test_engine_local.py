@@ -77,14 +77,20 @@ def test_sixteen_concurrent_requests_complete_and_free_every_page():
             params = [greedy(4 + i % 5) for i in range(16)]
             results = await asyncio.gather(*[collect(engine, f"q{i}", prompt(5 + 3 * i, i), params[i])
                                              for i in range(16)])
-            return results, params, engine.stats()
+            return results, params, engine.stats(), engine.scheduler.num_preemptions
         finally:
             await engine.shutdown()
 
-    results, params, stats = asyncio.run(main())
+    results, params, stats, preemptions = asyncio.run(main())
     for outs, p in zip(results, params, strict=True):
         assert len(tokens_of(outs[0])) == p.max_tokens and outs[0][-1].finish_reason == "length"
     assert stats.pages_used == [0] and stats.running == 0 and stats.waiting == 0
+    # Step counters: every prompt token prefilled once, every token after a request's first decoded.
+    assert preemptions == 0
+    assert stats.prefill_tokens == sum(5 + 3 * i for i in range(16))
+    assert stats.decode_tokens == sum(p.max_tokens - 1 for p in params)
+    longest = max(p.max_tokens for p in params)
+    assert longest <= stats.steps <= stats.prefill_tokens + stats.decode_tokens and stats.step_seconds > 0
 
 
 def test_preemption_with_few_pages_keeps_greedy_tokens(reference):

@@ -185,6 +185,15 @@ def test_health_and_metrics(app_client):
     ttft_count = next(line for line in lines if line.startswith("msa_time_to_first_token_seconds_count"))
     assert float(ttft_count.split()[-1]) >= 1
 
+    def counter(line_start: str) -> float:
+        return float(next(line for line in lines if line.startswith(line_start)).split()[-1])
+
+    stats = app_client.engine.stats()
+    assert counter('msa_engine_tokens_total{kind="decode",model="tiny"}') == stats.decode_tokens == 2
+    assert counter('msa_engine_tokens_total{kind="prefill",model="tiny"}') == stats.prefill_tokens > 0
+    assert counter('msa_engine_steps_total{model="tiny"}') == stats.steps >= 3
+    assert counter('msa_engine_step_seconds_total{model="tiny"}') == pytest.approx(stats.step_seconds)
+
 
 def test_full_queue_is_429_with_retry_after_and_a_dead_engine_is_503():
     engine = tiny_engine(max_waiting=1)
