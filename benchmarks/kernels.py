@@ -26,7 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from msa.kernels import selection_needed  # noqa: E402
+from msa.kernels import _launch, selection_needed  # noqa: E402
 from msa.kernels.dense_attention.triton import paged_attention_triton  # noqa: E402
 from msa.kernels.indexer.reference import select_blocks_reference  # noqa: E402
 from msa.kernels.indexer.triton import select_blocks_triton  # noqa: E402
@@ -512,6 +512,11 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
             print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
         print(f"{tag} select {kw or 'defaults'}: {t:.1f} us", flush=True)
     kernel_breakdown(tag, lambda: msa_step(p))
+    for on in (True, False):
+        _launch.PDL = on
+        t = graph_time_us(lambda: msa_step(p))
+        print(f"{tag} MSA step, programmatic dependent launch {on}: {t:.1f} us", flush=True)
+    _launch.PDL = True
     if dt != torch.bfloat16:
         return
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)

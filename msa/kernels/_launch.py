@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -32,6 +33,26 @@ def max_query_len(cu_seqlens_q: torch.Tensor, max_q_len: int | None) -> int:
     if cu_seqlens_q.numel() < 2:
         return 0
     return int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the
+# kernel before it on the stream finishes, and waits (``gdc_wait``) before its first memory access,
+# so consecutive kernels of a decode step do not each pay the full launch gap. MSA_PDL=0 (or
+# setting PDL, as the benchmark does to measure what it saves) switches it off.
+PDL = os.environ.get("MSA_PDL", "1") != "0"
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether launches on ``device`` use programmatic dependent launch: CUDA compute capability
+    9.0 or later, compiled (the interpreter has no grid dependency control)."""
+    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=8)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}

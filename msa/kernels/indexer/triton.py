@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from msa.kernels._launch import (
     check_int32,
@@ -25,6 +26,7 @@ from msa.kernels._launch import (
     max_query_len,
     next_pow2,
     num_sms,
+    pdl,
     tickets,
 )
 
@@ -110,10 +112,13 @@ def _score_chunk_topk_kernel(
     TOPK: tl.constexpr,
     TOPK_P: tl.constexpr,
     N_CAND_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     M: tl.constexpr = BLOCK_T * GP
     pid = tl.program_id(0)
     chunk = tl.program_id(1)
+    if PDL:
+        gdc_wait()  # launched early: the previous kernel's writes are visible from here on
     b = pid // tiles_per_seq
     if DECODE:  # one query per sequence: token b, no offsets to wait for
         q_start = b
@@ -191,6 +196,8 @@ def _score_chunk_topk_kernel(
             (qpos // BLOCK_SIZE)[:, None] == blk[None, :], float("inf"), best
         )  # forced local block
         scores = tl.where(steps[None, :, None] == j, best[:, None, :], scores)
+    if PDL:
+        gdc_launch_dependents()  # the keys are read: the next kernel may start launching
     scores = tl.reshape(scores, [M, CHUNK])
 
     ids = shard_rank + (lo + cols) * shard_world
@@ -261,6 +268,7 @@ def _merge_candidates_kernel(
     TOPK_P: tl.constexpr,
     SLICE: tl.constexpr,
     SLICES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (token, head, slice) takes the top-k of its slice of the candidates. With several
     slices each writes its picks to ``partial`` and the last slice to finish (atomic ticket) takes
@@ -269,6 +277,9 @@ def _merge_candidates_kernel(
     t = tl.program_id(0)
     g = tl.program_id(1)
     sl = tl.program_id(2)
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     offs = sl * SLICE + tl.arange(0, SLICE)
     keys = tl.load(cand_ptr + t * stride_ct + g * stride_cg + offs, mask=offs < n_cand, other=_KEY_FLOOR)
     chosen = _take_top(keys[None, :], TOPK, TOPK_P)  # [1, TOPK_P]
@@ -393,8 +404,10 @@ def launch_chunk_scores(
         TOPK=topk,
         TOPK_P=next_pow2(topk),
         N_CAND_P=max(next_pow2(n_cand), next_pow2(topk)),
+        PDL=pdl(index_q.device),
         num_warps=num_warps or (4 if rows * nb <= 64 else 8),
         num_stages=num_stages or stages,
+        launch_pdl=pdl(index_q.device),
     )
     return cand, (ids, scores) if select else None
 
@@ -437,7 +450,9 @@ def launch_candidate_merge(
         TOPK_P=topk_p,
         SLICE=slice_size,
         SLICES=slices,
+        PDL=pdl(cand.device),
         num_warps=num_warps or (1 if slice_size <= 256 else 4),  # one warp: reductions without barriers
+        launch_pdl=pdl(cand.device),
     )
     return ids, scores
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from msa.kernels._launch import (
     check_int32,
@@ -21,6 +22,7 @@ from msa.kernels._launch import (
     max_query_len,
     next_pow2,
     num_sms,
+    pdl,
     tickets,
 )
 
@@ -123,6 +125,7 @@ def _decode_kernel(
     IEEE: tl.constexpr,
     COMBINE: tl.constexpr,
     SPLITS_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Decode (one query per sequence): program (sequence, group, split) attends over the
     ``PER_SPLIT`` blocks in slots ``split * PER_SPLIT ...`` (of the selection, or dense: of the
@@ -131,6 +134,8 @@ def _decode_kernel(
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
+    if PDL:
+        gdc_wait()  # launched early: the selection (and everything before it) is visible from here on
     rows = tl.arange(0, ROWS)
     head = g * HEADS_PER_GROUP + rows
     row_ok = rows < HEADS_PER_GROUP
@@ -532,8 +537,10 @@ def _launch_decode(
         IEEE=q.dtype == torch.float32,
         COMBINE=splits > 1,
         SPLITS_P=next_pow2(splits),
+        PDL=pdl(q.device),
         # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
         num_warps=num_warps or (8 if B * H_kv * splits <= num_sms(q.device) else 4),
+        launch_pdl=pdl(q.device),
     )
     return out, lse
 
