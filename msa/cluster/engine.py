@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -46,12 +46,17 @@ __all__ = ["EngineConfig", "MSAEngine"]
 log = logging.getLogger(__name__)
 
 
+# Where a request's outputs go, as the step that made them finishes: each TokenOutput, or the
+# exception that ends the request (the engine died or shut down).
+OutputSink = Callable[[TokenOutput | BaseException], None]
+
+
 @dataclass
 class _Request:
     request_id: str
     seqs: list[Sequence]
     streams: list[ChoiceStream]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    sink: OutputSink
 
     @property
     def done(self) -> bool:
@@ -151,7 +156,8 @@ class MSAEngine:
         # A shut-down engine refuses new work instead of queueing it where no loop will run it.
         self._dead = self._dead or EngineDeadError("the engine was shut down")
         for request in list(self._requests.values()):
-            request.queue.put_nowait(EngineDeadError("the engine was shut down"))
+            request.sink(EngineDeadError("the engine was shut down"))
+        self._requests.clear()
         if self.executor is not None:
             await self.executor.shutdown()
             self.executor = None
@@ -204,10 +210,28 @@ class MSAEngine:
     ) -> AsyncIterator[TokenOutput]:
         """Stream the request's outputs (``params.n`` choices interleaved, told apart by
         ``index``); ends after every choice's output with a finish_reason."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self.add_request(request_id, prompt_token_ids, params, queue.put_nowait)
+        finished = False
+        try:
+            async for out in stream_queue(queue, params.n):
+                yield out
+            finished = True
+        finally:
+            request = self._requests.get(request_id)
+            if not finished and request is not None and self._dead is None:
+                self._abort(request, notify=False)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, sink: OutputSink
+    ) -> None:
+        """Admit a request whose outputs go to ``sink`` as each step finishes (``generate`` streams
+        them from a queue; the engine's own process hands them on in batches). Raises what
+        ``generate`` raises before its first output."""
         prompt = list(prompt_token_ids)
         self._check_request(request_id, prompt, params)
         seed = params.seed if params.seed is not None else self._rng.getrandbits(62)
-        request = _Request(request_id, [], [])
+        request = _Request(request_id, [], [], sink)
         for index in range(params.n):
             source = request.seqs[0] if request.seqs else None
             seq = Sequence(request_id, index, prompt, params, seed, self.config.sp, prefix_source=source)
@@ -218,13 +242,6 @@ class MSAEngine:
             self.scheduler.add(seq)
         self._requests[request_id] = request
         self._wake.set()
-        try:
-            async for out in stream_queue(request.queue, params.n):
-                yield out
-        finally:
-            if not request.done and self._dead is None:
-                self._abort(request, notify=False)
-            self._requests.pop(request_id, None)
 
     async def abort(self, request_id: str) -> None:
         request = self._requests.get(request_id)
@@ -232,13 +249,15 @@ class MSAEngine:
             self._abort(request, notify=True)
 
     def _abort(self, request: _Request, *, notify: bool) -> None:
+        """Finish the request's open choices with "abort" (sent to its sink if ``notify``)."""
+        self._requests.pop(request.request_id, None)
         for seq, stream in zip(request.seqs, request.streams, strict=True):
             if stream.finished:
                 continue
             self._release(seq)
             out = stream.abort(self.weight_version)
             if notify:
-                request.queue.put_nowait(out)
+                request.sink(out)
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
@@ -279,13 +298,16 @@ class MSAEngine:
             out = stream.append(result.token_ids[i], result.logprobs[i], top, plan.weight_version)
             if stream.finished:
                 self._release(seq)
-            request.queue.put_nowait(out)
+                if request.done:
+                    self._requests.pop(request.request_id, None)
+            request.sink(out)
 
     def _die(self, error: EngineDeadError) -> None:
         self._dead = error
         log.error("engine is dead: %s", error)
         for request in list(self._requests.values()):
-            request.queue.put_nowait(EngineDeadError(str(error)))
+            request.sink(EngineDeadError(str(error)))
+        self._requests.clear()
 
     # Health, weights, stats --------------------------------------------------------------------
 

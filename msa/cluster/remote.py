@@ -48,13 +48,13 @@ class RequestFailed:
 
 
 class EngineCore:
-    """Ray actor body (async): the engine, its loop, and an outbox of every request's outputs."""
+    """Ray actor body (async): the engine, its loop, and an outbox that every step's outputs go
+    straight into (no task per request: the event loop's only per-step work is one poll)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.engine = MSAEngine(config)
         self._outbox: list[TokenOutput | RequestFailed] = []
         self._ready = asyncio.Event()
-        self._pumps: dict[str, asyncio.Task] = {}
 
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
@@ -65,20 +65,15 @@ class EngineCore:
         self._ready.set()
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Start a request; its outputs (or the error that ends it) go to the outbox."""
-        if request_id in self._pumps:
-            raise EngineError(f"request_id {request_id!r} is already in flight")
+        """Start a request; its outputs, or the error that refuses or ends it, go to the outbox."""
 
-        async def pump() -> None:
-            try:
-                async for out in self.engine.generate(request_id, prompt_token_ids, params):
-                    self._post(out)
-            except Exception as e:  # admission errors, a dead engine: the caller re-raises it
-                self._post(RequestFailed(request_id, e))
-            finally:
-                self._pumps.pop(request_id, None)
+        def sink(item: TokenOutput | BaseException) -> None:
+            self._post(RequestFailed(request_id, item) if isinstance(item, BaseException) else item)
 
-        self._pumps[request_id] = asyncio.create_task(pump())
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, params, sink)
+        except EngineError as e:  # refused (too long, queue full, dead): the caller re-raises it
+            sink(e)
 
     async def poll(self, timeout_s: float) -> tuple[list[TokenOutput | RequestFailed], EngineStats]:
         """Everything posted since the last poll (waiting up to ``timeout_s`` for something), and
@@ -100,9 +95,6 @@ class EngineCore:
         await self.engine.update_weights(named_tensors, version)
 
     async def shutdown(self) -> None:
-        for task in list(self._pumps.values()):
-            task.cancel()
-        await asyncio.gather(*self._pumps.values(), return_exceptions=True)
         await self.engine.shutdown()
 
 

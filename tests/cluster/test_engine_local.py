@@ -320,6 +320,44 @@ def test_a_reader_behind_the_engine_gets_the_same_tokens_in_fewer_outputs(refere
         assert all(o.finish_reason is None for o in slow[index][:-1])
 
 
+def test_add_request_hands_each_step_output_to_its_sink():
+    """A sink gets one output per step and choice, the same as generate's stream; a refused
+    request raises at once; an abort reaches the sink; a finished request's id is free again."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2, logprobs=1)
+
+    async def main():
+        engine = await started()
+        try:
+            streamed = await collect(engine, "streamed", prompt(17, 0), params)
+            got: list = []
+            done = asyncio.Event()
+
+            def sink(item):
+                got.append(item)
+                if sum(o.finish_reason is not None for o in got) == params.n:
+                    done.set()
+
+            engine.add_request("sunk", prompt(17, 0), params, sink)
+            await asyncio.wait_for(done.wait(), timeout=30)
+            with pytest.raises(InvalidRequestError):
+                engine.add_request("empty", [], params, sink)
+            aborted: list = []
+            engine.add_request("sunk", prompt(17, 0), greedy(60), aborted.append)  # the id is free
+            while not aborted:
+                await asyncio.sleep(0.01)
+            await engine.abort("sunk")
+            return streamed, got, aborted, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    streamed, got, aborted, stats = asyncio.run(main())
+    for index in (0, 1):
+        mine = [o for o in got if o.index == index]
+        assert len(mine) == params.max_tokens  # nothing merged: one output per step
+        assert [t for o in mine for t in o.token_ids] == [t for o in streamed[index] for t in o.token_ids]
+    assert aborted[-1].finish_reason == "abort" and stats.running == 0 and stats.pages_used == [0]
+
+
 def test_coalesce_merges_each_choice_within_one_weight_version():
     def out(index, token, version=0, finish=None):
         return TokenOutput(request_id="r", index=index, token_ids=[token], logprobs=[-float(token)],

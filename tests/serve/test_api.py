@@ -173,6 +173,7 @@ def test_disconnect_while_waiting_for_a_whole_response_aborts(app_client):
 
 def test_health_and_metrics(app_client):
     assert app_client.client.get("/health").json()["status"] == "ok"
+    before = app_client.engine.stats()
     chat(app_client.client, max_tokens=3)
     assert chat(app_client.client, max_tokens=0).status_code == 400
     text = app_client.client.get("/metrics").text
@@ -188,11 +189,13 @@ def test_health_and_metrics(app_client):
     def counter(line_start: str) -> float:
         return float(next(line for line in lines if line.startswith(line_start)).split()[-1])
 
-    stats = app_client.engine.stats()
-    assert counter('msa_engine_tokens_total{kind="decode",model="tiny"}') == stats.decode_tokens == 2
-    assert counter('msa_engine_tokens_total{kind="prefill",model="tiny"}') == stats.prefill_tokens > 0
-    assert counter('msa_engine_steps_total{model="tiny"}') == stats.steps >= 3
+    stats = app_client.engine.stats()  # the engine serves every test of this module: compare deltas
+    assert counter('msa_engine_tokens_total{kind="decode",model="tiny"}') == stats.decode_tokens
+    assert counter('msa_engine_tokens_total{kind="prefill",model="tiny"}') == stats.prefill_tokens
+    assert counter('msa_engine_steps_total{model="tiny"}') == stats.steps
     assert counter('msa_engine_step_seconds_total{model="tiny"}') == pytest.approx(stats.step_seconds)
+    assert stats.decode_tokens - before.decode_tokens == 2  # 3 tokens: the prompt's step gave the first
+    assert stats.prefill_tokens > before.prefill_tokens and stats.steps - before.steps >= 3
 
 
 def test_full_queue_is_429_with_retry_after_and_a_dead_engine_is_503():
