@@ -1,8 +1,10 @@
 """Prometheus metrics of one server replica, in its own registry (``GET /metrics``).
 
 Latency histograms are observed per request as its outputs stream; the engine's gauges (running
-and waiting sequences, KV pages per shard, rejections) are read from ``Engine.stats()`` at scrape
-time, so they are never stale.
+and waiting sequences, KV pages per shard) and counters (rejections; steps, the seconds spent in
+them, and their prefill and decode tokens) are read from ``Engine.stats()`` at scrape time, so they
+are never stale. Step seconds against wall time tell an engine that waits for work from one whose
+steps got slower.
 """
 
 from __future__ import annotations
