@@ -45,14 +45,15 @@ PDL = os.environ.get("MSA_PDL", "1") != "0"
 def pdl(device: torch.device) -> bool:
     """Whether launches on ``device`` use programmatic dependent launch: CUDA compute capability
     9.0 or later, compiled (the interpreter has no grid dependency control)."""
-    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return PDL and _pdl_capable(device)
 
 
 @functools.lru_cache(maxsize=8)
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _pdl_capable(device: torch.device) -> bool:
+    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}

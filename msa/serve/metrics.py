@@ -72,14 +72,8 @@ class EngineStatsCollector(Collector):
             total.add_metric([self._model, str(shard)], t)
         yield used
         yield total
-        rejected = CounterMetricFamily(
-            "msa_engine_rejected",
-            "Requests the engine refused because its waiting queue was full.",
-            labels=["model"],
-        )
-        rejected.add_metric(labels, s.rejected)
-        yield rejected
         for name, value, doc in (
+            ("msa_engine_rejected", s.rejected, "Requests the engine refused: its waiting queue was full."),
             ("msa_engine_steps", s.steps, "Engine steps run."),
             ("msa_engine_step_seconds", s.step_seconds, "Seconds the engine spent in steps (busy)."),
         ):

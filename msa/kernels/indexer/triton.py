@@ -366,6 +366,7 @@ def launch_chunk_scores(
         ticket_buf = tickets(index_q.device, B)
     else:
         ids, scores, ticket_buf = cand, cand, cand  # unused
+    early = pdl(index_q.device)
     _score_chunk_topk_kernel[(B * tiles, n_chunks)](
         index_q,
         index_k_cache,
@@ -408,10 +409,10 @@ def launch_chunk_scores(
         TOPK=topk,
         TOPK_P=next_pow2(topk),
         N_CAND_P=max(next_pow2(n_cand), next_pow2(topk)),
-        PDL=pdl(index_q.device),
+        PDL=early,
         num_warps=num_warps or (4 if rows * nb <= 64 else 8),
         num_stages=num_stages or stages,
-        launch_pdl=pdl(index_q.device),
+        launch_pdl=early,
     )
     return cand, (ids, scores) if select else None
 
@@ -435,6 +436,7 @@ def launch_candidate_merge(
     partial = (
         torch.empty(T, G, slices * topk_p, dtype=torch.int64, device=cand.device) if slices > 1 else cand
     )
+    early = pdl(cand.device)
     _merge_candidates_kernel[(T, G, slices)](
         cand,
         partial,
@@ -454,9 +456,9 @@ def launch_candidate_merge(
         TOPK_P=topk_p,
         SLICE=slice_size,
         SLICES=slices,
-        PDL=pdl(cand.device),
+        PDL=early,
         num_warps=num_warps or (1 if slice_size <= 256 else 4),  # one warp: reductions without barriers
-        launch_pdl=pdl(cand.device),
+        launch_pdl=early,
     )
     return ids, scores
 

@@ -508,6 +508,7 @@ def _launch_decode(
     else:
         part_out, part_lse, ticket_buf = out[None], lse[None], lse
     rows = max(16, next_pow2(H // H_kv))
+    early = pdl(q.device)
     _decode_kernel[(B, H_kv, splits)](
         q,
         k_cache,
@@ -537,10 +538,10 @@ def _launch_decode(
         IEEE=q.dtype == torch.float32,
         COMBINE=splits > 1,
         SPLITS_P=next_pow2(splits),
-        PDL=pdl(q.device),
+        PDL=early,
         # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
         num_warps=num_warps or (8 if B * H_kv * splits <= num_sms(q.device) else 4),
-        launch_pdl=pdl(q.device),
+        launch_pdl=early,
     )
     return out, lse
 
