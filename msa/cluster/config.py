@@ -32,6 +32,9 @@ class EngineConfig:
     weight_bucket_bytes: payload size of one weight-update bucket (``msa.cluster.weights``).
     ray_shards: run the shard as a Ray actor even when tp = sp = 1, so it gets a GPU of its own
     from Ray instead of the caller's (RL: the engine beside its trainers' GPUs).
+    cuda_graph_max_tokens: steps of at most this many tokens replay the token-wise parts of every
+    layer from CUDA graphs (``msa.model.graphs``; one GPU shard, tp = sp = 1); None: max_num_seqs,
+    so every decode step; 0: every step eagerly (vLLM's enforce_eager).
     """
 
     model: str | ModelConfig = "tiny"
@@ -53,6 +56,7 @@ class EngineConfig:
     start_timeout_s: float = 600.0
     tokenizer: str | None = None
     ray_shards: bool = False
+    cuda_graph_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         counts = ("tp", "sp", "max_num_seqs", "max_num_batched_tokens", "max_waiting", "weight_bucket_bytes")
@@ -86,6 +90,13 @@ class EngineConfig:
             f">= max_num_seqs ({self.max_num_seqs}) so every running decode fits a step",
             self.max_num_batched_tokens,
         )
+        _check(
+            self.cuda_graph_max_tokens is None
+            or (isinstance(self.cuda_graph_max_tokens, int) and self.cuda_graph_max_tokens >= 0),
+            "cuda_graph_max_tokens",
+            "None or an integer >= 0",
+            self.cuda_graph_max_tokens,
+        )
         if self.device == "cpu":
             _check(
                 self.num_pages is not None or self.kv_cache_memory_bytes is not None,
@@ -99,6 +110,11 @@ class EngineConfig:
     @property
     def world_size(self) -> int:
         return self.tp * self.sp
+
+    @property
+    def graph_tokens(self) -> int:
+        """``cuda_graph_max_tokens`` resolved: max_num_seqs when None."""
+        return self.max_num_seqs if self.cuda_graph_max_tokens is None else self.cuda_graph_max_tokens
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -90,10 +90,16 @@ def tokenizer_for(config: EngineConfig) -> Tokenizer:
 
 class MSAEngine:
     """A replica of ``config.tp x config.sp`` shards. Construction only reads the model config;
-    ``await start()`` places the shards, loads the weights and sizes the KV cache."""
+    ``await start()`` places the shards, loads the weights and sizes the KV cache.
 
-    def __init__(self, config: EngineConfig) -> None:
+    ``inline_steps``: an in-process shard runs each step in the event loop's own thread, which
+    waits for it, instead of in a worker thread while the loop goes on. For a process whose loop
+    has nothing else to do during a step (``EngineCore``): the step then never shares the GIL with
+    the loop's message handling, which lengthened host-bound steps."""
+
+    def __init__(self, config: EngineConfig, *, inline_steps: bool = False) -> None:
         self.config = config
+        self.inline_steps = inline_steps
         if isinstance(config.model, ModelConfig):
             self.model_config = config.model
         else:
@@ -124,7 +130,7 @@ class MSAEngine:
         self.tokenizer = await asyncio.to_thread(tokenizer_for, self.config)
         self.eos_token_ids = sorted(set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids))
         local = self.config.world_size == 1 and not self.config.ray_shards
-        executor = LocalExecutor(self.config) if local else RayExecutor(self.config)
+        executor = LocalExecutor(self.config, inline=self.inline_steps) if local else RayExecutor(self.config)
         try:
             num_pages = await executor.start()
         except BaseException:
@@ -282,6 +288,7 @@ class MSAEngine:
                     result = await self.executor.execute(plan)
                     self._steps.add(plan, time.perf_counter() - start)
                 self._deliver(plan, result)
+                await asyncio.sleep(0)  # let the loop's other tasks see the outputs before the next step
         except asyncio.CancelledError:
             raise
         except EngineDeadError as e:

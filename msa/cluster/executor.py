@@ -39,6 +39,7 @@ def shard_spec(config: EngineConfig, rank: int) -> ShardSpec:
         max_num_batched_tokens=config.max_num_batched_tokens,
         collective_timeout_s=config.step_timeout_s,
         random_init=config.random_init,
+        cuda_graph_max_tokens=config.graph_tokens,
     )
 
 
@@ -97,17 +98,21 @@ GIL_SWITCH_INTERVAL_S = 0.0005
 
 class LocalExecutor(ModelExecutor):
     """The single shard in this process; its work runs in a worker thread so the event loop
-    keeps streaming while a step computes. It shortens the process's GIL switch interval to
+    keeps streaming while a step computes, or, when ``inline``, in the loop's thread (no timeout
+    then: nothing could interrupt it). It shortens the process's GIL switch interval to
     ``GIL_SWITCH_INTERVAL_S`` (never lengthens it)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, *, inline: bool = False) -> None:
         super().__init__(config)
         if config.world_size != 1:
             raise EngineError(f"LocalExecutor runs tp = sp = 1, got tp={config.tp}, sp={config.sp}")
         self.shard = ModelShard(shard_spec(config, 0))
+        self.inline = inline
         sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
 
     async def _call(self, fn, *args, timeout: float) -> Any:
+        if self.inline:
+            return fn(*args)
         try:
             return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
         except asyncio.TimeoutError as e:

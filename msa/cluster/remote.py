@@ -49,10 +49,12 @@ class RequestFailed:
 
 class EngineCore:
     """Ray actor body (async): the engine, its loop, and an outbox that every step's outputs go
-    straight into (no task per request: the event loop's only per-step work is one poll)."""
+    straight into (no task per request: the event loop's only per-step work is one poll). Steps
+    run in the loop's thread (``inline_steps``); calls that arrive during one wait for its end,
+    which costs them nothing, since a new request could only join the next step anyway."""
 
     def __init__(self, config: EngineConfig) -> None:
-        self.engine = MSAEngine(config)
+        self.engine = MSAEngine(config, inline_steps=True)
         self._outbox: list[TokenOutput | RequestFailed] = []
         self._ready = asyncio.Event()
 

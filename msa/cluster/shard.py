@@ -37,6 +37,7 @@ from msa.cluster.weights import (
     raise_on_mismatch,
     unpack_bucket,
 )
+from msa.model.graphs import PiecewiseForward, capture_sizes, uncapturable_reason
 from msa.model.kv_cache import PagedKVCache, cache_free_batch
 from msa.platform.config import ModelConfig
 
@@ -60,6 +61,7 @@ class ShardSpec:
     max_num_batched_tokens: int
     collective_timeout_s: float
     random_init: str = "cpu"
+    cuda_graph_max_tokens: int = 0
 
 
 def free_port() -> int:
@@ -79,6 +81,7 @@ class ModelShard:
         self.cache: PagedKVCache | None = None
         self._inputs: StepInputBuilder | None = None
         self._context_parallel: ContextParallelGroup | None = None
+        self._pieces: PiecewiseForward | None = None
         self.weight_version = 0
         self._staged: list[tuple[str, torch.Tensor]] = []
         self._staged_version: int | None = None
@@ -153,6 +156,31 @@ class ModelShard:
         g = self.groups
         self._inputs = StepInputBuilder(self.device, self.cache.block_size, g.sp_rank, g.sp)
         self._context_parallel = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
+        self._pieces = self._capture_graphs()
+
+    def _capture_graphs(self) -> PiecewiseForward | None:
+        """The model's token-wise pieces captured as CUDA graphs, when configured and possible."""
+        s = self.spec
+        if s.device != "cuda" or s.cuda_graph_max_tokens == 0:
+            return None
+        if s.tp * s.sp > 1:
+            log.info("shard %d runs every step eagerly: CUDA graphs take one shard", s.rank)
+            return None
+        reason = uncapturable_reason(self.model)
+        if reason is not None:
+            log.warning("shard %d runs every step eagerly, without CUDA graphs: %s", s.rank, reason)
+            return None
+        start = time.perf_counter()
+        pieces = PiecewiseForward(self.model, capture_sizes(s.cuda_graph_max_tokens))
+        pieces.capture()
+        log.info(
+            "shard %d captured CUDA graphs for steps of up to %d tokens (%d sizes) in %.1f s",
+            s.rank,
+            pieces.max_tokens,
+            len(pieces.sizes),
+            time.perf_counter() - start,
+        )
+        return pieces
 
     def execute(self, plan: StepPlan) -> SampleResult | None:
         """Run one step; rank 0 returns the sampled tokens, the other ranks None."""
@@ -196,7 +224,10 @@ class ModelShard:
     def _execute(self, plan: StepPlan) -> SampleResult | None:
         g = self.groups
         step = self._inputs.build(plan, self.cache, self._context_parallel)
-        logits = self.model(step.token_ids, step.batch, rows=step.sample_rows)
+        if self._pieces is not None and self._pieces.fits(step.token_ids.shape[0]):
+            logits = self._pieces(step.token_ids, step.batch, step.sample_rows)
+        else:
+            logits = self.model(step.token_ids, step.batch, rows=step.sample_rows)
         if g.rank != 0:
             return None
         return sample(logits, plan.samples, keep_logits=plan.return_logits)

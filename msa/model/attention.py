@@ -10,6 +10,7 @@ of the layer input: only the indexer's own loss (``msa.model.indexer_loss``), co
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -28,6 +29,16 @@ from msa.model.indexer_loss import indexer_kl
 from msa.model.kv_cache import AttentionBatch, pack_into_pages
 from msa.model.layers import GemmaRMSNorm, apply_rope
 from msa.platform.config import ModelConfig
+
+
+class Projections(NamedTuple):
+    """One layer's token-wise projections of a step (``Attention.project``)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    index_q: torch.Tensor | None = None
+    index_k: torch.Tensor | None = None
 
 
 class _PagedView:
@@ -85,22 +96,34 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """x ``[T, hidden]`` -> ``[T, hidden]`` (this rank's partial sum under tensor parallelism)."""
-        T, h = x.shape[0], self.head_dim
         cos, sin = batch.rope(self.rotary_dim, self.rope_theta)
+        projected = self.project(x, cos, sin, index=not batch.dense_attention)
+        return self.o_proj(self.attend(projected, batch).flatten(1))
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, index: bool) -> Projections:
+        """The token-wise half: each row of x ``[T, hidden]`` on its own to normed, rotated q ``[T,
+        H, D]``, k and v ``[T, KV, D]`` and, for an MSA layer when ``index``, the index query ``[T,
+        index heads, index_dim]`` and key ``[T, index_dim]``."""
+        T, h = x.shape[0], self.head_dim
         q = apply_rope(self.q_norm(self.q_proj(x).view(T, -1, h)), cos, sin)
         k = apply_rope(self.k_norm(self.k_proj(x).view(T, -1, h)), cos, sin)
         v = self.v_proj(x).view(T, -1, h)
-        index_q = index_k = None
-        if self.sparse and not batch.dense_attention:
-            xi = x.detach()
-            index_q = apply_rope(
-                self.index_q_norm(self.index_q_proj(xi).view(T, -1, self.index_dim)), cos, sin
-            )
-            index_k = apply_rope(
-                self.index_k_norm(self.index_k_proj(xi).view(T, 1, self.index_dim)), cos, sin
-            )[:, 0]
+        if not (self.sparse and index):
+            return Projections(q, k, v)
+        xi = x.detach()
+        index_q = apply_rope(self.index_q_norm(self.index_q_proj(xi).view(T, -1, self.index_dim)), cos, sin)
+        index_k = apply_rope(self.index_k_norm(self.index_k_proj(xi).view(T, 1, self.index_dim)), cos, sin)
+        return Projections(q, k, v, index_q, index_k[:, 0])
+
+    def attend(self, projected: Projections, batch: AttentionBatch) -> torch.Tensor:
+        """The sequence-wise half: store this step's keys, select blocks (MSA), attend; returns
+        the attention output ``[T, H, D]`` before o_proj. Under ``batch.dense_attention`` the index
+        branch is ignored."""
+        q, k, v, index_q, index_k = projected
+        if batch.dense_attention:
+            index_q = index_k = None
         view = _PagedView(batch, self.layer, k, v, index_k)
-        differentiable = torch.is_grad_enabled() and x.requires_grad
+        differentiable = torch.is_grad_enabled() and q.requires_grad
         out, lse, block_ids = self._attend(q, index_q, view, differentiable)
         if batch.indexer_losses is not None and index_q is not None:
             if batch.cache is not None or batch.context_parallel is not None:
@@ -112,7 +135,7 @@ class Attention(nn.Module):
         if batch.context_parallel is not None:
             outs, lses = batch.context_parallel.gather_attention(out, lse)
             out, _ = merge_attention_states(outs, lses)
-        return self.o_proj(out.reshape(T, -1))
+        return out
 
     def _attend(
         self, q: torch.Tensor, index_q: torch.Tensor | None, view: _PagedView, differentiable: bool

@@ -33,7 +33,15 @@ class DecoderLayer(nn.Module):
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch)
+        attn = self.self_attn
+        cos, sin = batch.rope(attn.rotary_dim, attn.rope_theta)
+        projected = attn.project(self.input_layernorm(x), cos, sin, index=not batch.dense_attention)
+        return self.finish(x, attn.attend(projected, batch))
+
+    def finish(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """The rest of ``forward`` from the attention output ``[T, H, D]`` (before o_proj): the
+        residual, the MLP or MoE, and its residual. Token-wise."""
+        x = x + self.self_attn.o_proj(attention.flatten(1))
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 
@@ -129,8 +137,12 @@ class MiniMaxM3ForCausalLM(nn.Module):
         """Logits ``[len(rows) or T, vocab]`` fp32 (``rows``: which token rows to project, e.g.
         ``batch.last_token_rows()``); with ``return_hidden`` also the final hidden ``[T, hidden]``."""
         hidden = self.model(input_ids, batch)
-        logits = self.lm_head(hidden if rows is None else hidden[rows]).float()
+        logits = self.logits(hidden, rows)
         return (logits, hidden) if return_hidden else logits
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits of the final hidden ``[T, hidden]``, of the rows ``rows`` when given."""
+        return self.lm_head(hidden if rows is None else hidden[rows]).float()
 
     def mtp_logits(
         self,

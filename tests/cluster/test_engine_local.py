@@ -20,7 +20,7 @@ from msa.cluster.protocol import (
     coalesce,
 )
 from msa.cluster.weights import pack_buckets
-from msa.model import PagedKVCache
+from msa.model import PagedKVCache, cache_free_batch
 from msa.platform.config import ConfigError, tiny
 from tests.cluster.conftest import (
     collect,
@@ -259,6 +259,9 @@ def test_cpu_cache_is_sized_from_a_memory_budget_and_bad_configs_name_the_field(
         engine_config(max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         MSAEngine(engine_config(tp=4))
+    with pytest.raises(ConfigError, match="cuda_graph_max_tokens"):
+        engine_config(cuda_graph_max_tokens=-1)
+    assert engine_config().graph_tokens == 8 and engine_config(cuda_graph_max_tokens=0).graph_tokens == 0
 
 
 def test_choices_of_one_request_share_the_prompt_and_each_match_greedy(reference):
@@ -388,3 +391,43 @@ def test_an_in_process_shard_shortens_the_gil_switch_interval_and_never_lengthen
         assert sys.getswitchinterval() == pytest.approx(0.0001, rel=0.05)
     finally:
         sys.setswitchinterval(before)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_replays_cuda_graphs_and_decodes_the_models_greedy_tokens():
+    """bf16 on one GPU: the shard captures its pieces, and every token a batch of requests
+    generates through them is the bf16 model's own argmax for that context (within bf16 rounding
+    of the top logit), checked by a cache-free forward of the whole sequence."""
+
+    async def main():
+        engine = await started(device="cuda", dtype="bfloat16", cuda_graph_max_tokens=16)
+        try:
+            pieces = engine.executor.shard._pieces
+            assert pieces is not None and pieces.captured and pieces.max_tokens == 16
+            outs = await asyncio.gather(*[collect(engine, f"g{i}", prompt(n, i), greedy(12))
+                                          for i, n in enumerate(LENGTHS)])
+            return engine.executor.shard.model, [tokens_of(o[0]) for o in outs]
+        finally:
+            await engine.shutdown()
+
+    model, generated = asyncio.run(main())
+    for i, (n, tokens) in enumerate(zip(LENGTHS, generated, strict=True)):
+        ids = prompt(n, i) + tokens
+        with torch.no_grad():
+            batch = cache_free_batch([len(ids)], 4, device="cuda")
+            logits = model(torch.tensor(ids, device="cuda"), batch).float()
+        chosen = logits[n - 1 : -1].gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
+        assert bool((logits[n - 1 : -1].amax(1) - chosen <= 0.05).all()), (i, tokens)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_without_cuda_graphs_runs_eagerly():
+    async def main():
+        engine = await started(device="cuda", dtype="bfloat16", cuda_graph_max_tokens=0)
+        try:
+            assert engine.executor.shard._pieces is None
+            return tokens_of((await collect(engine, "e", prompt(9), greedy(4)))[0])
+        finally:
+            await engine.shutdown()
+
+    assert len(asyncio.run(main())) == 4

@@ -17,18 +17,6 @@ from msa.model.layers import GemmaRMSNorm, SparseMoE, apply_rope, rope_cos_sin, 
 from msa.platform.config import SparseAttentionConfig, tiny
 
 
-@pytest.fixture(scope="module")
-def model() -> MiniMaxM3ForCausalLM:
-    torch.manual_seed(0)
-    m = MiniMaxM3ForCausalLM(tiny()).eval()
-    # Larger random MoE correction bias so routing differs from plain top-k of the scores.
-    with torch.no_grad():
-        for layer in m.model.layers:
-            if hasattr(layer, "block_sparse_moe"):
-                layer.block_sparse_moe.e_score_correction_bias.normal_(0, 0.5)
-    return m
-
-
 def full_logits(model: MiniMaxM3ForCausalLM, seqs: list[list[int]]) -> list[torch.Tensor]:
     ids = torch.tensor([t for s in seqs for t in s])
     with torch.no_grad():
@@ -193,9 +181,9 @@ def test_dense_attention_flag_runs_the_msa_layers_as_the_dense_model_does(model)
     assert not torch.allclose(sparse, want, atol=1e-3)
 
 
-def run_incremental(model, seqs, steps, shuffle_pages=True):
-    """Feed each sequence in the given step sizes through a paged cache; return the logits of
-    every fed token per sequence."""
+def run_incremental(model, seqs, steps, shuffle_pages=True, forward=None):
+    """Feed each sequence in the given step sizes through a paged cache (by ``forward``, default
+    the model); return the logits of every fed token per sequence."""
     config = model.config
     bs = config.sparse.block_size
     need = [(len(s) + bs - 1) // bs for s in seqs]
@@ -214,7 +202,7 @@ def run_incremental(model, seqs, steps, shuffle_pages=True):
         batch = build_batch(tables, done, new, bs, cache=cache)
         ids = torch.tensor([t for i, s in enumerate(seqs) for t in s[done[i] : done[i] + new[i]]])
         with torch.no_grad():
-            logits = model(ids, batch)
+            logits = (forward or model)(ids, batch)
         for i, part in enumerate(logits.split(new)):
             out[i].append(part)
             done[i] += new[i]
