@@ -249,6 +249,10 @@ class MSAEngine:
         self._requests[request_id] = request
         self._wake.set()
 
+    def request_ids(self) -> list[str]:
+        """The ids of the requests in flight."""
+        return list(self._requests)
+
     async def abort(self, request_id: str) -> None:
         request = self._requests.get(request_id)
         if request is not None:

@@ -2,10 +2,16 @@
 and ``RemoteEngine``, in the caller's process, speaks the same ``Engine`` protocol to it.
 
 A caller whose event loop is busy with other work (an HTTP server streaming tokens) then never
-shares a GIL with the steps. Outputs cross the process boundary in batches: one ``poll`` returns
-everything every request produced since the previous one, so the traffic is one round trip per
-engine step whatever the number of streams, as vLLM's API server and engine core exchange one
-message per step.
+shares a GIL with the steps. Requests and outputs do not travel as Ray calls: a step every few
+milliseconds outruns what Ray's per-call machinery in a busy process can turn around, and calls
+that waited for the steps' end added tens of milliseconds to the first token. They cross one TCP
+connection instead, as length-prefixed pickles (``Frames``): the caller sends ``add`` and
+``abort`` messages, and the engine process sends, after every step, one message with every output
+the step produced and the engine's stats, as vLLM's API server and engine core exchange one ZMQ
+message per step. The engine reads its socket between steps, in the same loop turn that sends
+the outputs. Ray still places the process and carries the rare calls: start, health, weight
+updates, shutdown. The connection proves itself first with a token that only the Ray call
+returns; nothing is unpickled before.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import logging
-from collections.abc import AsyncIterator, Iterable
+import pickle
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +44,10 @@ from msa.cluster.protocol import (
 
 log = logging.getLogger(__name__)
 
-# How long a poll waits for outputs before it returns none (with fresh stats).
-POLL_TIMEOUT_S = 0.25
+# With no outputs to send, the engine process still sends its stats this often.
+STATS_INTERVAL_S = 0.25
+
+_LENGTH = 4  # bytes of a frame's big-endian length prefix
 
 
 @dataclass(slots=True)
@@ -47,26 +58,127 @@ class RequestFailed:
     error: BaseException
 
 
+class Frames(asyncio.Protocol):
+    """A stream connection carrying length-prefixed pickles. Each whole message goes to
+    ``on_message(self, message)`` as soon as its last byte arrives, in the loop turn that read it;
+    ``on_lost(self, exc)`` is told when the connection ends. With ``token`` the peer must first
+    send those raw bytes: nothing it sends is unpickled before, and a wrong token closes the
+    connection (``on_proof(self)`` is told of a right one)."""
+
+    def __init__(
+        self,
+        on_message: Callable[[Frames, Any], None],
+        on_lost: Callable[[Frames, BaseException | None], None],
+        *,
+        token: bytes | None = None,
+        on_proof: Callable[[Frames], None] | None = None,
+    ) -> None:
+        self.on_message, self.on_lost = on_message, on_lost
+        self._token, self._on_proof = token, on_proof
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._buffer += data
+        if self._token is not None:
+            token = self._token
+            if len(self._buffer) < len(token):
+                return
+            proof = bytes(self._buffer[: len(token)])
+            del self._buffer[: len(token)]
+            self._token = None
+            if not hmac.compare_digest(proof, token):
+                self._refused = True
+                self.close()
+                return
+            if self._on_proof is not None:
+                self._on_proof(self)
+        while len(self._buffer) >= _LENGTH:
+            size = int.from_bytes(self._buffer[:_LENGTH], "big")
+            if len(self._buffer) < _LENGTH + size:
+                return
+            message = pickle.loads(self._buffer[_LENGTH : _LENGTH + size])
+            del self._buffer[: _LENGTH + size]
+            self.on_message(self, message)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.on_lost(self, exc)
+
+    def send(self, message: Any) -> None:
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        self.transport.write(len(data).to_bytes(_LENGTH, "big") + data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class EngineCore:
-    """Ray actor body (async): the engine, its loop, and an outbox that every step's outputs go
-    straight into (no task per request: the event loop's only per-step work is one poll). Steps
-    run in the loop's thread (``inline_steps``); calls that arrive during one wait for its end,
-    which costs them nothing, since a new request could only join the next step anyway."""
+    """Ray actor body (async): the engine with its steps inline in the loop (``inline_steps``),
+    and the server end of the requests' connection. One client connects, with the token ``start``
+    returned; if it goes away its requests are aborted (nobody reads them any more)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.engine = MSAEngine(config, inline_steps=True)
+        self._token = secrets.token_bytes(16)
+        self._server: asyncio.Server | None = None
+        self._client: Frames | None = None
         self._outbox: list[TokenOutput | RequestFailed] = []
-        self._ready = asyncio.Event()
+        self._flush_pending = False
+        self._stats_task: asyncio.Task | None = None
+        self._aborts: set[asyncio.Task] = set()
 
     async def start(self) -> dict[str, Any]:
         await self.engine.start()
-        return {"max_context_length": self.engine.max_context_length, "stats": self.engine.stats()}
+        host = ray.util.get_node_ip_address()
 
-    def _post(self, item: TokenOutput | RequestFailed) -> None:
-        self._outbox.append(item)
-        self._ready.set()
+        def connection() -> Frames:
+            return Frames(self._on_message, self._on_lost, token=self._token, on_proof=self._on_proof)
 
-    async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        self._server = await asyncio.get_running_loop().create_server(connection, host, 0)
+        self._stats_task = asyncio.create_task(self._send_stats(), name="msa-engine-core-stats")
+        return {
+            "max_context_length": self.engine.max_context_length,
+            "stats": self.engine.stats(),
+            "address": (host, self._server.sockets[0].getsockname()[1]),
+            "token": self._token,
+        }
+
+    def _on_proof(self, conn: Frames) -> None:
+        if self._client is None:
+            self._client = conn
+            self._flush()
+        else:
+            conn.close()
+
+    def _on_message(self, conn: Frames, message: Any) -> None:
+        if conn is not self._client:
+            conn.close()
+            return
+        kind, request_id, *args = message
+        if kind == "add":
+            self._add(request_id, *args)
+        elif kind == "abort":
+            self._abort(request_id)
+
+    def _on_lost(self, conn: Frames, exc: BaseException | None) -> None:
+        if conn is self._client:
+            self._client = None
+            for request_id in self.engine.request_ids():
+                self._abort(request_id)
+
+    def _abort(self, request_id: str) -> None:
+        task = asyncio.create_task(self.engine.abort(request_id))
+        self._aborts.add(task)
+        task.add_done_callback(self._aborts.discard)
+
+    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Start a request; its outputs, or the error that refuses or ends it, go to the outbox."""
 
         def sink(item: TokenOutput | BaseException) -> None:
@@ -77,18 +189,23 @@ class EngineCore:
         except EngineError as e:  # refused (too long, queue full, dead): the caller re-raises it
             sink(e)
 
-    async def poll(self, timeout_s: float) -> tuple[list[TokenOutput | RequestFailed], EngineStats]:
-        """Everything posted since the last poll (waiting up to ``timeout_s`` for something), and
-        the engine's stats."""
-        if not self._outbox:
-            with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
-        items, self._outbox = self._outbox, []
-        self._ready.clear()
-        return items, self.engine.stats()
+    def _post(self, item: TokenOutput | RequestFailed) -> None:
+        self._outbox.append(item)
+        if not self._flush_pending:  # one message for everything a step posts
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
-    async def abort(self, request_id: str) -> None:
-        await self.engine.abort(request_id)
+    def _flush(self) -> None:
+        self._flush_pending = False
+        if self._client is not None and self._outbox:
+            items, self._outbox = self._outbox, []
+            self._client.send((items, self.engine.stats()))
+
+    async def _send_stats(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL_S)
+            if self._client is not None:
+                self._client.send(([], self.engine.stats()))
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -97,26 +214,34 @@ class EngineCore:
         await self.engine.update_weights(named_tensors, version)
 
     async def shutdown(self) -> None:
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+        if self._server is not None:
+            self._server.close()
+        if self._client is not None:
+            self._client.close()
         await self.engine.shutdown()
 
 
 class RemoteEngine:
     """``Engine`` whose ``MSAEngine`` runs in an ``EngineCore`` actor. ``actor_options`` are the
-    actor's Ray options (``num_cpus``, ``num_gpus``); it is placed on this node, so outputs cross
-    no network. One background task polls the actor and hands each output to its request."""
+    actor's Ray options (``num_cpus``, ``num_gpus``); it is placed on this node when it can be, so
+    the connection stays on the host. Outputs arrive on the connection in this process's event
+    loop and go straight into their requests' queues."""
 
     def __init__(self, config: EngineConfig, actor_options: dict[str, Any] | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer_for(config)
         self._options = {"num_cpus": 1, **(actor_options or {})}
         self._actor: Any = None
+        self.address: tuple[str, int] | None = None  # the engine process's end of the connection
+        self._conn: Frames | None = None
         self._queues: dict[str, asyncio.Queue] = {}
         self._stats = EngineStats(
             running=0, waiting=0, pages_used=[], pages_total=[], rejected=0, weight_version=0, healthy=False
         )
         self._max_context_length = 0
         self._dead: EngineDeadError | None = None
-        self._poller: asyncio.Task | None = None
 
     @property
     def max_context_length(self) -> int:
@@ -133,21 +258,25 @@ class RemoteEngine:
         )
         info = await self._actor.start.remote()
         self._max_context_length, self._stats = info["max_context_length"], info["stats"]
-        self._poller = asyncio.create_task(self._poll_loop(), name="msa-remote-engine-poll")
+        self.address = host, port = info["address"]
+        _, self._conn = await asyncio.get_running_loop().create_connection(
+            lambda: Frames(self._on_message, self._on_lost), host, port
+        )
+        self._conn.transport.write(info["token"])
 
-    async def _poll_loop(self) -> None:
-        try:
-            while True:
-                items, self._stats = await self._actor.poll.remote(POLL_TIMEOUT_S)
-                for item in items:
-                    queue = self._queues.get(item.request_id)
-                    if queue is not None:
-                        queue.put_nowait(item.error if isinstance(item, RequestFailed) else item)
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the engine process died
-            log.exception("the engine process failed")
-            self._fail(EngineDeadError(f"the engine process failed: {e}"))
+    def _on_message(self, conn: Frames, message: tuple[list, EngineStats]) -> None:
+        items, self._stats = message
+        for item in items:
+            queue = self._queues.get(item.request_id)
+            if queue is not None:
+                queue.put_nowait(item.error if isinstance(item, RequestFailed) else item)
+
+    def _on_lost(self, conn: Frames, exc: BaseException | None) -> None:
+        if self._dead is None:
+            log.error("the engine process closed its connection: %s", exc)
+            self._fail(
+                EngineDeadError(f"the engine process closed its connection ({exc or 'end of stream'})")
+            )
 
     def _fail(self, error: EngineDeadError) -> None:
         self._dead = error
@@ -171,15 +300,17 @@ class RemoteEngine:
         self._queues[request_id] = queue
         finished = False
         try:
-            await self._call(self._actor.add.remote(request_id, list(prompt_token_ids), params))
+            self._conn.send(("add", request_id, list(prompt_token_ids), params))
             async for out in stream_queue(queue, params.n):
                 yield out
             finished = True
+        except EngineError:
+            finished = True  # refused or failed in the engine: nothing left there to abort
+            raise
         finally:
             self._queues.pop(request_id, None)
             if not finished and self._dead is None:
-                with contextlib.suppress(Exception):
-                    await self._actor.abort.remote(request_id)
+                self._conn.send(("abort", request_id))
 
     async def _call(self, ref: Any) -> Any:
         """Await an actor call; the engine's own errors pass through, a dead actor becomes
@@ -194,8 +325,8 @@ class RemoteEngine:
             raise EngineDeadError(str(self._dead)) from e
 
     async def abort(self, request_id: str) -> None:
-        if self._actor is not None and self._dead is None:
-            await self._call(self._actor.abort.remote(request_id))
+        if self._conn is not None and self._dead is None:
+            self._conn.send(("abort", request_id))
 
     async def check_health(self) -> None:
         self._check_alive()
@@ -206,15 +337,13 @@ class RemoteEngine:
         await self._call(self._actor.update_weights.remote(list(named_tensors), version))
 
     def stats(self) -> EngineStats:
-        """The engine's stats as of the latest poll (at most ``POLL_TIMEOUT_S`` old)."""
+        """The engine's stats as of its latest message (at most ``STATS_INTERVAL_S`` old)."""
         return self._stats
 
     async def shutdown(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
-            self._poller = None
         self._fail(self._dead or EngineDeadError("the engine was shut down"))
+        if self._conn is not None:
+            self._conn.close()
         if self._actor is not None:
             with contextlib.suppress(Exception):
                 await self._actor.shutdown.remote()

@@ -67,6 +67,12 @@ def test_remote_engine_errors_cancellation_and_a_dead_engine_process():
         remote = RemoteEngine(config())
         await remote.start()
         try:
+            # A second connection that cannot show the token is closed at its first message.
+            reader, writer = await asyncio.open_connection(*remote.address)
+            writer.write(b"not the token, and longer")
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+
             # An admission error crosses the process boundary with its fields.
             with pytest.raises(RequestTooLongError) as too_long:
                 await collect(remote, "long", prompt(10, 0), SamplingParams(max_tokens=1000))
