@@ -186,10 +186,14 @@ def engine_path(name: str, engine: MSAEngine, args) -> Route:
 
 
 async def scrape_step_counters(client: httpx.AsyncClient) -> dict:
-    """The engine's step counters from the server's /metrics (``msa_engine_*_total``)."""
+    """The engine's step counters from the server's /metrics (``msa_engine_*_total``), and the sums
+    and counts of the replica's own TTFT and queue-time histograms."""
     names = {"msa_engine_steps_total": "steps", "msa_engine_step_seconds_total": "step_seconds",
              'msa_engine_tokens_total{kind="decode"': "decode_tokens",
-             'msa_engine_tokens_total{kind="prefill"': "prefill_tokens"}
+             'msa_engine_tokens_total{kind="prefill"': "prefill_tokens",
+             "msa_time_to_first_token_seconds_sum": "ttft_sum", "msa_time_to_first_token_seconds_count":
+             "ttft_count", "msa_request_queue_time_seconds_sum": "queue_sum",
+             "msa_request_queue_time_seconds_count": "queue_count"}
     text = (await client.get("/metrics")).text
     found = {}
     for line in text.splitlines():
@@ -205,12 +209,43 @@ def serve_path(client: httpx.AsyncClient, model: str, args) -> Route:
                 lambda prompt: http_greedy_text(client, model, prompt, args.max_tokens))
 
 
+def process_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process (the client, and the direct engine)
+    and by Serve's processes on this node: its HTTP proxy, the replica, the engine process."""
+    import psutil
+
+    roles = {"ProxyActor": "serve_proxy", "ServeReplica": "serve_replica", "EngineCore": "serve_engine"}
+    used = {"driver": sum(psutil.Process().cpu_times()[:2])}
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        for marker, role in roles.items():
+            if marker in line and proc.info["cpu_times"] is not None:
+                used[role] = used.get(role, 0.0) + sum(proc.info["cpu_times"][:2])
+    return used
+
+
+def replica_means(before: dict, after: dict) -> dict:
+    """The replica's own mean TTFT and queue time over a run, from its histograms' sums."""
+    out = {}
+    for key in ("ttft", "queue"):
+        count = after.get(f"{key}_count", 0) - before.get(f"{key}_count", 0)
+        if count:
+            out[f"{key}_ms_mean"] = round(1e3 * (after[f"{key}_sum"] - before[f"{key}_sum"]) / count, 2)
+    return out
+
+
 async def measure(path: Route, level: int, rnd: int, args) -> dict:
-    """One measured run of ``path`` at ``level`` streams: ``requests_per_stream`` requests each."""
+    """One measured run of ``path`` at ``level`` streams: ``requests_per_stream`` requests each,
+    with what each process's CPU did meanwhile (cores busy: CPU seconds / wall seconds)."""
     prompts = make_prompts(level * args.requests_per_stream, args.prompt_tokens)
-    before = await path.counters()
+    before, cpu_before = await path.counters(), process_cpu_seconds()
     result = await run_level(path.one_stream, prompts, level, f"{path.name}-r{rnd}-c{level}")
-    result["engine_steps"] = step_summary(before, await path.counters(), result["wall_s"])
+    cpu_after, after = process_cpu_seconds(), await path.counters()
+    result["engine_steps"] = step_summary(before, after, result["wall_s"])
+    if "ttft_count" in after:
+        result["replica_measured"] = replica_means(before, after)
+    result["cores_busy"] = {role: round((cpu_after[role] - cpu_before.get(role, 0.0)) / result["wall_s"], 2)
+                            for role in cpu_after}
     print(f"round {rnd} {path.name:<24} c={level:>2}: {result}", flush=True)
     return result
 
@@ -233,12 +268,16 @@ async def run_rounds(paths: list[Route], args) -> dict[str, dict[int, list[dict]
 
 
 def median_run(runs: list[dict]) -> dict:
-    """Per figure, the median over the rounds (the step summary: of the run with median throughput)."""
+    """Per figure, the median over the rounds (the step summary, the replica's own means and the
+    CPU figures: of the run with median throughput)."""
     figures = ("wall_s", "ttft_ms_median", "ttft_ms_p90", "itl_ms_median", "itl_ms_p90",
                "output_tokens_per_s")
     out = {k: round(statistics.median(r[k] for r in runs), 2) for k in figures}
     by_rate = sorted(runs, key=lambda r: r["output_tokens_per_s"])
-    out["engine_steps"] = by_rate[len(by_rate) // 2]["engine_steps"]
+    middle = by_rate[len(by_rate) // 2]
+    for key in ("engine_steps", "replica_measured", "cores_busy"):
+        if key in middle:
+            out[key] = middle[key]
     out["rounds"] = len(runs)
     return out
 
