@@ -207,6 +207,9 @@ class EngineCore:
             if self._client is not None:
                 self._client.send(([], self.engine.stats()))
 
+    async def stats(self) -> EngineStats:
+        return self.engine.stats()
+
     async def check_health(self) -> None:
         await self.engine.check_health()
 

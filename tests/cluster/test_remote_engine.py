@@ -108,3 +108,33 @@ def test_remote_engine_errors_cancellation_and_a_dead_engine_process():
     freed, healthy = asyncio.run(main())
     assert freed == [0]
     assert not healthy
+
+
+def test_a_lost_connection_aborts_its_requests_in_the_engine_process():
+    """The caller's process goes away mid-stream (its connection closes): the engine aborts what
+    it was generating for it and frees the pages, and the caller's engine reports itself dead."""
+
+    async def main():
+        remote = RemoteEngine(config())
+        await remote.start()
+        try:
+            stream = remote.generate("orphan", prompt(9, 3), SamplingParams(max_tokens=200, ignore_eos=True))
+            await stream.__anext__()
+            assert (await remote._actor.stats.remote()).running == 1
+            remote._conn.close()
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            for _ in range(100):
+                stats = await remote._actor.stats.remote()
+                if stats.running == 0 and stats.pages_used == [0]:
+                    break
+                await asyncio.sleep(0.05)
+            return stats, remote.stats().healthy
+        finally:
+            await remote.shutdown()
+
+    stats, healthy = asyncio.run(main())
+    assert stats.running == 0 and stats.pages_used == [0] and stats.healthy
+    assert not healthy
+
