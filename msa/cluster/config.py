@@ -33,7 +33,8 @@ class EngineConfig:
     ray_shards: run the shard as a Ray actor even when tp = sp = 1, so it gets a GPU of its own
     from Ray instead of the caller's (RL: the engine beside its trainers' GPUs).
     cuda_graph_max_tokens: steps of at most this many tokens replay the token-wise parts of every
-    layer from CUDA graphs (``msa.model.graphs``; one GPU shard, tp = sp = 1); None: max_num_seqs,
+    layer from CUDA graphs (``msa.model.graphs``; GPU shards without tensor parallelism, tp = 1: the
+    sequence shards' collectives sit in the attention, which runs eagerly); None: max_num_seqs,
     so every decode step; 0: every step eagerly (vLLM's enforce_eager).
     """
 

@@ -163,8 +163,8 @@ class ModelShard:
         s = self.spec
         if s.device != "cuda" or s.cuda_graph_max_tokens == 0:
             return None
-        if s.tp * s.sp > 1:
-            log.info("shard %d runs every step eagerly: CUDA graphs take one shard", s.rank)
+        if s.tp > 1:
+            log.info("shard %d runs every step eagerly: its layers all-reduce across tp ranks", s.rank)
             return None
         reason = uncapturable_reason(self.model)
         if reason is not None:
