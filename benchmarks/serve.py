@@ -416,6 +416,8 @@ def main() -> int:
         "benchmark": "serve overhead: Ray Serve HTTP streaming vs the same engine driven in-process, "
                      f"{args.rounds} interleaved rounds per path and level, medians over the rounds",
         "engine_shards": "Ray actor" if config.engine_config().ray_shards else "in the driving process",
+        # Ray Serve's own switches (RAY_SERVE_THROUGHPUT_OPTIMIZED, ...) as this run had them.
+        "serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
         "serve_engine": "its own Ray actor process (RemoteEngine)" if config.runs_engine_process
         else "in the replica's process",
         "numbers": f"{device.upper()} numbers" + (" (tiny preset, random weights; not GPU performance)"
