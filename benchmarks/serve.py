@@ -15,6 +15,10 @@ way.
     python benchmarks/serve.py --preset tiny                       # CPU, writes serve-cpu-tiny.json
     python benchmarks/serve.py --model /models/MiniMax-M3 --tp 4 --sp 2 --device cuda
 
+The HTTP client is aiohttp, as in vLLM's serving benchmark. By default it connects to the replica's
+own HTTP server (``--ingress replica``: Ray Serve's throughput-optimized direct ingress, as ``msa
+serve`` runs); ``--ingress proxy`` goes through Serve's HTTP proxy instead.
+
 Every request has a fixed token-id prompt and generates exactly ``--max-tokens`` tokens
 (``ignore_eos``), with ``logprobs=0`` so each token is one streamed chunk on both paths. Before any
 timing, one greedy request must give the same text on every path, or no speed is reported.
@@ -36,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from msa.cluster.engine import MSAEngine  # noqa: E402
 from msa.cluster.protocol import SamplingParams  # noqa: E402
 from msa.serve.config import ServeConfig  # noqa: E402
+from msa.serve.ingress import direct_ingress, replica_http_ports, replica_ingress_env  # noqa: E402
 
 TTFT_BUDGET_MS = 20.0
 THROUGHPUT_LOSS_BUDGET = 0.05
@@ -107,14 +112,14 @@ async def engine_greedy_text(engine: MSAEngine, prompt: list[int], max_tokens: i
 
 # Through Serve: HTTP streaming --------------------------------------------------------------------
 
-async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], args) -> StreamTiming:
+async def http_stream(client: aiohttp.ClientSession, model: str, prompt: list[int], args) -> StreamTiming:
     body = {"model": model, "prompt": prompt, "max_tokens": args.max_tokens, "temperature": 1.0, "seed": 1,
             "ignore_eos": True, "logprobs": 0, "stream": True}
     timing = StreamTiming(start=time.perf_counter())
-    async with client.stream("POST", "/v1/completions", json=body) as response:
+    async with client.post("/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
+        async for line in response.content:  # one SSE line at a time
+            if not line.startswith(b"data: {"):
                 continue
             now = time.perf_counter()
             tokens = len(json.loads(line[6:])["choices"][0]["logprobs"]["tokens"])
@@ -123,12 +128,14 @@ async def http_stream(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return timing
 
 
-async def http_greedy_text(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> str:
+async def http_greedy_text(
+    client: aiohttp.ClientSession, model: str, prompt: list[int], max_tokens: int
+) -> str:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True}
-    response = await client.post("/v1/completions", json=body)
-    response.raise_for_status()
-    return response.json()["choices"][0]["text"]
+    async with client.post("/v1/completions", json=body) as response:
+        response.raise_for_status()
+        return (await response.json())["choices"][0]["text"]
 
 
 # Driver -----------------------------------------------------------------------------------------
@@ -185,7 +192,7 @@ def engine_path(name: str, engine: MSAEngine, args) -> Route:
                 lambda prompt: engine_greedy_text(engine, prompt, args.max_tokens))
 
 
-async def scrape_step_counters(client: httpx.AsyncClient) -> dict:
+async def scrape_step_counters(client: aiohttp.ClientSession) -> dict:
     """The engine's step counters from the server's /metrics (``msa_engine_*_total``), and the sums
     and counts of the replica's own TTFT and queue-time histograms."""
     names = {"msa_engine_steps_total": "steps", "msa_engine_step_seconds_total": "step_seconds",
@@ -194,7 +201,8 @@ async def scrape_step_counters(client: httpx.AsyncClient) -> dict:
              "msa_time_to_first_token_seconds_sum": "ttft_sum", "msa_time_to_first_token_seconds_count":
              "ttft_count", "msa_request_queue_time_seconds_sum": "queue_sum",
              "msa_request_queue_time_seconds_count": "queue_count"}
-    text = (await client.get("/metrics")).text
+    async with client.get("/metrics") as response:
+        text = await response.text()
     found = {}
     for line in text.splitlines():
         for prefix, key in names.items():
@@ -203,7 +211,7 @@ async def scrape_step_counters(client: httpx.AsyncClient) -> dict:
     return found
 
 
-def serve_path(client: httpx.AsyncClient, model: str, args) -> Route:
+def serve_path(client: aiohttp.ClientSession, model: str, args) -> Route:
     return Route("serve", lambda rid, prompt: http_stream(client, model, prompt, args),
                 lambda: scrape_step_counters(client),
                 lambda prompt: http_greedy_text(client, model, prompt, args.max_tokens))
@@ -300,6 +308,8 @@ def start_serve(config_args: dict) -> tuple[str, str]:
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_args), name="msa-bench", route_prefix="/")
+    if direct_ingress():  # the replica serves HTTP itself; the client goes there
+        port = replica_http_ports("msa-bench")[0]
     return f"http://127.0.0.1:{port}", ServeConfig.from_args(config_args).model_name
 
 
@@ -323,15 +333,18 @@ async def open_routes(names: tuple[str, ...], config: ServeConfig, config_args: 
             routes.append(engine_path("engine", engine, args))
         if "serve" in names:
             base_url, served_name = start_serve(config_args)
-            limits = httpx.Limits(max_connections=max(args.concurrency) + 4)
-            client = httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits)
+            client = aiohttp.ClientSession(
+                base_url=base_url,
+                timeout=aiohttp.ClientTimeout(total=600),
+                connector=aiohttp.TCPConnector(limit=max(args.concurrency) + 4),
+            )
             routes.append(serve_path(client, served_name, args))
         yield routes
     finally:
         if engine is not None:
             await engine.shutdown()
         if client is not None:
-            await client.aclose()
+            await client.close()
         if "serve" in names:
             from ray import serve
 
@@ -379,6 +392,9 @@ def main() -> int:
                    help="where a single shard runs: in the engine's process (auto, replica) or an actor")
     p.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
                    help="Serve's engine in an actor of its own (on) or in the replica (off); auto: GPUs on")
+    p.add_argument("--ingress", choices=("replica", "proxy"), default="replica",
+                   help="where the client connects: the replica's own HTTP server (Ray Serve's "
+                        "throughput-optimized direct ingress, as `msa serve` runs) or Serve's HTTP proxy")
     p.add_argument("--engine-cpus", type=float, default=None,
                    help="CPUs (Ray resources, and so torch threads) of Serve's engine process or replica")
     p.add_argument("--out", type=Path, default=None,
@@ -406,6 +422,10 @@ def main() -> int:
         config_args["replica_num_cpus"] = float(torch.get_num_threads())
     config = ServeConfig.from_args(config_args)
 
+    if args.ingress == "replica" and not os.environ.get("RAY_ADDRESS"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(replica_ingress_env(s.getsockname()[1], 1))
     load = {"before": os.getloadavg()[0]}
     init_ray(device)
     runs, texts = asyncio.run(bench(config, config_args, args))
@@ -418,6 +438,9 @@ def main() -> int:
         "engine_shards": "Ray actor" if config.engine_config().ray_shards else "in the driving process",
         # Ray Serve's own switches (RAY_SERVE_THROUGHPUT_OPTIMIZED, ...) as this run had them.
         "serve_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("RAY_SERVE_")},
+        "client": f"aiohttp {aiohttp.__version__}",
+        "serve_ingress": "the replica's own HTTP server (direct ingress)" if direct_ingress()
+        else "Serve's HTTP proxy",
         "serve_engine": "its own Ray actor process (RemoteEngine)" if config.runs_engine_process
         else "in the replica's process",
         "numbers": f"{device.upper()} numbers" + (" (tiny preset, random weights; not GPU performance)"

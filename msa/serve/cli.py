@@ -6,11 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import time
 from typing import Any
 
-from msa.platform.config import PRESETS
+from msa.platform.config import PRESETS, ConfigError
 
 APP_NAME = "msa"
 
@@ -43,6 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the name clients send as 'model' (default: the preset or directory name)",
     )
     p.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default: 1)")
+    p.add_argument(
+        "--ingress",
+        choices=("replica", "proxy"),
+        default=None,
+        help="replica: the replicas serve HTTP themselves on PORT.. (Ray Serve's throughput-optimized "
+        "direct ingress; no hop through the proxy); proxy: Serve's HTTP proxy on PORT, which spreads "
+        "requests over the replicas (default: replica when starting a local Ray with one replica, "
+        "else proxy)",
+    )
     p.add_argument(
         "--max-waiting",
         type=int,
@@ -93,26 +103,50 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    import ray
-    from ray import serve
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
-    from msa.serve.app import build_app
+
+def run_serve(args: argparse.Namespace) -> int:
     from msa.serve.config import ServeConfig
+    from msa.serve.ingress import replica_http_ports, replica_ingress_env
 
     config_args = app_args(args)
     ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
     joined = bool(os.environ.get("RAY_ADDRESS"))
+    ingress = args.ingress or ("proxy" if joined or args.num_replicas > 1 else "replica")
+    proxy_port = args.port
+    if ingress == "replica":
+        if joined:
+            raise ConfigError(
+                "--ingress replica needs a Ray started here: a cluster at RAY_ADDRESS keeps the ingress "
+                "its nodes started with (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 there gives replica ingress)"
+            )
+        # Read by Ray Serve's processes when they start: set before Ray starts.
+        os.environ.update(replica_ingress_env(args.port, args.num_replicas))
+        proxy_port = free_port(args.host)  # Serve still runs its proxy; the replicas take PORT
+
+    import ray
+    from ray import serve
+
+    from msa.serve.app import build_app
+
     ray.init(**({} if joined else {"include_dashboard": False}))
     # After ray.init, whose core worker would otherwise abort the process on SIGTERM: SIGTERM (docker
     # stop, kill) stops like Ctrl-C, and so does SIGINT when a non-interactive shell had ignored it.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.start(http_options={"host": args.host, "port": proxy_port})
         serve.run(build_app(config_args), name=APP_NAME, route_prefix="/")
         name = config_args.get("served_model_name") or ServeConfig.from_args(config_args).model_name
-        print(f"msa serve: '{name}' is ready at http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+        urls = [f"http://{args.host}:{proxy_port}/v1"]
+        if ingress == "replica":
+            urls = [f"http://{args.host}:{port}/v1" for port in replica_http_ports(APP_NAME)]
+            print(f"msa serve: the replicas serve HTTP; Serve's proxy is at :{proxy_port}", flush=True)
+        print(f"msa serve: '{name}' is ready at {', '.join(urls)} (Ctrl-C stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

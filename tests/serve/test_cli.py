@@ -46,12 +46,39 @@ def test_bad_flag_values_are_rejected_before_ray_starts():
         run_serve(parse(["serve", "--tp", "0"]))
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_msa_serve_answers_a_chat_request_and_stops_cleanly(tmp_path, stop_signal):
+def test_replica_ingress_needs_a_ray_started_here(monkeypatch):
+    from msa.platform.config import ConfigError
+    from msa.serve.cli import run_serve
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never reached: refused before Ray starts
+    with pytest.raises(ConfigError, match="--ingress replica needs a Ray started here"):
+        run_serve(parse(["serve", "--ingress", "replica"]))
+
+
+def test_replica_ingress_pins_the_replicas_ports():
+    from msa.serve.ingress import direct_ingress, replica_ingress_env
+
+    env = replica_ingress_env(8000, 3)
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8000"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "8003"  # exclusive
+    assert direct_ingress(env) and not direct_ingress({})
+    assert not direct_ingress({**env, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})  # Ray's own override
+    with pytest.raises(ValueError, match="num_replicas"):
+        replica_ingress_env(8000, 0)
+
+
+@pytest.mark.parametrize(
+    ("stop_signal", "ingress"),
+    [(signal.SIGINT, "replica"), (signal.SIGTERM, "proxy")],
+    ids=["ctrl-c-replica-ingress", "sigterm-proxy-ingress"],
+)
+def test_msa_serve_answers_a_chat_request_and_stops_cleanly(tmp_path, stop_signal, ingress):
+    """PORT answers: the replica's own HTTP server (the default) or Serve's proxy."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
     env["PYTHONPATH"] = str(ROOT)
     command = [sys.executable, "-m", "msa.serve.cli", "serve", "--port", str(port), "--num-pages", "256"]
+    command += [] if ingress == "replica" else ["--ingress", "proxy"]
     log = tmp_path / "serve.log"
     with log.open("w") as sink:
         proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -69,4 +96,5 @@ def test_msa_serve_answers_a_chat_request_and_stops_cleanly(tmp_path, stop_signa
         proc.wait(timeout=90)
     output = log.read_text()
     assert proc.returncode == 0, output
-    assert "is ready at" in output and "stopping" in output
+    assert f"is ready at http://127.0.0.1:{port}/v1 " in output and "stopping" in output
+    assert ("the replicas serve HTTP" in output) == (ingress == "replica")
