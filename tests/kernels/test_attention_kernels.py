@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from msa.kernels import merge_attention_states, paged_attention, sparse_attention
 from msa.kernels.indexer.reference import select_blocks_reference
+from msa.kernels.sparse_attention import triton as sparse_triton
 from msa.kernels.sparse_attention.reference import paged_attention_reference
 from tests.kernels.paged_cases import make_batch, paginate
 
@@ -99,6 +100,15 @@ def test_attention_matches_reference(case, sparse, world, monkeypatch):
     run_case(case, sparse, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
 
 
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", ["decode_b1_one_block", "decode_mixed", "decode_few_blocks"])
+def test_sparse_decode_with_a_wide_block_table(case, world, monkeypatch):
+    """Past ``_WHOLE_TABLE_BLOCKS`` the decode kernel reads each selected block's page after the
+    selection instead of the whole table beside it: the same results."""
+    monkeypatch.setattr(sparse_triton, "_WHOLE_TABLE_BLOCKS", 0)
+    run_case(case, True, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
 GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)
 GPU_CASES = {
     "decode_b1_one_block": ([77], [1]),
@@ -117,6 +127,14 @@ GPU_CASES = {
 def test_attention_matches_reference_gpu(case, sparse, world, monkeypatch):
     monkeypatch.setitem(CASES, case, GPU_CASES[case])
     run_case(case, sparse, world, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["decode_mixed", "decode_few_blocks"])
+def test_sparse_decode_with_a_wide_block_table_gpu(case, monkeypatch):
+    monkeypatch.setattr(sparse_triton, "_WHOLE_TABLE_BLOCKS", 0)
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    run_case(case, True, 1, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["decode_mixed", "prefill_mixed"])

@@ -84,6 +84,7 @@ def _score_chunk_topk_kernel(
     shard_rank,
     shard_world,
     tiles_per_seq,
+    table_width,
     stride_qt,
     stride_qg,
     stride_kp,
@@ -154,8 +155,10 @@ def _score_chunk_topk_kernel(
     n_local = tl.maximum(0, (last_qpos // BLOCK_SIZE + 1 - shard_rank + shard_world - 1) // shard_world)
     lo = chunk * CHUNK
     cols = tl.arange(0, CHUNK)
-    # The chunk's pages up front, so no block waits on a block-table read.
-    pages = tl.load(block_table_ptr + b * stride_bt + lo + cols, mask=lo + cols < n_local, other=0).to(
+    # The chunk's pages up front, so no block waits on a block-table read; masked by the table's
+    # width, not the sequence's length, so the read need not wait for seq_lens (a page past the
+    # sequence only addresses loads that its keys' mask turns off).
+    pages = tl.load(block_table_ptr + b * stride_bt + lo + cols, mask=lo + cols < table_width, other=0).to(
         tl.int64
     )
     STEPS: tl.constexpr = CHUNK // NB
@@ -382,6 +385,7 @@ def launch_chunk_scores(
         shard_rank,
         shard_world,
         tiles,
+        block_table.shape[1],
         index_q.stride(0),
         index_q.stride(1),
         index_k_cache.stride(0),

@@ -96,6 +96,7 @@ def _decode_kernel(
     qk_scale,
     shard_rank,
     shard_world,
+    table_width,
     stride_qt,
     stride_qh,
     stride_kp,
@@ -126,6 +127,7 @@ def _decode_kernel(
     COMBINE: tl.constexpr,
     SPLITS_P: tl.constexpr,
     PDL: tl.constexpr,
+    TABLE_P: tl.constexpr,
 ):
     """Decode (one query per sequence): program (sequence, group, split) attends over the
     ``PER_SPLIT`` blocks in slots ``split * PER_SPLIT ...`` (of the selection, or dense: of the
@@ -143,15 +145,26 @@ def _decode_kernel(
     offs_s = tl.arange(0, BLOCK_SIZE)
     slot = split * PER_SPLIT + tl.arange(0, PER_SPLIT)
     seq_len = tl.load(seq_lens_ptr + b)
+    row = block_table_ptr + b * stride_bt
     if SPARSE:  # the slots of the selection: global block ids
+        if TABLE_P > 0:
+            # A narrow block table comes whole, read beside the selection instead of after it.
+            cols = tl.arange(0, TABLE_P)
+            table = tl.load(row + cols, mask=cols < table_width, other=0)
         blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < TOPK, other=-1)
         mine = (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
         local = (blk - shard_rank) // shard_world
+        if TABLE_P > 0:
+            page = tl.sum(tl.where(cols[None, :] == local[:, None], table[None, :], 0), 1).to(tl.int64)
+        else:
+            page = tl.load(row + local, mask=mine, other=0).to(tl.int64)
     else:  # the slots are this shard's blocks in order (TOPK: the block table's width)
         local = slot
         blk = shard_rank + slot * shard_world
+        # Masked by the table's width, so the read need not wait for seq_len (a page past the
+        # sequence only addresses loads that `live` turns off).
+        page = tl.load(row + local, mask=slot < TOPK, other=0).to(tl.int64)
         mine = (slot < TOPK) & (blk * BLOCK_SIZE < seq_len)
-    page = tl.load(block_table_ptr + b * stride_bt + local, mask=mine, other=0).to(tl.int64)
     q = tl.load(
         q_ptr + b * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
     )
@@ -451,6 +464,9 @@ def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
 
 
 _DENSE_DECODE_BLOCKS = 32
+# Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
+# paid at 64 blocks and cost time at 256).
+_WHOLE_TABLE_BLOCKS = 64
 _SHARED_TILE = 8  # tokens (times the minimum tile) of a shared first-pass tile in sparse prefill
 _ADAPTIVE_MIN_TOKENS = 64
 
@@ -524,6 +540,7 @@ def _launch_decode(
         scale * _LOG2E,
         shard_rank,
         shard_world,
+        block_table.shape[1],
         *_input_strides(q, k_cache, v_cache, block_table),
         stride_it,
         stride_ig,
@@ -539,6 +556,7 @@ def _launch_decode(
         COMBINE=splits > 1,
         SPLITS_P=next_pow2(splits),
         PDL=early,
+        TABLE_P=next_pow2(block_table.shape[1]) if block_table.shape[1] <= _WHOLE_TABLE_BLOCKS else 0,
         # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
         num_warps=num_warps or (8 if B * H_kv * splits <= num_sms(q.device) else 4),
         launch_pdl=early,
