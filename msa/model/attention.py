@@ -96,9 +96,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """x ``[T, hidden]`` -> ``[T, hidden]`` (this rank's partial sum under tensor parallelism)."""
+        return self.o_proj(self.heads(x, batch).flatten(1))
+
+    def heads(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """``project`` then ``attend``: x ``[T, hidden]`` -> the attention output ``[T, H, D]``
+        before o_proj."""
         cos, sin = batch.rope(self.rotary_dim, self.rope_theta)
-        projected = self.project(x, cos, sin, index=not batch.dense_attention)
-        return self.o_proj(self.attend(projected, batch).flatten(1))
+        return self.attend(self.project(x, cos, sin, index=not batch.dense_attention), batch)
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, index: bool) -> Projections:
         """The token-wise half: each row of x ``[T, hidden]`` on its own to normed, rotated q ``[T,

@@ -33,10 +33,7 @@ class DecoderLayer(nn.Module):
         return self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        attn = self.self_attn
-        cos, sin = batch.rope(attn.rotary_dim, attn.rope_theta)
-        projected = attn.project(self.input_layernorm(x), cos, sin, index=not batch.dense_attention)
-        return self.finish(x, attn.attend(projected, batch))
+        return self.finish(x, self.self_attn.heads(self.input_layernorm(x), batch))
 
     def finish(self, x: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         """The rest of ``forward`` from the attention output ``[T, H, D]`` (before o_proj): the
