@@ -111,6 +111,7 @@ def engine_config(args: argparse.Namespace, model: ModelConfig | str, tp: int, s
         num_pages=args.num_pages,
         gpu_memory_utilization=args.gpu_memory_utilization,
         step_timeout_s=600.0,
+        cuda_graph_max_tokens=args.cuda_graph_max_tokens,
     )
     return EngineConfig(**{**base, **kw})
 
@@ -335,6 +336,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prefill", choices=("synthetic", "real"), default="synthetic")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument(
+        "--cuda-graph-max-tokens",
+        type=int,
+        default=None,
+        help="steps up to this many tokens from CUDA graphs (default: the engine's; 0: eager)",
+    )
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = ap.parse_args(argv)
     smoke = args.smoke

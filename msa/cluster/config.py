@@ -9,6 +9,8 @@ import torch
 from msa.platform.config import ConfigError, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Steps up to this many tokens run from CUDA graphs by default (vLLM captures up to 512 too).
+DEFAULT_GRAPH_TOKENS = 512
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -34,8 +36,9 @@ class EngineConfig:
     from Ray instead of the caller's (RL: the engine beside its trainers' GPUs).
     cuda_graph_max_tokens: steps of at most this many tokens replay the token-wise parts of every
     layer from CUDA graphs (``msa.model.graphs``; GPU shards without tensor parallelism, tp = 1: the
-    sequence shards' collectives sit in the attention, which runs eagerly); None: max_num_seqs,
-    so every decode step; 0: every step eagerly (vLLM's enforce_eager).
+    sequence shards' collectives sit in the attention, which runs eagerly); None: 512 (at least
+    max_num_seqs, at most max_num_batched_tokens), so every decode step and the steps that prefill
+    a few prompts, as vLLM's default; 0: every step eagerly (vLLM's enforce_eager).
     """
 
     model: str | ModelConfig = "tiny"
@@ -114,8 +117,10 @@ class EngineConfig:
 
     @property
     def graph_tokens(self) -> int:
-        """``cuda_graph_max_tokens`` resolved: max_num_seqs when None."""
-        return self.max_num_seqs if self.cuda_graph_max_tokens is None else self.cuda_graph_max_tokens
+        """``cuda_graph_max_tokens`` resolved (None: 512, at least max_num_seqs, at most the step budget)."""
+        if self.cuda_graph_max_tokens is not None:
+            return self.cuda_graph_max_tokens
+        return min(self.max_num_batched_tokens, max(self.max_num_seqs, DEFAULT_GRAPH_TOKENS))
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -28,11 +28,12 @@ from msa.model.model import MiniMaxM3ForCausalLM
 
 
 def capture_sizes(max_tokens: int) -> list[int]:
-    """Token counts to capture up to ``max_tokens``: 1, 2, 4, 8, then every multiple of 8 and
-    ``max_tokens`` itself, as vLLM pads decode batches."""
+    """Token counts to capture up to ``max_tokens``: 1, 2, 4, every multiple of 8 up to 256, every
+    multiple of 16 above, and ``max_tokens`` itself, as vLLM pads its batches."""
     sizes = [s for s in (1, 2, 4) if s < max_tokens]
-    sizes += range(8, max_tokens, 8)
-    return [*sizes, max_tokens] if max_tokens > 0 else []
+    sizes += range(8, min(max_tokens, 257), 8)
+    sizes += range(272, max_tokens, 16)
+    return sorted({*sizes, max_tokens}) if max_tokens > 0 else []
 
 
 class PiecewiseForward:

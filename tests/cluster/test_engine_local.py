@@ -261,7 +261,10 @@ def test_cpu_cache_is_sized_from_a_memory_budget_and_bad_configs_name_the_field(
         MSAEngine(engine_config(tp=4))
     with pytest.raises(ConfigError, match="cuda_graph_max_tokens"):
         engine_config(cuda_graph_max_tokens=-1)
-    assert engine_config().graph_tokens == 8 and engine_config(cuda_graph_max_tokens=0).graph_tokens == 0
+    # None: 512 tokens, within the step budget and at least the batch.
+    assert engine_config().graph_tokens == 32 and engine_config(cuda_graph_max_tokens=0).graph_tokens == 0
+    assert engine_config(max_num_batched_tokens=4096).graph_tokens == 512
+    assert engine_config(max_num_seqs=1024, max_num_batched_tokens=4096).graph_tokens == 1024
 
 
 def test_choices_of_one_request_share_the_prompt_and_each_match_greedy(reference):

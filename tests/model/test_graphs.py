@@ -21,6 +21,9 @@ def test_capture_sizes_pad_like_vllm():
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert capture_sizes(0) == []
+    # Past 256 tokens (prefill steps), every multiple of 16.
+    assert capture_sizes(512) == [1, 2, 4, *range(8, 257, 8), *range(272, 513, 16)]
+    assert capture_sizes(300)[-4:] == [256, 272, 288, 300]
 
 
 @pytest.mark.parametrize("mode", ["prefill_then_decode", "chunked_prefill"])
