@@ -32,7 +32,9 @@ def direct_ingress(env: dict[str, str] | None = None) -> bool:
 
 
 def replica_http_ports(app_name: str) -> list[int]:
-    """The HTTP ports of ``app_name``'s running ingress replicas (direct ingress; else the proxies')."""
+    """The HTTP ports of ``app_name``'s running ingress replicas (direct ingress; else the proxies').
+    Asked of Serve's controller, whose target groups the dashboard also reports
+    (``/api/serve/applications/``); ``msa serve`` runs without the dashboard."""
     import ray
     from ray.serve._private.common import RequestProtocol
     from ray.serve.context import _get_global_client
