@@ -96,8 +96,10 @@ class ServeMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineStatsCollector(stats, model))
 
+        # The model label is fixed per replica: the per-token paths observe these children directly,
+        # without a labels() lookup per streamed chunk.
         def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry)
+            return Histogram(name, doc, ["model"], buckets=buckets, registry=self.registry).labels(model)
 
         self.ttft = histogram(
             "msa_time_to_first_token_seconds",
@@ -133,10 +135,10 @@ class ServeMetrics:
         )
         self.prompt_tokens = Counter(
             "msa_prompt_tokens", "Prompt tokens of admitted requests.", ["model"], registry=self.registry
-        )
+        ).labels(model)
         self.generation_tokens = Counter(
             "msa_generation_tokens", "Generated tokens.", ["model"], registry=self.registry
-        )
+        ).labels(model)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -157,25 +159,24 @@ class RequestTimer:
         self._last_by_choice: dict[int, float] = {}
 
     def submitted(self, num_prompt_tokens: int) -> None:
-        self._m.queue.labels(self._m.model).observe(time.perf_counter() - self._arrival)
-        self._m.prompt_tokens.labels(self._m.model).inc(num_prompt_tokens)
+        self._m.queue.observe(time.perf_counter() - self._arrival)
+        self._m.prompt_tokens.inc(num_prompt_tokens)
 
     def output(self, index: int, num_tokens: int) -> None:
         if num_tokens == 0:
             return
         now = time.perf_counter()
-        model = self._m.model
         if self._first is None:
             self._first = now
-            self._m.ttft.labels(model).observe(now - self._arrival)
+            self._m.ttft.observe(now - self._arrival)
         last = self._last_by_choice.get(index)
         if last is not None:
             gap = (now - last) / num_tokens
             for _ in range(num_tokens):
-                self._m.itl.labels(model).observe(gap)
+                self._m.itl.observe(gap)
         self._last_by_choice[index] = now
-        self._m.generation_tokens.labels(model).inc(num_tokens)
+        self._m.generation_tokens.inc(num_tokens)
 
     def finished(self, finish_reason: str) -> None:
-        self._m.e2e.labels(self._m.model).observe(time.perf_counter() - self._arrival)
+        self._m.e2e.observe(time.perf_counter() - self._arrival)
         self._m.requests.labels(self._m.model, self._endpoint, finish_reason).inc()
