@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import time
@@ -48,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from msa.cluster.engine import MSAEngine  # noqa: E402
 from msa.cluster.protocol import SamplingParams  # noqa: E402
+from msa.cluster.shard import free_port  # noqa: E402
 from msa.serve.config import ServeConfig  # noqa: E402
 from msa.serve.ingress import direct_ingress, replica_http_ports, replica_ingress_env  # noqa: E402
 
@@ -303,9 +303,7 @@ def start_serve(config_args: dict) -> tuple[str, str]:
 
     from msa.serve.app import build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_args), name="msa-bench", route_prefix="/")
     if direct_ingress():  # the replica serves HTTP itself; the client goes there
@@ -423,9 +421,7 @@ def main() -> int:
     config = ServeConfig.from_args(config_args)
 
     if args.ingress == "replica" and not os.environ.get("RAY_ADDRESS"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(replica_ingress_env(s.getsockname()[1], 1))
+        os.environ.update(replica_ingress_env(free_port(), 1))
     load = {"before": os.getloadavg()[0]}
     init_ray(device)
     runs, texts = asyncio.run(bench(config, config_args, args))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 import time
 from typing import Any
@@ -103,18 +102,13 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def run_serve(args: argparse.Namespace) -> int:
+    from msa.cluster.shard import free_port
     from msa.serve.config import ServeConfig
     from msa.serve.ingress import replica_http_ports, replica_ingress_env
 
     config_args = app_args(args)
-    ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
+    config = ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
     joined = bool(os.environ.get("RAY_ADDRESS"))
     ingress = args.ingress or ("proxy" if joined or args.num_replicas > 1 else "replica")
     proxy_port = args.port
@@ -141,7 +135,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         serve.start(http_options={"host": args.host, "port": proxy_port})
         serve.run(build_app(config_args), name=APP_NAME, route_prefix="/")
-        name = config_args.get("served_model_name") or ServeConfig.from_args(config_args).model_name
+        name = config.model_name
         urls = [f"http://{args.host}:{proxy_port}/v1"]
         if ingress == "replica":
             urls = [f"http://{args.host}:{port}/v1" for port in replica_http_ports(APP_NAME)]

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from msa.cluster.shard import free_port
 from msa.serve.cli import app_args, register
-from tests.serve.test_openai_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 

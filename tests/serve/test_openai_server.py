@@ -4,7 +4,6 @@ listening on 127.0.0.1: the same requests a user sends, over HTTP, through Serve
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,6 +12,7 @@ import pytest
 import ray
 from ray import serve
 
+from msa.cluster.shard import free_port
 from msa.serve.app import build_app
 from tests.serve.conftest import (
     API_KEY,
@@ -22,12 +22,6 @@ from tests.serve.conftest import (
     chat_prompt_tokens,
     wait_until,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
