@@ -5,13 +5,14 @@ A caller whose event loop is busy with other work (an HTTP server streaming toke
 shares a GIL with the steps. Requests and outputs do not travel as Ray calls: a step every few
 milliseconds outruns what Ray's per-call machinery in a busy process can turn around, and calls
 that waited for the steps' end added tens of milliseconds to the first token. They cross one TCP
-connection instead, as length-prefixed pickles (``Frames``): the caller sends ``add`` and
-``abort`` messages, and the engine process sends, after every step, one message with every output
-the step produced and the engine's stats, as vLLM's API server and engine core exchange one ZMQ
-message per step. The engine reads its socket between steps, in the same loop turn that sends
-the outputs. Ray still places the process and carries the rare calls: start, health, weight
-updates, shutdown. The connection proves itself first with a token that only the Ray call
-returns; nothing is unpickled before.
+connection per caller instead, as length-prefixed pickles (``Frames``): the caller sends ``add``
+and ``abort`` messages, and the engine process sends it, after every step, one message with every
+output of its requests that the step produced and the engine's stats, as vLLM's API servers and
+engine core exchange one ZMQ message per step. Several callers (API servers) may share one engine.
+The engine reads its sockets between steps, in the same loop turn that sends the outputs. Ray
+still places the process and carries the rare calls: start, health, weight updates, shutdown. A
+connection proves itself first with a token that only the Ray call returns; nothing is unpickled
+before.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 
 # With no outputs to send, the engine process still sends its stats this often.
 STATS_INTERVAL_S = 0.25
+
+# Concurrent calls an EngineCore actor takes (its Ray option ``max_concurrency``): its rare calls
+# (start, health, weight updates) never wait behind each other.
+ENGINE_CORE_CONCURRENCY = 1000
 
 _LENGTH = 4  # bytes of a frame's big-endian length prefix
 
@@ -121,56 +126,59 @@ class Frames(asyncio.Protocol):
 
 class EngineCore:
     """Ray actor body (async): the engine with its steps inline in the loop (``inline_steps``),
-    and the server end of the requests' connection. One client connects, with the token ``start``
-    returned; if it goes away its requests are aborted (nobody reads them any more)."""
+    and the server end of its callers' connections. Each caller connects with the token ``start``
+    returned; a request's outputs go back on the connection that added it, and a caller that goes
+    away has its requests aborted (nobody reads them any more). Several callers may share the
+    engine (API servers in processes of their own); ``start`` may come from each."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.engine = MSAEngine(config, inline_steps=True)
         self._token = secrets.token_bytes(16)
         self._server: asyncio.Server | None = None
-        self._client: Frames | None = None
-        self._outbox: list[TokenOutput | RequestFailed] = []
+        self._start_lock = asyncio.Lock()
+        self._clients: set[Frames] = set()
+        self._owners: dict[str, Frames] = {}  # request id -> the connection that added it
+        self._outboxes: dict[Frames, list[TokenOutput | RequestFailed]] = {}
         self._flush_pending = False
         self._stats_task: asyncio.Task | None = None
         self._aborts: set[asyncio.Task] = set()
 
     async def start(self) -> dict[str, Any]:
-        await self.engine.start()
-        host = ray.util.get_node_ip_address()
+        async with self._start_lock:
+            if self._server is None:
+                await self.engine.start()
+                host = ray.util.get_node_ip_address()
 
-        def connection() -> Frames:
-            return Frames(self._on_message, self._on_lost, token=self._token, on_proof=self._on_proof)
+                def connection() -> Frames:
+                    return Frames(self._on_message, self._on_lost, token=self._token, on_proof=self._on_proof)
 
-        self._server = await asyncio.get_running_loop().create_server(connection, host, 0)
-        self._stats_task = asyncio.create_task(self._send_stats(), name="msa-engine-core-stats")
+                self._server = await asyncio.get_running_loop().create_server(connection, host, 0)
+                self._stats_task = asyncio.create_task(self._send_stats(), name="msa-engine-core-stats")
         return {
             "max_context_length": self.engine.max_context_length,
             "stats": self.engine.stats(),
-            "address": (host, self._server.sockets[0].getsockname()[1]),
+            "address": self._server.sockets[0].getsockname()[:2],
             "token": self._token,
         }
 
     def _on_proof(self, conn: Frames) -> None:
-        if self._client is None:
-            self._client = conn
-            self._flush()
-        else:
-            conn.close()
+        self._clients.add(conn)
 
     def _on_message(self, conn: Frames, message: Any) -> None:
-        if conn is not self._client:
+        if conn not in self._clients:
             conn.close()
             return
         kind, request_id, *args = message
         if kind == "add":
-            self._add(request_id, *args)
-        elif kind == "abort":
+            self._add(conn, request_id, *args)
+        elif kind == "abort" and self._owners.get(request_id) is conn:
             self._abort(request_id)
 
     def _on_lost(self, conn: Frames, exc: BaseException | None) -> None:
-        if conn is self._client:
-            self._client = None
-            for request_id in self.engine.request_ids():
+        if conn in self._clients:
+            self._clients.discard(conn)
+            self._outboxes.pop(conn, None)
+            for request_id in [r for r, owner in self._owners.items() if owner is conn]:
                 self._abort(request_id)
 
     def _abort(self, request_id: str) -> None:
@@ -178,34 +186,50 @@ class EngineCore:
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    def _add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Start a request; its outputs, or the error that refuses or ends it, go to the outbox."""
+    def _add(
+        self, conn: Frames, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        """Start a request; its outputs, or the error that refuses or ends it, go to ``conn``'s outbox."""
+        open_choices = params.n
 
         def sink(item: TokenOutput | BaseException) -> None:
-            self._post(RequestFailed(request_id, item) if isinstance(item, BaseException) else item)
+            nonlocal open_choices
+            if isinstance(item, BaseException):
+                open_choices = 0
+                item = RequestFailed(request_id, item)
+            elif item.finish_reason is not None:
+                open_choices -= 1
+            if open_choices == 0 and self._owners.get(request_id) is conn:
+                del self._owners[request_id]
+            self._post(conn, item)
 
         try:
             self.engine.add_request(request_id, prompt_token_ids, params, sink)
         except EngineError as e:  # refused (too long, queue full, dead): the caller re-raises it
-            sink(e)
+            self._post(conn, RequestFailed(request_id, e))
+            return
+        self._owners[request_id] = conn
 
-    def _post(self, item: TokenOutput | RequestFailed) -> None:
-        self._outbox.append(item)
-        if not self._flush_pending:  # one message for everything a step posts
+    def _post(self, conn: Frames, item: TokenOutput | RequestFailed) -> None:
+        self._outboxes.setdefault(conn, []).append(item)
+        if not self._flush_pending:  # one message per caller for everything a step posts
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_pending = False
-        if self._client is not None and self._outbox:
-            items, self._outbox = self._outbox, []
-            self._client.send((items, self.engine.stats()))
+        outboxes, self._outboxes = self._outboxes, {}
+        stats = self.engine.stats()
+        for conn, items in outboxes.items():
+            if conn in self._clients:
+                conn.send((items, stats))
 
     async def _send_stats(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL_S)
-            if self._client is not None:
-                self._client.send(([], self.engine.stats()))
+            stats = self.engine.stats()
+            for conn in self._clients:
+                conn.send(([], stats))
 
     async def stats(self) -> EngineStats:
         return self.engine.stats()
@@ -221,22 +245,28 @@ class EngineCore:
             self._stats_task.cancel()
         if self._server is not None:
             self._server.close()
-        if self._client is not None:
-            self._client.close()
+        for conn in list(self._clients):
+            conn.close()
         await self.engine.shutdown()
 
 
 class RemoteEngine:
-    """``Engine`` whose ``MSAEngine`` runs in an ``EngineCore`` actor. ``actor_options`` are the
-    actor's Ray options (``num_cpus``, ``num_gpus``); it is placed on this node when it can be, so
-    the connection stays on the host. Outputs arrive on the connection in this process's event
-    loop and go straight into their requests' queues."""
+    """``Engine`` whose ``MSAEngine`` runs in an ``EngineCore`` actor. Without ``actor`` it starts
+    its own, with the Ray options ``actor_options`` (``num_cpus``, ``num_gpus``), placed on this
+    node when it can be so the connection stays on the host, and stops it on ``shutdown``. With
+    ``actor`` (an ``EngineCore`` actor that others may share) it only connects, and ``shutdown``
+    closes its connection. Outputs arrive on the connection in this process's event loop and go
+    straight into their requests' queues."""
 
-    def __init__(self, config: EngineConfig, actor_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, actor_options: dict[str, Any] | None = None, *, actor: Any = None
+    ) -> None:
         self.config = config
         self.tokenizer = tokenizer_for(config)
         self._options = {"num_cpus": 1, **(actor_options or {})}
-        self._actor: Any = None
+        self._actor: Any = actor
+        self._owns_actor = actor is None
+        self._started = False
         self.address: tuple[str, int] | None = None  # the engine process's end of the connection
         self._conn: Frames | None = None
         self._queues: dict[str, asyncio.Queue] = {}
@@ -251,14 +281,16 @@ class RemoteEngine:
         return self._max_context_length
 
     async def start(self) -> None:
-        if self._actor is not None:
+        if self._started:
             return
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self._actor = (
-            ray.remote(EngineCore)
-            .options(**self._options, scheduling_strategy=here, max_concurrency=1000)
-            .remote(self.config)
-        )
+        self._started = True
+        if self._actor is None:
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+            self._actor = (
+                ray.remote(EngineCore)
+                .options(**self._options, scheduling_strategy=here, max_concurrency=ENGINE_CORE_CONCURRENCY)
+                .remote(self.config)
+            )
         info = await self._actor.start.remote()
         self._max_context_length, self._stats = info["max_context_length"], info["stats"]
         self.address = host, port = info["address"]
@@ -290,7 +322,7 @@ class RemoteEngine:
     def _check_alive(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(str(self._dead))
-        if self._actor is None:
+        if self._conn is None:
             raise EngineError("the engine is not started; await engine.start() first")
 
     async def generate(
@@ -347,7 +379,7 @@ class RemoteEngine:
         self._fail(self._dead or EngineDeadError("the engine was shut down"))
         if self._conn is not None:
             self._conn.close()
-        if self._actor is not None:
+        if self._actor is not None and self._owns_actor:
             with contextlib.suppress(Exception):
                 await self._actor.shutdown.remote()
             ray.kill(self._actor)

@@ -10,7 +10,7 @@ import ray
 
 from msa.cluster.engine import EngineConfig, MSAEngine
 from msa.cluster.protocol import EngineDeadError, RequestTooLongError, SamplingParams
-from msa.cluster.remote import RemoteEngine
+from msa.cluster.remote import ENGINE_CORE_CONCURRENCY, EngineCore, RemoteEngine
 from tests.cluster.conftest import collect, prompt, tokens_of
 
 
@@ -138,3 +138,54 @@ def test_a_lost_connection_aborts_its_requests_in_the_engine_process():
     assert stats.running == 0 and stats.pages_used == [0] and stats.healthy
     assert not healthy
 
+
+
+def test_two_callers_share_one_engine_process():
+    """Two API servers' engines attached to one EngineCore actor: each gets its own requests'
+    outputs, equal to the engine run in this process; neither can abort the other's request; one
+    that goes away has only its own requests aborted; and its shutdown leaves the shared engine up."""
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def main():
+        local = MSAEngine(config())
+        await local.start()
+        want = [tokens_of((await collect(local, f"l{i}", prompt(n, i), greedy))[0])
+                for i, n in enumerate([5, 23, 11, 40])]
+        await local.shutdown()
+        actor = ray.remote(EngineCore).options(max_concurrency=ENGINE_CORE_CONCURRENCY).remote(config())
+        a, b = RemoteEngine(config(), actor=actor), RemoteEngine(config(), actor=actor)
+        await asyncio.gather(a.start(), b.start())
+        try:
+            # Both callers at once: each stream gets its own request's outputs.
+            got = await asyncio.gather(*[collect(engine, f"r{i}", prompt(n, i), greedy) for i, (engine, n)
+                                         in enumerate(zip([a, b, a, b], [5, 23, 11, 40], strict=True))])
+            # A caller's abort of a request id it does not own reaches nobody's request.
+            theirs = a.generate("mine", prompt(9, 1), SamplingParams(max_tokens=12, ignore_eos=True))
+            first = await theirs.__anext__()
+            await b.abort("mine")
+            rest = [out async for out in theirs]
+            # a's connection goes: its request in flight is aborted, b's runs on to its end.
+            orphan = a.generate("orphan", prompt(9, 2), long)
+            await orphan.__anext__()
+            survivor = asyncio.ensure_future(collect(b, "survivor", prompt(9, 3), long))
+            a._conn.close()
+            with pytest.raises(EngineDeadError):
+                async for _ in orphan:
+                    pass
+            survived = await survivor
+            await a.shutdown()  # attached: closes its connection, leaves the engine to b
+            after = await collect(b, "after", prompt(3, 0), greedy)
+            stats = await actor.stats.remote()
+            return want, got, first, rest, survived, after, stats
+        finally:
+            await b.shutdown()
+            ray.kill(actor)
+
+    want, got, first, rest, survived, after, stats = asyncio.run(main())
+    assert [tokens_of(outs[0]) for outs in got] == want
+    assert len(first.token_ids) + sum(len(o.token_ids) for o in rest) == 12
+    assert rest[-1].finish_reason == "length"
+    assert len(tokens_of(survived[0])) == 200 and survived[0][-1].finish_reason == "length"
+    assert len(tokens_of(after[0])) == 6
+    assert stats.running == 0 and stats.pages_used == [0] and stats.healthy
