@@ -17,7 +17,9 @@ way.
 
 The HTTP client is aiohttp, as in vLLM's serving benchmark. By default it connects to the replica's
 own HTTP server (``--ingress replica``: Ray Serve's throughput-optimized direct ingress, as ``msa
-serve`` runs); ``--ingress proxy`` goes through Serve's HTTP proxy instead.
+serve`` runs); ``--ingress proxy`` goes through Serve's HTTP proxy instead. With ``--api-servers N``
+the engine has N API-server replicas, and the client sends its requests to their ports in turn (as
+a load balancer in front of them would).
 
 Every request has a fixed token-id prompt and generates exactly ``--max-tokens`` tokens
 (``ignore_eos``), with ``logprobs=0`` so each token is one streamed chunk on both paths. Before any
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -192,29 +195,39 @@ def engine_path(name: str, engine: MSAEngine, args) -> Route:
                 lambda prompt: engine_greedy_text(engine, prompt, args.max_tokens))
 
 
-async def scrape_step_counters(client: aiohttp.ClientSession) -> dict:
+async def scrape_step_counters(clients: list[aiohttp.ClientSession]) -> dict:
     """The engine's step counters from the server's /metrics (``msa_engine_*_total``), and the sums
-    and counts of the replica's own TTFT and queue-time histograms."""
+    and counts of the replicas' own TTFT and queue-time histograms. API servers have histograms
+    of their own (summed) and the one engine's counters as of the latest message it sent them
+    (the highest are the freshest)."""
     names = {"msa_engine_steps_total": "steps", "msa_engine_step_seconds_total": "step_seconds",
              'msa_engine_tokens_total{kind="decode"': "decode_tokens",
              'msa_engine_tokens_total{kind="prefill"': "prefill_tokens",
              "msa_time_to_first_token_seconds_sum": "ttft_sum", "msa_time_to_first_token_seconds_count":
              "ttft_count", "msa_request_queue_time_seconds_sum": "queue_sum",
              "msa_request_queue_time_seconds_count": "queue_count"}
-    async with client.get("/metrics") as response:
-        text = await response.text()
-    found = {}
-    for line in text.splitlines():
-        for prefix, key in names.items():
-            if line.startswith(prefix):
-                found[key] = float(line.split()[-1])
+    found: dict[str, float] = {}
+    for client in clients:
+        async with client.get("/metrics") as response:
+            text = await response.text()
+        for line in text.splitlines():
+            for prefix, key in names.items():
+                if line.startswith(prefix):
+                    value = float(line.split()[-1])
+                    own = key.startswith(("ttft", "queue"))
+                    found[key] = found.get(key, 0.0) + value if own else max(found.get(key, 0.0), value)
     return found
 
 
-def serve_path(client: aiohttp.ClientSession, model: str, args) -> Route:
-    return Route("serve", lambda rid, prompt: http_stream(client, model, prompt, args),
-                lambda: scrape_step_counters(client),
-                lambda prompt: http_greedy_text(client, model, prompt, args.max_tokens))
+def serve_path(clients: list[aiohttp.ClientSession], model: str, args) -> Route:
+    """Through Serve; with several API servers each request goes to the next one's port."""
+    turn = itertools.count()
+
+    def one_stream(rid: str, prompt: list[int]):
+        return http_stream(clients[next(turn) % len(clients)], model, prompt, args)
+
+    return Route("serve", one_stream, lambda: scrape_step_counters(clients),
+                lambda prompt: http_greedy_text(clients[0], model, prompt, args.max_tokens))
 
 
 def process_cpu_seconds() -> dict[str, float]:
@@ -298,7 +311,8 @@ def init_ray(device: str) -> None:
         ray.init(include_dashboard=False, **({"num_cpus": 4} if local_cpu else {}))
 
 
-def start_serve(config_args: dict) -> tuple[str, str]:
+def start_serve(config_args: dict) -> tuple[list[str], str]:
+    """Serve the app; the base URLs the client sends to (the replicas' own, or the proxy's)."""
     from ray import serve
 
     from msa.serve.app import build_app
@@ -306,9 +320,10 @@ def start_serve(config_args: dict) -> tuple[str, str]:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config_args), name="msa-bench", route_prefix="/")
-    if direct_ingress():  # the replica serves HTTP itself; the client goes there
-        port = replica_http_ports("msa-bench")[0]
-    return f"http://127.0.0.1:{port}", ServeConfig.from_args(config_args).model_name
+    # With direct ingress the replicas serve HTTP themselves; the client goes there.
+    ports = replica_http_ports("msa-bench") if direct_ingress() else [port]
+    return [f"http://127.0.0.1:{p}" for p in ports], ServeConfig.from_args(config_args).model_name
+
 
 
 def compare(engine: dict, served: dict) -> dict:
@@ -323,25 +338,28 @@ def compare(engine: dict, served: dict) -> dict:
 async def open_routes(names: tuple[str, ...], config: ServeConfig, config_args: dict, args):
     """Start the engines behind ``names`` ("engine": the direct one, "serve": the Serve app) and
     yield their routes; stop them on the way out."""
-    engine, client, routes = None, None, []
+    engine, clients, routes = None, [], []
     try:
         if "engine" in names:
             engine = MSAEngine(config.engine_config())
             await engine.start()
             routes.append(engine_path("engine", engine, args))
         if "serve" in names:
-            base_url, served_name = start_serve(config_args)
-            client = aiohttp.ClientSession(
-                base_url=base_url,
-                timeout=aiohttp.ClientTimeout(total=600),
-                connector=aiohttp.TCPConnector(limit=max(args.concurrency) + 4),
-            )
-            routes.append(serve_path(client, served_name, args))
+            base_urls, served_name = start_serve(config_args)
+            clients = [
+                aiohttp.ClientSession(
+                    base_url=base_url,
+                    timeout=aiohttp.ClientTimeout(total=600),
+                    connector=aiohttp.TCPConnector(limit=max(args.concurrency) + 4),
+                )
+                for base_url in base_urls
+            ]
+            routes.append(serve_path(clients, served_name, args))
         yield routes
     finally:
         if engine is not None:
             await engine.shutdown()
-        if client is not None:
+        for client in clients:
             await client.close()
         if "serve" in names:
             from ray import serve
@@ -393,6 +411,8 @@ def main() -> int:
     p.add_argument("--ingress", choices=("replica", "proxy"), default="replica",
                    help="where the client connects: the replica's own HTTP server (Ray Serve's "
                         "throughput-optimized direct ingress, as `msa serve` runs) or Serve's HTTP proxy")
+    p.add_argument("--api-servers", type=int, default=1,
+                   help="API-server replicas of Serve's engine (msa serve --api-servers)")
     p.add_argument("--engine-cpus", type=float, default=None,
                    help="CPUs (Ray resources, and so torch threads) of Serve's engine process or replica")
     p.add_argument("--out", type=Path, default=None,
@@ -407,6 +427,8 @@ def main() -> int:
                    # engines of all paths hold the GPU together.
                    "num_pages": args.num_pages or (1024 if device == "cuda" else 4096)}
     config_args["engine"] = {}
+    if args.api_servers > 1:
+        config_args["api_servers"] = args.api_servers
     if device == "cuda":
         config_args["engine"]["random_init"] = "device"  # a preset's weights drawn on the GPU
     if args.engine_process != "auto":
@@ -421,7 +443,8 @@ def main() -> int:
     config = ServeConfig.from_args(config_args)
 
     if args.ingress == "replica" and not os.environ.get("RAY_ADDRESS"):
-        os.environ.update(replica_ingress_env(free_port(), 1))
+        replicas = config.deployment_replicas
+        os.environ.update(replica_ingress_env(free_port(count=replicas), replicas))
     load = {"before": os.getloadavg()[0]}
     init_ray(device)
     runs, texts = asyncio.run(bench(config, config_args, args))
@@ -439,6 +462,7 @@ def main() -> int:
         else "Serve's HTTP proxy",
         "serve_engine": "its own Ray actor process (RemoteEngine)" if config.runs_engine_process
         else "in the replica's process",
+        "api_servers": config.api_servers,
         "numbers": f"{device.upper()} numbers" + (" (tiny preset, random weights; not GPU performance)"
                                                   if device == "cpu" else ""),
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

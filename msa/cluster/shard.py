@@ -64,11 +64,20 @@ class ShardSpec:
     cuda_graph_max_tokens: int = 0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port on ``host`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A TCP port on ``host`` that nothing listens on right now; with ``count``, the first of that
+    many consecutive ones."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            first = s.getsockname()[1]
+        try:
+            for port in range(first + 1, first + count):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                    s.bind((host, port))
+            return first
+        except OSError:  # one of the next ones is taken (or past 65535): another start
+            continue
 
 
 class ModelShard:

@@ -44,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--num-replicas", type=int, default=1, help="engine replicas (default: 1)")
     p.add_argument(
+        "--api-servers",
+        type=int,
+        default=1,
+        help="HTTP server processes for the one engine, so many requests at once are parsed and "
+        "streamed on several cores (as vLLM's --api-server-count); with replica ingress they listen "
+        "on PORT, PORT+1, ..., for a load balancer in front (default: 1)",
+    )
+    p.add_argument(
         "--ingress",
         choices=("replica", "proxy"),
         default=None,
@@ -89,6 +97,7 @@ def app_args(args: argparse.Namespace) -> dict[str, Any]:
         "api_key": args.api_key,
         "served_model_name": args.served_model_name,
         "num_replicas": args.num_replicas,
+        "api_servers": args.api_servers,
         "max_waiting": args.max_waiting,
         "max_num_seqs": args.max_num_seqs,
         "num_pages": args.num_pages,
@@ -119,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
                 "its nodes started with (RAY_SERVE_THROUGHPUT_OPTIMIZED=1 there gives replica ingress)"
             )
         # Read by Ray Serve's processes when they start: set before Ray starts.
-        os.environ.update(replica_ingress_env(args.port, args.num_replicas))
+        os.environ.update(replica_ingress_env(args.port, config.deployment_replicas))
         proxy_port = free_port(args.host)  # Serve still runs its proxy; the replicas take PORT
 
     import ray

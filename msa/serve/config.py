@@ -28,7 +28,10 @@ class ServeConfig:
     then only serves HTTP (as vLLM separates its API server from its engine core); off, they share
     the replica's process. Unset: on for GPU engines (their host threads then never wait on the
     HTTP work), off on CPU (where the engine needs those cores itself). ``replica_num_cpus``: the
-    CPUs reserved for the engine's process."""
+    CPUs reserved for the engine's process. ``api_servers``: replicas that serve HTTP for one
+    engine, each in its own process (as vLLM's ``--api-server-count``), so the parsing, validation
+    and streaming of many requests at once spread over that many cores; above 1 the engine runs in
+    a Serve deployment-scoped actor that they share, and ``num_replicas`` must be 1."""
 
     model: str = "tiny"
     tp: int = 1
@@ -41,6 +44,7 @@ class ServeConfig:
     num_pages: int | None = None
     max_num_seqs: int = 64
     num_replicas: int = 1
+    api_servers: int = 1
     max_ongoing_requests: int = 1024
     replica_num_cpus: float = 1.0
     engine_process: bool | None = None
@@ -56,13 +60,30 @@ class ServeConfig:
             f"a preset ({presets}) or a checkpoint directory",
             self.model,
         )
-        for name in ("tp", "sp", "max_waiting", "max_num_seqs", "num_replicas", "max_ongoing_requests"):
+        for name in (
+            "tp",
+            "sp",
+            "max_waiting",
+            "max_num_seqs",
+            "num_replicas",
+            "api_servers",
+            "max_ongoing_requests",
+        ):
             value = getattr(self, name)
             _check(isinstance(value, int) and value >= 1, name, "an integer >= 1", value)
         _check(self.device in (None, "cpu", "cuda"), "device", "'cpu', 'cuda' or unset", self.device)
         _check(
             self.api_key is None or bool(self.api_key), "api_key", "a non-empty string or unset", self.api_key
         )
+        if self.api_servers > 1:
+            shared = "api_servers > 1 (they share one engine)"
+            _check(self.num_replicas == 1, "num_replicas", f"1 with {shared}", self.num_replicas)
+            _check(
+                self.engine_process is not False,
+                "engine_process",
+                f"on or unset with {shared}",
+                self.engine_process,
+            )
         _check(self.replica_num_cpus >= 0, "replica_num_cpus", ">= 0", self.replica_num_cpus)
         known = {f.name for f in dataclasses.fields(EngineConfig)}
         unknown = sorted(set(self.engine) - known)
@@ -110,7 +131,19 @@ class ServeConfig:
 
     @property
     def runs_engine_process(self) -> bool:
+        if self.shares_engine:
+            return True
         return self.engine_process if self.engine_process is not None else self.device == "cuda"
+
+    @property
+    def shares_engine(self) -> bool:
+        """Whether the replicas are API servers of one engine (a deployment-scoped actor)."""
+        return self.api_servers > 1
+
+    @property
+    def deployment_replicas(self) -> int:
+        """Replicas of the Serve deployment: one per engine, or the API servers of the one engine."""
+        return self.api_servers if self.shares_engine else self.num_replicas
 
     def replica_actor_options(self) -> dict[str, Any]:
         """With ``engine_process`` the replica only serves HTTP and its engine runs in an actor of

@@ -27,7 +27,8 @@ def test_flags_become_build_app_args():
     args = parse(["serve", "--model", "m3_proxy", "--tp", "2", "--sp", "4", "--port", "9000",
                   "--api-key", "k", "--served-model-name", "m3"])
     assert app_args(args) == {"model": "m3_proxy", "tp": 2, "sp": 4, "api_key": "k",
-                              "served_model_name": "m3", "num_replicas": 1, "max_waiting": 1024,
+                              "served_model_name": "m3", "num_replicas": 1, "api_servers": 1,
+                              "max_waiting": 1024,
                               "max_num_seqs": 64}
     assert (args.host, args.port, args.command) == ("127.0.0.1", 9000, "serve")
 
@@ -53,6 +54,20 @@ def test_replica_ingress_needs_a_ray_started_here(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")  # never reached: refused before Ray starts
     with pytest.raises(ConfigError, match="--ingress replica needs a Ray started here"):
         run_serve(parse(["serve", "--ingress", "replica"]))
+
+
+def test_free_port_gives_a_run_of_free_ports_for_the_api_servers():
+    import socket
+
+    first = free_port(count=3)
+    held = []
+    try:
+        for port in range(first, first + 3):  # each binds: nothing listens on any of them
+            held.append(socket.socket())
+            held[-1].bind(("127.0.0.1", port))
+    finally:
+        for s in held:
+            s.close()
 
 
 def test_replica_ingress_pins_the_replicas_ports():

@@ -41,7 +41,19 @@ def test_engine_passthrough_and_names():
     assert engine.max_num_batched_tokens == 8192 and engine.gpu_memory_utilization == 0.8
 
 
+def test_api_servers_share_one_engine_in_its_own_process():
+    shared = ServeConfig(api_servers=4).resolved(cluster_gpus=0)
+    assert shared.shares_engine and shared.runs_engine_process  # even on CPU: it is the shared actor
+    assert shared.deployment_replicas == 4
+    assert shared.replica_actor_options() == {"num_cpus": 1, "num_gpus": 0}
+    engines = ServeConfig(num_replicas=3).resolved(cluster_gpus=0)
+    assert not engines.shares_engine and engines.deployment_replicas == 3
+
+
 @pytest.mark.parametrize("args, field", [
+    ({"api_servers": 0}, "api_servers"),
+    ({"api_servers": 2, "num_replicas": 2}, "num_replicas"),
+    ({"api_servers": 2, "engine_process": False}, "engine_process"),
     ({"model": "giant"}, "model"),
     ({"tp": 0}, "tp"),
     ({"max_waiting": -1}, "max_waiting"),

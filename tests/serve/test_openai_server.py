@@ -201,18 +201,33 @@ def test_sequence_sharded_replica_through_serve(base_url):
         serve.delete("msa-sp2")
 
 
-def test_engine_in_its_own_process_through_serve(base_url):
+@pytest.mark.parametrize("api_servers", [1, 2], ids=["own-engine-actor", "two-api-servers-share-one"])
+def test_engine_in_its_own_process_through_serve(base_url, api_servers):
     """engine_process on: the engine runs in an actor beside the replica (RemoteEngine); streaming,
-    usage and a disconnect that frees the pages work the same."""
+    usage and a disconnect that frees the pages work the same. With two API servers both replicas
+    serve, over one engine: Serve's deployment-scoped actor, the app's only named actor besides
+    the replicas."""
     serve.run(build_app({"model": "tiny", "num_pages": 256, "served_model_name": "tiny-proc",
-                         "api_key": API_KEY, "engine_process": True}), name="msa-proc", route_prefix="/proc")
+                         "api_key": API_KEY, "engine_process": True, "api_servers": api_servers,
+                         "replica_num_cpus": 0.5}), name="msa-proc", route_prefix="/proc")
     try:
+        replicas = serve.status().applications["msa-proc"].deployments["MSAOpenAIServer"].replica_states
+        assert replicas == {"RUNNING": api_servers}
+        named = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if "msa-proc" in a["name"] and not a["name"].startswith("SERVE_REPLICA")]
+        assert len(named) == (api_servers > 1)
         url = f"{base_url}/proc"
         own = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
         chunks = list(own.chat.completions.create(model="tiny-proc", messages=USER, max_tokens=5,
                                                      stream=True, stream_options={"include_usage": True}))
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-1].usage.completion_tokens == 5
+        # Concurrent requests spread over the API servers; each gets its own whole answer.
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda seed: own.completions.create(
+                model="tiny-proc", prompt=f"story {seed}", max_tokens=7, seed=seed), range(6)))
+        assert [a.usage.completion_tokens for a in answers] == [7] * 6
+        assert len({a.id for a in answers}) == 6
         body = {"model": "tiny-proc", "messages": USER, "max_tokens": 2000, "ignore_eos": True,
                 "stream": True}
         headers = {"Authorization": f"Bearer {API_KEY}"}
