@@ -13,6 +13,9 @@ from msa.platform.config import PRESETS, ConfigError
 
 # On CPU the KV cache is sized by pages; this holds 4096 tokens of the tiny model (4-token blocks).
 DEFAULT_CPU_PAGES = 1024
+# Tokens one engine step may carry (``max_num_batched_tokens``) unless ``engine`` sets it: vLLM's
+# OpenAI-server defaults, 8192 on 80 GB-class GPUs (H100, H200) and 2048 elsewhere.
+DEFAULT_STEP_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
 def _check(ok: bool, name: str, allowed: str, value: object) -> None:
@@ -120,7 +123,7 @@ class ServeConfig:
             "dtype": self.dtype or ("bfloat16" if device == "cuda" else "float32"),
             "max_num_seqs": self.max_num_seqs,
             "max_waiting": self.max_waiting,
-            "max_num_batched_tokens": max(2048, self.max_num_seqs),
+            "max_num_batched_tokens": max(DEFAULT_STEP_TOKENS[device], self.max_num_seqs),
             "num_pages": self.num_pages,
         }
         fields.update(self.engine)

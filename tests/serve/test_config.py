@@ -11,6 +11,7 @@ def test_defaults_serve_the_tiny_preset_on_cpu():
     engine = config.engine_config()
     assert (config.model_name, engine.device, engine.dtype, engine.num_pages) == \
         ("tiny", "cpu", "float32", DEFAULT_CPU_PAGES)
+    assert engine.max_num_batched_tokens == 2048
     # A CPU engine shares the replica's process (it needs the cores); asked for, it gets its own.
     assert config.replica_actor_options() == {"num_cpus": 1.0, "num_gpus": 0}
     own = ServeConfig(engine_process=True).resolved(cluster_gpus=0)
@@ -21,6 +22,7 @@ def test_defaults_serve_the_tiny_preset_on_cpu():
 def test_gpu_cluster_single_shard_engine_holds_the_gpu_and_sharded_one_does_not():
     single = ServeConfig(model="m3_proxy").resolved(cluster_gpus=8)
     assert single.runs_engine_process  # a GPU engine runs in a process of its own
+    assert single.engine_config().max_num_batched_tokens == 8192  # vLLM's OpenAI server on an H100
     assert single.engine_config().device == "cuda" and single.engine_config().dtype == "bfloat16"
     assert single.engine_actor_options()["num_gpus"] == 1
     assert single.replica_actor_options()["num_gpus"] == 0
