@@ -325,7 +325,6 @@ def start_serve(config_args: dict) -> tuple[list[str], str]:
     return [f"http://127.0.0.1:{p}" for p in ports], ServeConfig.from_args(config_args).model_name
 
 
-
 def compare(engine: dict, served: dict) -> dict:
     added = served["ttft_ms_median"] - engine["ttft_ms_median"]
     loss = 1.0 - served["output_tokens_per_s"] / engine["output_tokens_per_s"]
@@ -471,6 +470,7 @@ def main() -> int:
                     # 1-minute load average: other work on the machine skews every path's numbers.
                     "load_average_1m": load},
         "config": {**config_args, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
+                   "max_num_batched_tokens": config.engine_config().max_num_batched_tokens,
                    "requests_per_stream": args.requests_per_stream, "rounds": args.rounds},
         "targets": {"ttft_ms_added_median_max": TTFT_BUDGET_MS,
                     "throughput_loss_max": THROUGHPUT_LOSS_BUDGET},
