@@ -32,6 +32,7 @@ from msa.kernels.indexer.reference import select_blocks_reference  # noqa: E402
 from msa.kernels.indexer.triton import select_blocks_triton  # noqa: E402
 from msa.kernels.merge.reference import merge_attention_states_reference  # noqa: E402
 from msa.kernels.merge.triton import merge_attention_states_triton  # noqa: E402
+from msa.kernels.sparse_attention import triton as sparse_triton  # noqa: E402
 from msa.kernels.sparse_attention.reference import paged_attention_reference  # noqa: E402
 from msa.kernels.sparse_attention.triton import sparse_attention_triton  # noqa: E402
 
@@ -431,7 +432,7 @@ def sweep(part: str) -> None:
     for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
     shapes = ((2048, 1), (8192, 1), (32768, 1), (131072, 1), (1048576, 1), (131072, 8))
-    for L, B in shapes if part != "prefill" else ():
+    for L, B in shapes if part not in ("prefill", "prefill-index") else ():
         if part == "select" and L < 8192:
             continue
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
@@ -439,9 +440,11 @@ def sweep(part: str) -> None:
                 continue
             sweep_decode(L, B, dt)
             torch.cuda.empty_cache()
-    for smooth in (False, True) if part != "decode" else ():
+    for smooth in (False, True) if part not in ("decode", "prefill-index") else ():
         sweep_prefill(smooth)
         torch.cuda.empty_cache()
+    if part in ("all", "prefill", "prefill-index"):
+        sweep_prefill_index()
 
 
 def kernel_breakdown(tag: str, fn, reps: int = 20) -> None:
@@ -461,16 +464,54 @@ def kernel_breakdown(tag: str, fn, reps: int = 20) -> None:
             print(f"{tag} kernel {ev.key[:70]}: {ev.count // reps} x {us:.1f} us", flush=True)
 
 
+def tile_unions(ids: torch.Tensor, tile: int) -> torch.Tensor:
+    """Distinct blocks selected by each tile of ``tile`` consecutive tokens, per KV group."""
+    T, G, K = ids.shape
+    x = ids[: T // tile * tile].view(T // tile, tile, G, K).permute(0, 2, 1, 3).reshape(-1, tile * K)
+    x = x.sort(1).values
+    return ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] >= 0)).sum(1) + (x[:, 0] >= 0)
+
+
 def sweep_prefill(smooth: bool) -> None:
     p = paged_problem(1, 131072, 8192, torch.bfloat16, smooth=smooth)
     a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=8192)
     kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
+    tag = f"prefill chunk smooth={smooth}"
+    for tile in (4, 8, 16):
+        u = tile_unions(ids, tile).float()
+        print(f"{tag} union of {tile}-token tiles: mean {u.mean():.1f}, median {u.median():.0f} blocks")
     for bt in (1, 2, 4, 8):
         t = event_time_ms(
             lambda bt=bt: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, block_t=bt), 3
         )
-        print(f"prefill chunk smooth={smooth} attention block_t={bt}: {t:.2f} ms", flush=True)
+        print(f"{tag} attention block_t={bt}: {t:.2f} ms", flush=True)
+    for tile, share, stages, warps in (
+        (8, 1 / 3, None, None),
+        (8, 1 / 3, 1, None),
+        (8, 1 / 3, 3, None),
+        (8, 1 / 2, None, None),
+        (8, 1 / 4, None, None),
+        (4, 1 / 3, None, None),
+        (8, 1 / 3, None, 4),
+    ):
+        sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
+        try:
+            t = event_time_ms(
+                lambda s=stages, w=warps: sparse_attention_triton(
+                    *kv, scale=SCALE, max_q_len=8192, num_stages=s, num_warps=w
+                ),
+                3,
+            )
+        except Exception as e:  # e.g. out of shared memory
+            t = float("nan")
+            print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
+        print(
+            f"{tag} attention shared tile={tile} crowded share={share:.2f} stages={stages} warps={warps}: "
+            f"{t:.2f} ms",
+            flush=True,
+        )
+    sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = 8, 1 / 3
     for bt, cb, nw in (
         (None, None, None),
         (32, None, None),
@@ -485,9 +526,29 @@ def sweep_prefill(smooth: bool) -> None:
             ),
             3,
         )
-        print(
-            f"prefill chunk smooth={smooth} index block_t={bt} chunk={cb} warps={nw}: {t:.2f} ms", flush=True
-        )
+        print(f"{tag} index block_t={bt} chunk={cb} warps={nw}: {t:.2f} ms", flush=True)
+
+
+def sweep_prefill_index() -> None:
+    """The prefill index over the last 8K-token chunk of 16K, 128K and 1M tokens, per chunk size
+    (blocks per program) and pipeline depth."""
+    for L in (16384, 131072, 1048576):
+        p = paged_problem(1, L, 8192, torch.bfloat16)
+        a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+        for cb, ns in ((None, None), (32, None), (16, None), (8, None), (16, 3), (16, 4), (16, 2)):
+            try:
+                t = event_time_ms(
+                    lambda a=a, cb=cb, ns=ns: select_blocks_triton(
+                        *a, topk=TOPK, max_q_len=8192, chunk_blocks=cb, num_stages=ns
+                    ),
+                    3,
+                )
+            except Exception as e:  # e.g. out of shared memory
+                t = float("nan")
+                print(f"{type(e).__name__}: {str(e)[:100]}")
+            print(f"prefill index L={L} chunk={cb} stages={ns}: {t:.2f} ms", flush=True)
+        del p
+        torch.cuda.empty_cache()
 
 
 def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
@@ -546,8 +607,9 @@ def main() -> None:
         "--sweep",
         nargs="?",
         const="all",
-        choices=["all", "decode", "prefill", "select"],
-        help="tuning sweep only (select: block selection, decode and prefill)",
+        choices=["all", "decode", "prefill", "prefill-index", "select"],
+        help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
+        "prefill index alone)",
     )
     args = ap.parse_args()
     if args.sweep:

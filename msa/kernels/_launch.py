@@ -13,6 +13,20 @@ def next_pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, int(n)))
 
 
+def next_pow4(n: int) -> int:
+    """The smallest power of four >= ``n`` (1 for n <= 1)."""
+    p = 1
+    while p < n:
+        p *= 4
+    return p
+
+
+def splits_bucket(n: int) -> int:
+    """The unrolled width of a split-K combine over ``n`` splits: a power of two, at least 8 once
+    there is anything to combine, so few split counts each compile their own kernel."""
+    return 1 if n <= 1 else max(8, next_pow2(n))
+
+
 @functools.lru_cache(maxsize=8)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -25,6 +25,7 @@ from msa.kernels._launch import (
     check_last_dim_contiguous,
     max_query_len,
     next_pow2,
+    next_pow4,
     num_sms,
     pdl,
     tickets,
@@ -69,7 +70,7 @@ def _take_top(keys, K: tl.constexpr, K_P: tl.constexpr):
     return tl.topk(keys, K_P)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_seq", "table_width", "stride_bt", "stride_ct", "stride_cg"])
 def _score_chunk_topk_kernel(
     iq_ptr,
     ik_ptr,
@@ -251,7 +252,7 @@ def _store_selection(chosen, ids_ptrs, scores_ptrs, row_ok, TOPK: tl.constexpr, 
     tl.store(scores_ptrs[:, None] + slot, score, mask=keep)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_cand", "stride_ct", "stride_cg", "stride_pt", "stride_pg"])
 def _merge_candidates_kernel(
     cand_ptr,
     partial_ptr,
@@ -341,7 +342,9 @@ def launch_chunk_scores(
     B = seq_lens.shape[0]
     gp = next_pow2(G)
     if block_t is None:
-        block_t = min(next_pow2(longest), max(1, 256 // gp))
+        # Powers of four (1, 4, 16, 64 tokens ...), up to 256 rows: few tile sizes, so few
+        # specializations to compile, at the price of some masked rows for 5-8 or 17-32 queries.
+        block_t = min(next_pow4(longest), max(1, 256 // gp))
     block_t = max(block_t, triton.cdiv(16, gp))  # tl.dot needs M >= 16
     tiles = triton.cdiv(longest, block_t)
     n_blocks = max(1, block_table.shape[1])
@@ -368,8 +371,9 @@ def launch_chunk_scores(
         ids = torch.empty(T, G, topk, dtype=torch.int32, device=index_q.device)
         scores = torch.empty(T, G, topk, dtype=torch.float32, device=index_q.device)
         ticket_buf = tickets(index_q.device, B)
-    else:
-        ids, scores, ticket_buf = cand, cand, cand  # unused
+    else:  # unused; fixed strides, so their values do not pick a specialization
+        ids, scores, ticket_buf = cand, cand, cand
+    out_strides = (ids.stride(0), ids.stride(1), scores.stride(0), scores.stride(1)) if select else (0,) * 4
     early = pdl(index_q.device)
     _score_chunk_topk_kernel[(B * tiles, n_chunks)](
         index_q,
@@ -394,10 +398,7 @@ def launch_chunk_scores(
         cand.stride(0),
         cand.stride(1),
         cand.stride(2),
-        ids.stride(0),
-        ids.stride(1),
-        scores.stride(0),
-        scores.stride(1),
+        *out_strides,
         G=G,
         GP=gp,
         BLOCK_T=block_t,
@@ -413,7 +414,7 @@ def launch_chunk_scores(
         SELECT=select,
         TOPK=topk,
         TOPK_P=next_pow2(topk),
-        N_CAND_P=max(next_pow2(n_cand), next_pow2(topk)),
+        N_CAND_P=max(next_pow2(n_cand), next_pow2(topk)) if select else 1,
         PDL=early,
         num_warps=num_warps or (4 if rows * nb <= 64 else 8),
         num_stages=num_stages or stages,

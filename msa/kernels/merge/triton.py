@@ -9,7 +9,7 @@ import triton.language as tl
 from msa.kernels._launch import check_last_dim_contiguous, next_pow2
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_or", "stride_lr"])
 def _merge_states_kernel(
     outs_ptr,
     lses_ptr,

@@ -23,6 +23,7 @@ from msa.kernels._launch import (
     next_pow2,
     num_sms,
     pdl,
+    splits_bucket,
     tickets,
 )
 
@@ -80,7 +81,7 @@ def _combine_last(
         tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_slots", "table_width", "stride_bt", "stride_ls"])
 def _decode_kernel(
     q_ptr,
     k_ptr,
@@ -97,6 +98,7 @@ def _decode_kernel(
     shard_rank,
     shard_world,
     table_width,
+    n_slots,
     stride_qt,
     stride_qh,
     stride_kp,
@@ -120,7 +122,6 @@ def _decode_kernel(
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    TOPK: tl.constexpr,
     PER_SPLIT: tl.constexpr,
     SPARSE: tl.constexpr,
     IEEE: tl.constexpr,
@@ -151,20 +152,20 @@ def _decode_kernel(
             # A narrow block table comes whole, read beside the selection instead of after it.
             cols = tl.arange(0, TABLE_P)
             table = tl.load(row + cols, mask=cols < table_width, other=0)
-        blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < TOPK, other=-1)
+        blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < n_slots, other=-1)
         mine = (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
         local = (blk - shard_rank) // shard_world
         if TABLE_P > 0:
             page = tl.sum(tl.where(cols[None, :] == local[:, None], table[None, :], 0), 1).to(tl.int64)
         else:
             page = tl.load(row + local, mask=mine, other=0).to(tl.int64)
-    else:  # the slots are this shard's blocks in order (TOPK: the block table's width)
+    else:  # the slots are this shard's blocks in order (n_slots: the block table's width)
         local = slot
         blk = shard_rank + slot * shard_world
         # Masked by the table's width, so the read need not wait for seq_len (a page past the
         # sequence only addresses loads that `live` turns off).
-        page = tl.load(row + local, mask=slot < TOPK, other=0).to(tl.int64)
-        mine = (slot < TOPK) & (blk * BLOCK_SIZE < seq_len)
+        page = tl.load(row + local, mask=slot < n_slots, other=0).to(tl.int64)
+        mine = (slot < n_slots) & (blk * BLOCK_SIZE < seq_len)
     q = tl.load(
         q_ptr + b * stride_qt + head[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0
     )
@@ -227,7 +228,9 @@ def _decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["tiles_per_seq", "union_max", "shared_tiles_per_seq", "stride_bt", "stride_ls"]
+)
 def _paged_attention_kernel(
     q_ptr,
     k_ptr,
@@ -241,6 +244,7 @@ def _paged_attention_kernel(
     final_out_ptr,
     final_lse_ptr,
     tickets_ptr,
+    plan_ptr,
     qk_scale,
     shard_rank,
     shard_world,
@@ -344,10 +348,16 @@ def _paged_attention_kernel(
             tl.store(crowded_ptr + pid * tl.num_programs(1) + g, crowded.to(tl.int8))
             if crowded:
                 return
-        # Every page of the union up front, so no block waits on a block-table read.
+        # Every page of the union up front, so no block waits on a block-table read. The union,
+        # in ascending order, goes to this program's row of ``plan``: the loop then reads each
+        # block's id and page as two scalars instead of reducing over the whole tile per block.
         pages = tl.load(
             block_table_ptr + b * stride_bt + (cand - shard_rank) // shard_world, mask=first, other=0
         )
+        plan = plan_ptr + ((pid * tl.num_programs(1) + g) * tl.num_programs(2) + split) * (2 * N)
+        tl.store(plan + rank, cand, mask=first)
+        tl.store(plan + N + rank, pages, mask=first)
+        tl.debug_barrier()  # the whole plan is written before any thread reads it
     else:
         last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
         n_global = last_qpos // BLOCK_SIZE + 1
@@ -358,8 +368,8 @@ def _paged_attention_kernel(
     acc = tl.zeros([M, HEAD_DIM], tl.float32)
     for it in range(split, n_iter, num_splits):
         if SPARSE:
-            blk = tl.min(tl.where(rank == it, cand, 1073741824), 0)
-            page = tl.sum(tl.where(rank == it, pages, 0), 0).to(tl.int64)
+            blk = tl.load(plan + it)
+            page = tl.load(plan + N + it).to(tl.int64)
             visible = tl.sum((row_ids == blk).to(tl.int32), 1) > 0  # [M]
         else:
             blk = shard_rank + it * shard_world
@@ -468,6 +478,9 @@ _DENSE_DECODE_BLOCKS = 32
 # paid at 64 blocks and cost time at 256).
 _WHOLE_TABLE_BLOCKS = 64
 _SHARED_TILE = 8  # tokens (times the minimum tile) of a shared first-pass tile in sparse prefill
+# A shared tile is crowded (its tokens go one by one) when its union of blocks exceeds this share
+# of its tokens' selections.
+_CROWDED_SHARE = 1 / 3
 _ADAPTIVE_MIN_TOKENS = 64
 
 
@@ -541,6 +554,7 @@ def _launch_decode(
         shard_rank,
         shard_world,
         block_table.shape[1],
+        topk,
         *_input_strides(q, k_cache, v_cache, block_table),
         stride_it,
         stride_ig,
@@ -549,14 +563,15 @@ def _launch_decode(
         ROWS=rows,
         HEAD_DIM=D,
         BLOCK_SIZE=k_cache.shape[1],
-        TOPK=topk,
         PER_SPLIT=per_split,
         SPARSE=block_ids is not None,
         IEEE=q.dtype == torch.float32,
         COMBINE=splits > 1,
-        SPLITS_P=next_pow2(splits),
+        SPLITS_P=splits_bucket(splits),
         PDL=early,
-        TABLE_P=next_pow2(block_table.shape[1]) if block_table.shape[1] <= _WHOLE_TABLE_BLOCKS else 0,
+        TABLE_P=_WHOLE_TABLE_BLOCKS
+        if block_ids is not None and block_table.shape[1] <= _WHOLE_TABLE_BLOCKS
+        else 0,
         # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
         num_warps=num_warps or (8 if B * H_kv * splits <= num_sms(q.device) else 4),
         launch_pdl=early,
@@ -668,6 +683,11 @@ def launch_paged_attention(
             out,
             lse,
             ticket_buf,
+            torch.empty(
+                B * n_tiles * H_kv * num_splits * 2 * tile_t * topk_p, dtype=torch.int32, device=q.device
+            )
+            if sparse
+            else lse,
             scale * _LOG2E,
             shard_rank,
             shard_world,
@@ -690,7 +710,7 @@ def launch_paged_attention(
             SPARSE=sparse,
             IEEE=q.dtype == torch.float32,
             COMBINE=num_splits > 1,
-            SPLITS_P=next_pow2(num_splits),
+            SPLITS_P=splits_bucket(num_splits),
             ADAPT=adapt,
             SHARED_T=shared_t,
             num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
@@ -703,9 +723,9 @@ def launch_paged_attention(
     shared_t = _SHARED_TILE * block_t
     shared_tiles = triton.cdiv(longest, shared_t)
     crowded = torch.empty(B * shared_tiles * H_kv, dtype=torch.int8, device=q.device)
-    # Sharing pays while the union is under a third of the tile's selections (on this shard):
-    # a pass over one block with the whole tile's rows costs about 2.5 single-token passes.
-    union_max = shared_t * topk // (3 * shard_world)
+    # Sharing pays while the union is under _CROWDED_SHARE of the tile's selections (on this
+    # shard): a pass over one block with the whole tile's rows costs a few single-token passes.
+    union_max = int(shared_t * topk * _CROWDED_SHARE) // shard_world
     launch(shared_t, shared_tiles, 1, crowded, union_max, shared_t, shared_tiles)
     launch(block_t, tiles, 2, crowded, union_max, shared_t, shared_tiles)
     return out, lse
