@@ -149,8 +149,21 @@ class StepInputBuilder:
         return width
 
 
+# Each uploaded array starts on a 16-byte boundary of the shared buffer. Triton compiles a kernel
+# per alignment of its pointer arguments, so an offset that shifted with the step's sizes would
+# make the same kernel compile again mid-serving (and the warm-up's copies would not match).
+_UPLOAD_ALIGN = 16
+
+
 def _upload(parts: list, dtype: type, device: torch.device) -> list[torch.Tensor]:
-    """Concatenate host arrays (or int lists), copy them to ``device`` at once, split them again."""
+    """Concatenate host arrays (or int lists), copy them to ``device`` at once, split them again;
+    every array starts 16-byte aligned."""
     arrays = [np.asarray(p, dtype=dtype).ravel() for p in parts]
-    whole = to_device(np.concatenate(arrays), device)
-    return list(torch.split(whole, [a.size for a in arrays]))
+    step = _UPLOAD_ALIGN // np.dtype(dtype).itemsize
+    spans = [-(-a.size // step) * step for a in arrays]
+    whole = np.zeros(sum(spans), dtype=dtype)
+    starts = np.cumsum([0, *spans[:-1]])
+    for start, a in zip(starts, arrays, strict=True):
+        whole[start : start + a.size] = a
+    device_whole = to_device(whole, device)
+    return [device_whole[start : start + a.size] for start, a in zip(starts, arrays, strict=True)]

@@ -30,6 +30,9 @@ def check_step(plan: StepPlan, builders: list[StepInputBuilder], seqs: dict[int,
         b, w = got.batch, want
         for name in ("positions", "cu_seqlens_q", "seq_lens", "slot_mapping"):
             assert torch.equal(getattr(b, name), getattr(w, name)), name
+            # Uploaded together, each starts 16-byte aligned (one Triton specialization per kernel).
+            t = getattr(b, name)
+            assert t.storage_offset() * t.element_size() % 16 == 0, name
         # Columns: the blocks this step's lengths reach here (a prefill chunk's sequence may already
         # hold pages for the rest of its prompt); entries past them are never read.
         needed = [blocks_on_shard(-(-n // BLOCK), rank, len(builders)) for n in w.seq_lens.tolist()]
