@@ -40,6 +40,7 @@ def shard_spec(config: EngineConfig, rank: int) -> ShardSpec:
         collective_timeout_s=config.step_timeout_s,
         random_init=config.random_init,
         cuda_graph_max_tokens=config.graph_tokens,
+        max_num_seqs=config.max_num_seqs,
     )
 
 

@@ -37,6 +37,8 @@ from msa.cluster.weights import (
     raise_on_mismatch,
     unpack_bucket,
 )
+from msa.kernels.warmup import warm_up_attention
+from msa.model.attention import Attention
 from msa.model.graphs import PiecewiseForward, capture_sizes, uncapturable_reason
 from msa.model.kv_cache import PagedKVCache, cache_free_batch
 from msa.platform.config import ModelConfig
@@ -62,6 +64,7 @@ class ShardSpec:
     collective_timeout_s: float
     random_init: str = "cpu"
     cuda_graph_max_tokens: int = 0
+    max_num_seqs: int = 64
 
 
 def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
@@ -166,6 +169,7 @@ class ModelShard:
         self._inputs = StepInputBuilder(self.device, self.cache.block_size, g.sp_rank, g.sp)
         self._context_parallel = ContextParallelGroup(g.cp_group, g.sp) if g.sp > 1 else None
         self._pieces = self._capture_graphs()
+        self._warm_up_kernels()
 
     def _capture_graphs(self) -> PiecewiseForward | None:
         """The model's token-wise pieces captured as CUDA graphs, when configured and possible."""
@@ -190,6 +194,43 @@ class ModelShard:
             time.perf_counter() - start,
         )
         return pieces
+
+    def _warm_up_kernels(self) -> None:
+        """Compile the attention kernels now (GPU), so no serving step waits on a compile: a
+        cache-free forward of a fresh prompt of each power-of-two length up to the step budget
+        (the prefill kernels' tile sizes), then ``warm_up_attention`` over every batch size and
+        context length a decode (or short query run) can have here."""
+        if self.spec.device != "cuda" or self.cache.num_pages == 0:
+            return
+        start = time.perf_counter()
+        n = 1
+        while n < self.spec.max_num_batched_tokens:
+            self._profile_forward(n)
+            n *= 2
+        self._profile_forward(self.spec.max_num_batched_tokens)
+        cached = [m for m in self.model.modules() if isinstance(m, Attention) and m.layer < len(self.cache.k)]
+        attn = next((m for m in cached if m.sparse), cached[0])
+        layer = attn.layer
+        runs = warm_up_attention(
+            self.cache.k[layer],
+            self.cache.v[layer],
+            self.cache.index_k[layer] if attn.sparse else None,
+            num_heads=attn.q_proj.weight.shape[0] // attn.head_dim,
+            index_heads=attn.index_q_proj.weight.shape[0] // attn.index_dim if attn.sparse else 1,
+            topk=attn.topk if attn.sparse else 1,
+            max_seqs=self.spec.max_num_seqs,
+            max_blocks=self.cache.num_pages,
+            shard_rank=self.groups.sp_rank,
+            shard_world=self.groups.sp,
+        )
+        torch.cuda.synchronize()
+        log.info(
+            "shard %d warmed up its attention kernels (prefills up to %d tokens, %d other shapes) in %.1f s",
+            self.spec.rank,
+            self.spec.max_num_batched_tokens,
+            runs,
+            time.perf_counter() - start,
+        )
 
     def execute(self, plan: StepPlan) -> SampleResult | None:
         """Run one step; rank 0 returns the sampled tokens, the other ranks None."""

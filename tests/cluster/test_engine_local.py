@@ -434,3 +434,39 @@ def test_gpu_engine_without_cuda_graphs_runs_eagerly():
             await engine.shutdown()
 
     assert len(asyncio.run(main())) == 4
+
+
+@pytest.mark.gpu
+def test_gpu_engine_compiles_no_kernel_while_serving():
+    """MiniMax-M3's attention shape (m3_proxy) on one GPU: after start (which warms the attention
+    kernels up), requests that arrive one after another, with prompts from 100 to 5000 tokens
+    (chunked prefill over a 2048-token step budget, sparse selection past 2048 tokens) and decodes
+    at changing batch sizes, run without compiling a single Triton kernel."""
+    from tests.kernels.test_warmup import compiled_specializations
+
+    async def main():
+        engine = await started(
+            model="m3_proxy",
+            device="cuda",
+            dtype="bfloat16",
+            random_init="device",
+            max_num_seqs=8,
+            max_num_batched_tokens=2048,
+            num_pages=600,
+        )
+        try:
+            before = compiled_specializations()
+
+            async def one(i, n, delay):
+                await asyncio.sleep(delay)
+                return await collect(engine, f"w{i}", [5 + i] * n, greedy(24))
+
+            lengths = [100, 700, 1900, 2300, 3100, 5000, 37, 260]
+            outs = await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(lengths)])
+            return before, compiled_specializations(), outs
+        finally:
+            await engine.shutdown()
+
+    before, after, outs = asyncio.run(main())
+    assert all(len(tokens_of(o[0])) == 24 for o in outs)
+    assert after == before

@@ -1,0 +1,152 @@
+"""Attention-kernel warm-up: which shapes it runs, that it runs them through the Triton kernels,
+and (GPU) that afterwards no decode step or short query run of any batch size or context length
+compiles a kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from msa.kernels import paged_attention, select_blocks, selection_needed, sparse_attention
+from msa.kernels.indexer import triton as indexer_triton
+from msa.kernels.merge import triton as merge_triton
+from msa.kernels.sparse_attention import triton as sparse_triton
+from msa.kernels.store import triton as store_triton
+from msa.kernels.warmup import QUERY_LENS, warm_up_attention, warmup_shapes
+
+KERNELS = (
+    indexer_triton._score_chunk_topk_kernel,
+    indexer_triton._merge_candidates_kernel,
+    sparse_triton._decode_kernel,
+    sparse_triton._paged_attention_kernel,
+    merge_triton._merge_states_kernel,
+    store_triton._store_tokens_kernel,
+)
+
+
+def test_shapes_cover_every_narrow_width_and_each_batch_size():
+    shapes = warmup_shapes(48, 5000, torch.device("cpu"))
+    batches = {b for b, _ in shapes}
+    assert batches == {1, 2, 4, 8, 16, 32, 48}
+    for b in batches:
+        assert {w for bb, w in shapes if bb == b} >= set(range(1, 65))
+    one = sorted(w for b, w in shapes if b == 1)
+    assert one[-1] == 5000 and len(one) == len(set(one))
+    # Beyond 64 blocks: eight steps per doubling, each with the width after it.
+    assert {64, 65, 72, 73, 120, 121, 128, 129, 4096, 4097, 4608, 4609} <= set(one)
+    assert all(w <= 5000 for w in one)
+    # Large batches stop where batch x width passes the CPU's nominal 8 SMs x 512.
+    assert (48, 80) in shapes and (48, 88) not in shapes and (2, 2048) in shapes and (2, 4096) not in shapes
+
+
+def _cache(pages, block, kv_heads, dim, index_dim, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(pages, block, kv_heads, dim, generator=g).to(device, dtype)
+    v = torch.randn(pages, block, kv_heads, dim, generator=g).to(device, dtype)
+    ik = torch.randn(pages, block, index_dim, generator=g).to(device, dtype)
+    return k, v, ik
+
+
+@pytest.mark.parametrize("world, max_blocks", [(1, 5), (2, 3)], ids=["unsharded", "world2"])
+def test_warm_up_runs_the_triton_kernels(world, max_blocks, monkeypatch):
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    calls = {"select": 0, "sparse": 0, "dense": 0}
+    import msa.kernels.warmup as warmup
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(warmup, "select_blocks", counted("select", select_blocks))
+    monkeypatch.setattr(warmup, "sparse_attention", counted("sparse", sparse_attention))
+    monkeypatch.setattr(warmup, "paged_attention", counted("dense", paged_attention))
+    k, v, ik = _cache(2, 16, 2, 16, 16, torch.float32, "cpu")
+    n = warm_up_attention(
+        k,
+        v,
+        ik,
+        num_heads=4,
+        index_heads=2,
+        topk=2,
+        max_seqs=2,
+        max_blocks=max_blocks,
+        shard_rank=world - 1,
+        shard_world=world,
+        query_lens=(1, 17),
+    )
+    shapes = warmup_shapes(2, max_blocks, torch.device("cpu"))
+    assert len(shapes) == 2 * max_blocks
+    # 17 queries need 17 tokens: unsharded, one 16-token block is too short for them.
+    lens = {w: ((w - 1) * world + world) * 16 for _, w in shapes}
+    runs = [(q, w) for q in (1, 17) for _, w in shapes if lens[w] >= q]
+    assert n == calls["dense"] == len(runs) == (18 if world == 1 else 12)
+    # Selection runs where more blocks are visible than top-k keeps: global blocks > 2.
+    selecting = sum(selection_needed(lens[w], 16, 2) for _, w in runs)
+    assert calls["select"] == calls["sparse"] == selecting > 0
+    # Page 0 of the cache is only read.
+    k2, v2, ik2 = _cache(2, 16, 2, 16, 16, torch.float32, "cpu")
+    assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(ik, ik2)
+
+
+def compiled_specializations() -> dict[str, int]:
+    """Specializations compiled so far, per kernel of KERNELS (every device)."""
+    return {fn.__name__: sum(len(c[0]) for c in fn.device_caches.values()) for fn in KERNELS}
+
+
+def _step(k, v, ik, b, q_len, width, world, rank):
+    """One layer's attention over ``b`` sequences of ``width`` blocks here, ``q_len`` queries each."""
+    dev = k.device
+    shard = {"shard_rank": rank, "shard_world": world}
+    seq_len = ((width - 1) * world + rank + 1) * 128 - 7  # not a whole block
+    table = torch.zeros(b, width, dtype=torch.int32, device=dev)
+    cu = torch.arange(b + 1, dtype=torch.int32, device=dev) * q_len
+    lens = torch.full((b,), seq_len, dtype=torch.int32, device=dev)
+    q = torch.zeros(b * q_len, 64, 128, dtype=torch.bfloat16, device=dev)
+    paged_attention(q, k, v, table, cu, lens, scale=1.0, max_q_len=q_len, **shard)
+    if selection_needed(seq_len, 128, 16):
+        iq = torch.zeros(b * q_len, 4, 128, dtype=torch.bfloat16, device=dev)
+        ids, _ = select_blocks(iq, ik, table, cu, lens, topk=16, max_q_len=q_len, **shard)
+        sparse_attention(q, k, v, table, cu, lens, ids, scale=1.0, max_q_len=q_len, **shard)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+def test_no_step_compiles_after_warm_up_gpu(world):
+    """M3's attention shape: after warming up for 8 sequences of up to 1100 blocks, decode at
+    every batch size 1..8 and every table width 1..1100, and runs of 2..100 queries at batch
+    sizes 1..3 and widths across that range, find their kernels compiled."""
+    dev = torch.device("cuda")
+    k, v, ik = _cache(1, 128, 4, 128, 128, torch.bfloat16, dev)
+    rank = world - 1
+    warm_up_attention(
+        k,
+        v,
+        ik,
+        num_heads=64,
+        index_heads=4,
+        topk=16,
+        max_seqs=8,
+        max_blocks=1100,
+        shard_rank=rank,
+        shard_world=world,
+    )
+    before = compiled_specializations()
+    grid = [(b, 1, w) for b in range(1, 9) for w in range(1, 1101)]
+    grid += [
+        (b, q, w)
+        for q in (2, 3, 4, 5, 6, 8, 12, 16, 24, 40, 64, 100)
+        for b in (1, 2, 3)
+        for w in range(1, 1101, 7)
+    ]
+    assert set(QUERY_LENS) <= {q for _, q, _ in grid}
+    missed = []
+    for b, q_len, width in grid:
+        _step(k, v, ik, b, q_len, width, world, rank)
+        now = compiled_specializations()
+        if now != before:
+            missed.append(((b, q_len, width), {n: now[n] - before[n] for n in now if now[n] != before[n]}))
+            before = now
+    assert not missed, f"{len(missed)} steps compiled (batch, queries, width): {missed[:20]}"
