@@ -37,6 +37,7 @@ from msa.cluster.weights import (
     raise_on_mismatch,
     unpack_bucket,
 )
+from msa.kernels.api import use_triton
 from msa.kernels.warmup import warm_up_attention
 from msa.model.attention import Attention
 from msa.model.graphs import PiecewiseForward, capture_sizes, uncapturable_reason
@@ -200,17 +201,22 @@ class ModelShard:
         cache-free forward of a fresh prompt of each power-of-two length up to the step budget
         (the prefill kernels' tile sizes), then ``warm_up_attention`` over every batch size and
         context length a decode (or short query run) can have here."""
-        if self.spec.device != "cuda" or self.cache.num_pages == 0:
-            return
+        cached = [m for m in self.model.modules() if isinstance(m, Attention) and m.layer < len(self.cache.k)]
+        attn = next((m for m in cached if m.sparse), cached[0])
+        layer = attn.layer
+        k = self.cache.k[layer]
+        if (
+            self.spec.device != "cuda"
+            or self.cache.num_pages == 0
+            or not use_triton(k, k.shape[1], k.shape[3])
+        ):
+            return  # CPU, or shapes the PyTorch reference serves: nothing to compile
         start = time.perf_counter()
         n = 1
         while n < self.spec.max_num_batched_tokens:
             self._profile_forward(n)
             n *= 2
         self._profile_forward(self.spec.max_num_batched_tokens)
-        cached = [m for m in self.model.modules() if isinstance(m, Attention) and m.layer < len(self.cache.k)]
-        attn = next((m for m in cached if m.sparse), cached[0])
-        layer = attn.layer
         runs = warm_up_attention(
             self.cache.k[layer],
             self.cache.v[layer],
