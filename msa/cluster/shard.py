@@ -216,7 +216,8 @@ class ModelShard:
         while n < self.spec.max_num_batched_tokens:
             self._profile_forward(n)
             n *= 2
-        self._profile_forward(self.spec.max_num_batched_tokens)
+        if self.spec.num_pages is not None:  # otherwise sizing the cache already ran the full step
+            self._profile_forward(self.spec.max_num_batched_tokens)
         runs = warm_up_attention(
             self.cache.k[layer],
             self.cache.v[layer],
