@@ -82,3 +82,26 @@ def test_store_tokens_gpu(cache_dtype, monkeypatch):
     out = store_case("cuda", cache_dtype, "triton", monkeypatch).float().cpu()
     assert torch.equal(ref.isnan(), out.isnan())
     torch.testing.assert_close(out[~out.isnan()], ref[~ref.isnan()].to(cache_dtype).float())
+
+
+def test_merge_with_keep_writes_only_the_kept_groups(monkeypatch):
+    """``keep [T, G]`` limits the merge to the heads of the kept groups; every other row of the
+    outputs keeps what it held."""
+    from msa.kernels.merge.triton import merge_states_into
+
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    g = torch.Generator().manual_seed(5)
+    R, T, H, D, G = 3, 5, 8, 16, 4
+    outs = torch.randn(R, T, H, D, generator=g)
+    lses = torch.randn(R, T, H, generator=g)
+    keep = torch.rand(T, G, generator=g) < 0.5
+    keep[0] = False  # a token with nothing to merge
+    keep[1] = True
+    out = torch.full((T, H, D), 7.0)
+    lse = torch.full((T, H), 7.0)
+    merge_states_into(outs, lses, out, lse, keep)
+    ref_out, ref_lse = merge_attention_states_reference(outs, lses)
+    kept = keep.repeat_interleave(H // G, 1)  # [T, H]
+    torch.testing.assert_close(out[kept], ref_out[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[kept], ref_lse[kept], atol=1e-5, rtol=1e-5)
+    assert bool((out[~kept] == 7.0).all()) and bool((lse[~kept] == 7.0).all())

@@ -15,8 +15,10 @@ def _merge_states_kernel(
     lses_ptr,
     out_ptr,
     lse_ptr,
+    keep_ptr,
     R,
     H,
+    group,
     stride_or,
     stride_ot,
     stride_oh,
@@ -25,14 +27,20 @@ def _merge_states_kernel(
     stride_mt,
     stride_mh,
     stride_et,
+    stride_kt,
     BLOCK_H: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DIM_P: tl.constexpr,
+    KEEP: tl.constexpr,
 ):
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, DIM_P)
     h_ok = offs_h < H
+    if KEEP:  # only the heads of the groups marked in keep[t] are merged and written
+        h_ok = h_ok & (tl.load(keep_ptr + t * stride_kt + offs_h // group, mask=h_ok, other=0) != 0)
+        if tl.max(h_ok.to(tl.int32), 0) == 0:
+            return
     hd_ok = h_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     # Pass 1: the running max of the parts' lse, per head.
@@ -66,9 +74,16 @@ def _merge_states_kernel(
     tl.store(lse_ptr + t * stride_et + offs_h, lse, mask=h_ok)
 
 
-def merge_states_into(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
+def merge_states_into(
+    outs: torch.Tensor,
+    lses: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> None:
     """Launch the merge of ``outs [R, T, H, D]``, ``lses [R, T, H]`` into ``out [T, H, D]`` (any float
-    dtype) and ``lse [T, H]`` fp32."""
+    dtype) and ``lse [T, H]`` fp32. With ``keep [T, G]`` (nonzero: merge), only the heads of the
+    kept groups of G equal head groups are written; the rest of ``out`` and ``lse`` is left as is."""
     R, T, H, D = outs.shape
     if lses.shape != (R, T, H) or out.shape != (T, H, D) or lse.shape != (T, H):
         raise ValueError(
@@ -78,6 +93,8 @@ def merge_states_into(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor,
     if lses.dtype != torch.float32 or lse.dtype != torch.float32:
         raise ValueError(f"merge: lses and lse must be float32, got {lses.dtype}, {lse.dtype}")
     check_last_dim_contiguous("merge", outs=outs, lses=lses, out=out, lse=lse)
+    if keep is not None and (keep.dim() != 2 or keep.shape[0] != T or H % keep.shape[1]):
+        raise ValueError(f"merge: keep must be [T={T}, G] with G dividing H={H}, got {tuple(keep.shape)}")
     if T == 0 or H == 0:
         return
     block_h = min(16, next_pow2(H))
@@ -87,8 +104,10 @@ def merge_states_into(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor,
         lses,
         out,
         lse,
+        lse if keep is None else keep,
         R,
         H,
+        1 if keep is None else H // keep.shape[1],
         outs.stride(0),
         outs.stride(1),
         outs.stride(2),
@@ -97,9 +116,11 @@ def merge_states_into(outs: torch.Tensor, lses: torch.Tensor, out: torch.Tensor,
         out.stride(0),
         out.stride(1),
         lse.stride(0),
+        0 if keep is None else keep.stride(0),
         BLOCK_H=block_h,
         HEAD_DIM=D,
         DIM_P=next_pow2(D),
+        KEEP=keep is not None,
     )
 
 
