@@ -109,6 +109,58 @@ def test_sparse_decode_with_a_wide_block_table(case, world, monkeypatch):
     run_case(case, True, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
 
 
+@pytest.mark.parametrize("passes", ["one_pass", "passes_of_5"])
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", ["mtp", "prefill_chunk", "prefill_mixed"])
+def test_block_major_prefill_matches_reference(case, world, passes, monkeypatch):
+    """Every token goes block-major (the selection inverted per block), in one pass or in passes
+    of 5 tokens (a scratch budget that small): the reference's results."""
+    _block_major(monkeypatch, CPU, torch.float32, passes)
+    run_case(case, True, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
+def _block_major(monkeypatch, cfg, dtype, passes):
+    from msa.kernels.sparse_attention import block_major
+
+    every_token = sparse_triton.sparse_attention_triton
+    monkeypatch.setattr(
+        sparse_triton, "sparse_attention_triton", lambda *a, **kw: every_token(*a, **kw, by_block=True)
+    )
+    if passes == "passes_of_5":
+        per_token = cfg["topk"] * cfg["heads"] * (cfg["dim"] * dtype.itemsize + 4)
+        monkeypatch.setattr(block_major, "MAX_PARTIAL_BYTES", 5 * per_token)
+
+
+def test_block_major_plan_inverts_the_selection():
+    """The plan lists every on-shard (token, group, slot) entry once, grouped by (sequence, group,
+    local block) in token order, in tiles of at most ``tile_tokens`` entries of one block."""
+    from msa.kernels.sparse_attention.block_major import plan_block_major
+
+    g = torch.Generator().manual_seed(3)
+    T, G, K, W, world, rank, tile = 23, 2, 3, 6, 2, 1, 4
+    ids = torch.randint(-1, 2 * W, (T, G, K), generator=g, dtype=torch.int32)
+    token_seq = torch.tensor([0] * 9 + [1] * 14, dtype=torch.int32)
+    order, tile_seg, tile_first, seg_end = plan_block_major(
+        ids, token_seq, n_seqs=2, table_width=W, shard_rank=rank, shard_world=world, tile_tokens=tile
+    )
+    expect = {}
+    for t in range(T):
+        for gr in range(G):
+            for s in range(K):
+                blk = int(ids[t, gr, s])
+                if blk >= 0 and blk % world == rank:
+                    seg = (int(token_seq[t]) * G + gr) * W + (blk - rank) // world
+                    expect.setdefault(seg, []).append((t * G + gr) * K + s)
+    got = {}
+    for i, seg in enumerate(tile_seg.tolist()):
+        if seg < 0:
+            continue
+        first, end = int(tile_first[i]), min(int(seg_end[seg]), int(tile_first[i]) + tile)
+        assert 0 < end - first <= tile
+        got.setdefault(seg, []).extend(order[first:end].tolist())
+    assert got == expect
+
+
 GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)
 GPU_CASES = {
     "decode_b1_one_block": ([77], [1]),
@@ -135,6 +187,16 @@ def test_sparse_decode_with_a_wide_block_table_gpu(case, monkeypatch):
     monkeypatch.setattr(sparse_triton, "_WHOLE_TABLE_BLOCKS", 0)
     monkeypatch.setitem(CASES, case, GPU_CASES[case])
     run_case(case, True, 1, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("passes", ["one_pass", "passes_of_5"])
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", ["mtp", "prefill_chunk", "prefill_mixed"])
+def test_block_major_prefill_matches_reference_gpu(case, world, passes, monkeypatch):
+    _block_major(monkeypatch, GPU, torch.bfloat16, passes)
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    run_case(case, True, world, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
 
 
 @pytest.mark.parametrize("case", ["decode_mixed", "prefill_mixed"])
@@ -178,21 +240,26 @@ def shared_and_crowded(cfg, device, dtype, world):
     return batch, q, shards, ids
 
 
+@pytest.mark.parametrize("crowded", ["token_by_token", "block_major"])
 @pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
-def test_sparse_prefill_shared_and_crowded_tiles(world, monkeypatch):
-    _check_two_pass(dict(CPU, topk=6), "cpu", torch.float32, world, 2e-5, monkeypatch)
+def test_sparse_prefill_shared_and_crowded_tiles(world, crowded, monkeypatch):
+    _check_two_pass(dict(CPU, topk=6), "cpu", torch.float32, world, 2e-5, crowded, monkeypatch)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("crowded", ["token_by_token", "block_major"])
 @pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
-def test_sparse_prefill_shared_and_crowded_tiles_gpu(world, monkeypatch):
-    _check_two_pass(GPU, "cuda", torch.bfloat16, world, 2e-2, monkeypatch)
+def test_sparse_prefill_shared_and_crowded_tiles_gpu(world, crowded, monkeypatch):
+    _check_two_pass(GPU, "cuda", torch.bfloat16, world, 2e-2, crowded, monkeypatch)
 
 
-def _check_two_pass(cfg, device, dtype, world, tol, monkeypatch):
+def _check_two_pass(cfg, device, dtype, world, tol, crowded, monkeypatch):
+    """The second pass (the crowded tiles' tokens) token by token, or block-major: only those
+    tokens' rows are written by it, the shared tiles' rows stay the first pass's."""
     from msa.kernels.sparse_attention import triton as kernel
 
     monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    monkeypatch.setattr(kernel, "_BLOCK_MAJOR_MIN_TOKENS", 2 if crowded == "block_major" else 1 << 30)
     batch, q, shards, ids = shared_and_crowded(cfg, device, dtype, world)
     # Both kinds of first-pass tile occur (on shard 0): the rule of the launcher.
     heads_p = cfg["heads"] // cfg["kv_heads"]
@@ -208,3 +275,24 @@ def _check_two_pass(cfg, device, dtype, world, tol, monkeypatch):
         out, lse = attend(q, shards[rank], batch, ids, rank, world, scale, True, "triton")
         ref_out, ref_lse = attend(q, shards[rank], batch, ids, rank, world, scale, True, "reference")
         check_close(out, lse, ref_out, ref_lse, tol)
+
+
+@pytest.mark.gpu
+def test_block_major_prefill_never_syncs_the_host(monkeypatch):
+    """The block-major plan (sort, searches, tile bounds) stays on the device: a sparse prefill
+    that takes it, given ``max_q_len``, waits on the GPU nowhere (CUDA's sync check set to error)."""
+    monkeypatch.setattr(sparse_triton, "_BLOCK_MAJOR_MIN_TOKENS", 2)
+    batch, q, shards, ids = shared_and_crowded(GPU, "cuda", torch.bfloat16, 1)
+    k_cache, v_cache, table = shards[0]
+    args = (q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens, ids)
+    longest = int((batch.cu_seqlens_q[1:] - batch.cu_seqlens_q[:-1]).max())
+    for by_block in (None, True):  # compiled before the check
+        sparse_triton.sparse_attention_triton(*args, scale=0.1, max_q_len=longest, by_block=by_block)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for by_block in (None, True):
+            sparse_triton.sparse_attention_triton(*args, scale=0.1, max_q_len=longest, by_block=by_block)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

@@ -26,6 +26,7 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
+from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
 
 _LOG2E = 1.4426950408889634
 
@@ -482,6 +483,10 @@ _SHARED_TILE = 8  # tokens (times the minimum tile) of a shared first-pass tile 
 # of its tokens' selections.
 _CROWDED_SHARE = 1 / 3
 _ADAPTIVE_MIN_TOKENS = 64
+# In query runs at least this long the crowded tokens of sparse prefill go block-major
+# (``block_major.py``): its plan (a sort of the selection) costs a few small launches, which a
+# long chunk's attention hides.
+_BLOCK_MAJOR_MIN_TOKENS = 1024
 
 
 def _launch_decode(
@@ -597,8 +602,10 @@ def launch_paged_attention(
     name: str,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    by_block: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checks, picks the tile and the split count, launches, and merges split-K partials."""
+    """Checks, picks the kernel, the tile and the split count, launches, and merges split-K
+    partials."""
     _check_caches(name, q, k_cache, v_cache)
     check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
     if not 0 <= shard_rank < shard_world:
@@ -627,10 +634,21 @@ def launch_paged_attention(
             scale=scale, shard_rank=shard_rank, shard_world=shard_world, num_splits=num_splits,
             name=name, num_warps=num_warps,
         )  # fmt: skip
+    if by_block:
+        if not sparse:
+            raise ValueError(f"{name}: the block-major kernel needs a selection (block_ids)")
+        _check_block_ids(name, block_ids)
+        block_major_attention(
+            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids, out, lse,
+            scale=scale, shard_rank=shard_rank, shard_world=shard_world, block_t=block_t,
+            num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return out, lse
     # Sparse prefill picks its tile per tile: tokens whose selections overlap (neighbours on one
     # topic) share one pass over the union of their blocks; where the union is crowded
     # (unrelated selections), the masked rows cost more than the K/V reads saved, so those
-    # tokens go one by one in a second launch.
+    # tokens go in a second pass: block-major in a long chunk (each selected block read once for
+    # all the crowded tokens that chose it), else one by one.
     adaptive = sparse and block_t is None and num_splits is None and longest >= _ADAPTIVE_MIN_TOKENS
     if block_t is None:
         # Dense: tiles of up to 128 rows. Sparse: one token's heads (16 rows for M3).
@@ -727,7 +745,16 @@ def launch_paged_attention(
     # shard): a pass over one block with the whole tile's rows costs a few single-token passes.
     union_max = int(shared_t * topk * _CROWDED_SHARE) // shard_world
     launch(shared_t, shared_tiles, 1, crowded, union_max, shared_t, shared_tiles)
-    launch(block_t, tiles, 2, crowded, union_max, shared_t, shared_tiles)
+    if by_block is None and longest >= _BLOCK_MAJOR_MIN_TOKENS:
+        seq = token_sequences(cu_seqlens_q, T)
+        tile = (torch.arange(T, device=q.device) - cu_seqlens_q[seq.long()]) // shared_t
+        keep = crowded.view(B * shared_tiles, H_kv)[seq.long() * shared_tiles + tile].bool()
+        block_major_attention(
+            q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids, out, lse,
+            scale=scale, shard_rank=shard_rank, shard_world=shard_world, keep=keep, token_seq=seq,
+        )  # fmt: skip
+    else:
+        launch(block_t, tiles, 2, crowded, union_max, shared_t, shared_tiles)
     return out, lse
 
 
@@ -748,6 +775,7 @@ def sparse_attention_triton(
     num_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    by_block: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MSA attention (see ``msa.kernels.sparse_attention``) as a Triton split-K kernel.
 
@@ -755,7 +783,8 @@ def sparse_attention_triton(
     ``[T, H_kv, K]`` int32 global ids (-1 unused). Returns (out ``[T, H, D]`` q's dtype, lse ``[T, H]``
     fp32, -inf with zeros where a query sees no key on this shard). ``max_q_len`` (the longest query
     run) saves a host sync; ``block_t`` (query tokens per program), ``num_splits`` (split-K
-    factor), ``num_warps`` and ``num_stages`` override the heuristics.
+    factor), ``num_warps`` and ``num_stages`` override the heuristics; ``by_block`` True runs every
+    token block-major, False none (crowded tiles then go token by token), instead of the rule.
     """
     return launch_paged_attention(
         q,
@@ -774,4 +803,5 @@ def sparse_attention_triton(
         name="sparse_attention",
         num_warps=num_warps,
         num_stages=num_stages,
+        by_block=by_block,
     )
