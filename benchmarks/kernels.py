@@ -33,6 +33,7 @@ from msa.kernels.indexer.triton import select_blocks_triton  # noqa: E402
 from msa.kernels.merge.reference import merge_attention_states_reference  # noqa: E402
 from msa.kernels.merge.triton import merge_attention_states_triton  # noqa: E402
 from msa.kernels.sparse_attention import triton as sparse_triton  # noqa: E402
+from msa.kernels.sparse_attention.block_major import block_major_attention, plan_block_major  # noqa: E402
 from msa.kernels.sparse_attention.reference import paged_attention_reference  # noqa: E402
 from msa.kernels.sparse_attention.triton import sparse_attention_triton  # noqa: E402
 
@@ -432,7 +433,7 @@ def sweep(part: str) -> None:
     for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
     shapes = ((2048, 1), (8192, 1), (32768, 1), (131072, 1), (1048576, 1), (131072, 8))
-    for L, B in shapes if part not in ("prefill", "prefill-index") else ():
+    for L, B in shapes if part not in ("prefill", "prefill-index", "block-major") else ():
         if part == "select" and L < 8192:
             continue
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
@@ -440,11 +441,16 @@ def sweep(part: str) -> None:
                 continue
             sweep_decode(L, B, dt)
             torch.cuda.empty_cache()
-    for smooth in (False, True) if part not in ("decode", "prefill-index") else ():
+    for smooth in (False, True) if part not in ("decode", "prefill-index", "block-major") else ():
         sweep_prefill(smooth)
         torch.cuda.empty_cache()
     if part in ("all", "prefill", "prefill-index"):
         sweep_prefill_index()
+    if part in ("all", "prefill", "block-major"):
+        for L in (131072, 1048576):
+            for smooth in (False, True):
+                sweep_block_major(L, smooth)
+                torch.cuda.empty_cache()
 
 
 def kernel_breakdown(tag: str, fn, reps: int = 20) -> None:
@@ -529,6 +535,58 @@ def sweep_prefill(smooth: bool) -> None:
         print(f"{tag} index block_t={bt} chunk={cb} warps={nw}: {t:.2f} ms", flush=True)
 
 
+def sweep_block_major(L: int, smooth: bool) -> None:
+    """The last 8K-token chunk of L tokens: the query-tile prefill kernel against the block-major
+    one per tile shape, and what the block-major plan (the inverted selection) costs alone."""
+    p = paged_problem(1, L, 8192, torch.bfloat16, smooth=smooth)
+    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=8192)
+    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
+    tag = f"block-major L={L} smooth={smooth}"
+    ref = sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, by_block=False)
+    for by_block, what in ((False, "query tiles only"), (None, "default"), (True, "block-major only")):
+        t = event_time_ms(
+            lambda b=by_block: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, by_block=b)
+        )
+        err = rel_err(sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, by_block=by_block)[0], ref[0])
+        print(f"{tag} attention, {what}: {t:.2f} ms (rel err {err:.1e})", flush=True)
+    kernel_breakdown(f"{tag} default", lambda: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192), 3)
+    token_seq = torch.zeros(8192, dtype=torch.int32, device=DEV)
+    for tile in (8, 32):
+        t = event_time_ms(
+            lambda tile=tile: plan_block_major(
+                ids, token_seq, n_seqs=1, table_width=p["table"].shape[1], shard_rank=0, shard_world=1,
+                tile_tokens=tile,
+            )
+        )  # fmt: skip
+        print(f"{tag} plan tile={tile}: {t:.2f} ms", flush=True)
+    out, lse = torch.empty_like(ref[0]), torch.empty_like(ref[1])
+    for bt, tile, warps, stages in (
+        (4, 32, None, None),
+        (4, 128, None, None),
+        (8, 64, None, None),
+        (8, 128, None, None),
+        (4, 64, 8, None),
+        (4, 64, None, 3),
+        (2, 64, None, None),
+    ):
+        try:
+            t = event_time_ms(
+                lambda bt=bt, tile=tile, w=warps, st=stages: block_major_attention(
+                    *kv, out, lse, scale=SCALE, shard_rank=0, shard_world=1, block_t=bt, tile_tokens=tile,
+                    num_warps=w, num_stages=st,
+                )
+            )  # fmt: skip
+            err = rel_err(out, ref[0])
+        except Exception as e:  # e.g. out of shared memory
+            t, err = float("nan"), float("nan")
+            print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
+        print(
+            f"{tag} block_t={bt} tile={tile} warps={warps} stages={stages}: {t:.2f} ms (rel err {err:.1e})",
+            flush=True,
+        )
+
+
 def sweep_prefill_index() -> None:
     """The prefill index over the last 8K-token chunk of 16K, 128K and 1M tokens, per chunk size
     (blocks per program) and pipeline depth."""
@@ -607,9 +665,9 @@ def main() -> None:
         "--sweep",
         nargs="?",
         const="all",
-        choices=["all", "decode", "prefill", "prefill-index", "select"],
+        choices=["all", "decode", "prefill", "prefill-index", "select", "block-major"],
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
-        "prefill index alone)",
+        "prefill index alone; block-major: the block-major prefill kernel)",
     )
     args = ap.parse_args()
     if args.sweep:
