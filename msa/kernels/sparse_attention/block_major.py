@@ -29,6 +29,30 @@ _LOG2E = 1.4426950408889634
 MAX_PARTIAL_BYTES = 5 << 29
 
 
+@triton.jit
+def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
+    """Attention of the rows of ``q [M, D]`` over one tile of keys ``k, v [N, D]`` where
+    ``allowed [M, N]``: (out ``[M, D]`` fp32, lse ``[M]`` natural log; zeros and -inf for a row that
+    sees no key). ``qk_scale`` includes log2(e)."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(allowed, s * qk_scale, float("-inf"))  # log2 units
+    m = tl.max(s, 1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = tl.sum(p, 1)
+    if IEEE:
+        acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v)
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    return out, lse
+
+
 @triton.jit(do_not_specialize=["n_groups", "table_width", "t0", "stride_bt", "stride_os", "stride_ls"])
 def _block_major_kernel(
     q_ptr,
@@ -117,24 +141,8 @@ def _block_major_kernel(
             mask=row_ok[:, None],
             other=0.0,
         )
-        kk = k.to(q.dtype)
-        if IEEE:
-            s = tl.dot(q, tl.trans(kk), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(kk))
         qpos = first_pos + t0 + tok - q_start
-        s = tl.where(kpos[None, :] <= qpos[:, None], s * qk_scale, float("-inf"))  # log2 units
-        m = tl.max(s, 1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = tl.sum(p, 1)
-        if IEEE:
-            acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v)
-        seen = l_i > 0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+        out, lse = softmax_tile(q, k.to(q.dtype), v, kpos[None, :] <= qpos[:, None], qk_scale, IEEE)
         o_rows = slot * stride_os + tok * stride_ot + head * stride_oh
         tl.store(
             part_out_ptr + o_rows[:, None] + offs_d[None, :],

@@ -26,7 +26,7 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
-from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
+from msa.kernels.sparse_attention.block_major import block_major_attention, softmax_tile, token_sequences
 
 _LOG2E = 1.4426950408889634
 
@@ -193,22 +193,7 @@ def _decode_kernel(
     N: tl.constexpr = PER_SPLIT * BLOCK_SIZE
     k = tl.reshape(k, [N, HEAD_DIM]).to(q.dtype)
     v = tl.reshape(v, [N, HEAD_DIM])
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.where(tl.reshape(live, [N])[None, :], s * qk_scale, float("-inf"))  # log2 units
-    m = tl.max(s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = tl.sum(p, 1)
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v)
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, lse = softmax_tile(q, k, v, tl.reshape(live, [N])[None, :], qk_scale, IEEE)
     o_rows = b * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptr + split * stride_os + o_rows, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(lse_ptr + split * stride_ls + b * stride_lt + head, lse, mask=row_ok)
