@@ -179,29 +179,33 @@ def plan_block_major(
     each segment in ``order``), all int32. No host sync: the number of tiles is an upper bound,
     ``E // tile_tokens`` full tiles plus one partial tile per segment."""
     T, G, K = block_ids.shape
-    dev = block_ids.device
-    ids = block_ids.reshape(-1).long()
+    dev, i32 = block_ids.device, torch.int32
+    ids = block_ids.reshape(-1)
     E = ids.numel()
-    e = torch.arange(E, device=dev)
-    seq = token_seq.long()[e // (G * K)]
+    n_seg = n_seqs * G * table_width
+    if max(E, n_seg) >= 1 << 31:
+        raise ValueError(f"plan_block_major: {E} entries over {n_seg} segments overflow int32")
+    # int32 throughout: half the bytes of int64 per op, and half the radix passes of the sort.
+    e = torch.arange(E, device=dev, dtype=i32)
+    seq = token_seq.index_select(0, e // (G * K))
     group = (e // K) % G
     mine = (ids >= 0) & ((ids - shard_rank) % shard_world == 0)
     if keep is not None:
-        mine &= keep.reshape(-1)[e // K]  # indexed, not repeat_interleave: that syncs the host
-    n_seg = n_seqs * G * table_width
+        mine &= keep.reshape(-1).index_select(0, e // K)
     key = torch.where(mine, (seq * G + group) * table_width + (ids - shard_rank) // shard_world, n_seg)
     key, order = torch.sort(key, stable=True)
-    segs = torch.arange(n_seg, device=dev)
-    seg_end = torch.searchsorted(key, segs, right=True)
-    counts = seg_end - torch.searchsorted(key, segs)
+    segs = torch.arange(n_seg, device=dev, dtype=i32)
+    seg_end = torch.searchsorted(key, segs, right=True, out_int32=True)
+    counts = seg_end - torch.searchsorted(key, segs, out_int32=True)
     tiles = (counts + tile_tokens - 1) // tile_tokens
-    tile_end = tiles.cumsum(0)
-    tile = torch.arange(max(1, E // tile_tokens + min(n_seg, E)), device=dev)
-    tile_seg = torch.searchsorted(tile_end, tile, right=True)
+    tile_end = tiles.cumsum(0, dtype=i32)
+    tile = torch.arange(max(1, E // tile_tokens + min(n_seg, E)), device=dev, dtype=i32)
+    tile_seg = torch.searchsorted(tile_end, tile, right=True, out_int32=True)
     s = tile_seg.clamp(max=n_seg - 1)
-    tile_first = seg_end[s] - counts[s] + (tile - (tile_end[s] - tiles[s])) * tile_tokens
+    seg_start, tile_start = seg_end - counts, tile_end - tiles
+    tile_first = seg_start.index_select(0, s) + (tile - tile_start.index_select(0, s)) * tile_tokens
     tile_seg = torch.where(tile_seg < n_seg, tile_seg, -1)
-    return order.int(), tile_seg.int(), tile_first.int(), seg_end.int()
+    return order.int(), tile_seg, tile_first, seg_end
 
 
 def block_major_attention(

@@ -329,7 +329,7 @@ def _paged_attention_kernel(
         n_iter = tl.sum(first.to(tl.int32), 0)
         if ADAPT == 1:
             # First pass over tiles of several tokens: worth it while the tokens share blocks.
-            # A tile whose union is crowded is left to the second pass, token by token.
+            # A tile whose union is crowded is left to the second pass.
             crowded = n_iter > union_max
             tl.store(crowded_ptr + pid * tl.num_programs(1) + g, crowded.to(tl.int8))
             if crowded:
@@ -464,7 +464,7 @@ _DENSE_DECODE_BLOCKS = 32
 # paid at 64 blocks and cost time at 256).
 _WHOLE_TABLE_BLOCKS = 64
 _SHARED_TILE = 8  # tokens (times the minimum tile) of a shared first-pass tile in sparse prefill
-# A shared tile is crowded (its tokens go one by one) when its union of blocks exceeds this share
+# A shared tile is crowded (its tokens go to the second pass) when its union of blocks exceeds this share
 # of its tokens' selections.
 _CROWDED_SHARE = 1 / 3
 _ADAPTIVE_MIN_TOKENS = 64
