@@ -85,6 +85,14 @@ def tickets(device: torch.device, n: int) -> torch.Tensor:
     return t
 
 
+def paged_input_strides(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor
+) -> tuple:
+    """stride_qt, stride_qh, stride_k{p,s,h}, stride_v{p,s,h}, stride_bt: the input strides of the
+    paged attention kernels, in their argument order."""
+    return (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0))
+
+
 def check_int32(name: str, **tensors: torch.Tensor) -> None:
     for arg, t in tensors.items():
         if t.dtype != torch.int32 or not t.is_contiguous():

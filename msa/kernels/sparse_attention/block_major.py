@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from msa.kernels._launch import next_pow2
+from msa.kernels._launch import next_pow2, paged_input_strides
 from msa.kernels.merge.triton import merge_states_into
 
 _LOG2E = 1.4426950408889634
@@ -284,10 +284,7 @@ def block_major_attention(
             G,
             block_table.shape[1],
             t0,
-            *q.stride()[:2],
-            *k_cache.stride()[:3],
-            *v_cache.stride()[:3],
-            block_table.stride(0),
+            *paged_input_strides(q, k_cache, v_cache, block_table),
             *part_out.stride()[:3],
             *part_lse.stride()[:2],
             HEADS_PER_GROUP=group,

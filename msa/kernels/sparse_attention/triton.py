@@ -22,6 +22,7 @@ from msa.kernels._launch import (
     max_query_len,
     next_pow2,
     num_sms,
+    paged_input_strides,
     pdl,
     splits_bucket,
     tickets,
@@ -422,13 +423,6 @@ def _paged_attention_kernel(
         )
 
 
-def _input_strides(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor
-) -> tuple:
-    """stride_qt, stride_qh, stride_k{p,s,h}, stride_v{p,s,h}, stride_bt: the kernels' input strides."""
-    return (*q.stride()[:2], *k_cache.stride()[:3], *v_cache.stride()[:3], table.stride(0))
-
-
 def _output_strides(
     part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
 ) -> tuple:
@@ -545,7 +539,7 @@ def _launch_decode(
         shard_world,
         block_table.shape[1],
         topk,
-        *_input_strides(q, k_cache, v_cache, block_table),
+        *paged_input_strides(q, k_cache, v_cache, block_table),
         stride_it,
         stride_ig,
         *_output_strides(part_out, part_lse, out, lse),
@@ -699,7 +693,7 @@ def launch_paged_attention(
             crowded,
             union_max,
             shared_tiles,
-            *_input_strides(q, k_cache, v_cache, block_table),
+            *paged_input_strides(q, k_cache, v_cache, block_table),
             stride_it,
             stride_ig,
             *_output_strides(part_out, part_lse, out, lse),
