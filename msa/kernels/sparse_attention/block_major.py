@@ -22,7 +22,7 @@ import triton.language as tl
 from msa.kernels._launch import next_pow2, paged_input_strides
 from msa.kernels.merge.triton import merge_states_into
 
-_LOG2E = 1.4426950408889634
+LOG2E = 1.4426950408889634
 # Scratch for the partial results of one pass (query tokens are taken in passes that fit): an
 # 8K-token chunk of M3 (64 heads, top-16) needs 2.1 GiB; each extra pass costs its own plan and
 # merge launches.
@@ -47,9 +47,16 @@ def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
         acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v)
+    return normalize_softmax(acc, m_safe, l_i)
+
+
+@triton.jit
+def normalize_softmax(acc, m, l_i):
+    """Finish an online softmax: (out ``acc / l``, lse in natural log from the running max ``m``
+    and sum ``l_i`` in log2 units); zeros and -inf for a row that saw no key (``l_i`` 0)."""
     seen = l_i > 0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     return out, lse
 
 
@@ -178,7 +185,7 @@ def plan_block_major(
     for a spare one, tile_first ``[n]`` its first position in ``order``, seg_end ``[S]`` end of
     each segment in ``order``), all int32. No host sync: the number of tiles is an upper bound,
     ``E // tile_tokens`` full tiles plus one partial tile per segment."""
-    T, G, K = block_ids.shape
+    _, G, K = block_ids.shape
     dev, i32 = block_ids.device, torch.int32
     ids = block_ids.reshape(-1)
     E = ids.numel()
@@ -278,7 +285,7 @@ def block_major_attention(
             seg_end,
             part_out,
             part_lse,
-            scale * _LOG2E,
+            scale * LOG2E,
             shard_rank,
             shard_world,
             G,

@@ -27,9 +27,13 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
-from msa.kernels.sparse_attention.block_major import block_major_attention, softmax_tile, token_sequences
-
-_LOG2E = 1.4426950408889634
+from msa.kernels.sparse_attention.block_major import (
+    LOG2E,
+    block_major_attention,
+    normalize_softmax,
+    softmax_tile,
+    token_sequences,
+)
 
 
 @triton.jit
@@ -395,9 +399,7 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    out, lse = normalize_softmax(acc, m_i, l_i)
     tl.store(
         out_ptr + split * stride_os + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -534,7 +536,7 @@ def _launch_decode(
         out,
         lse,
         ticket_buf,
-        scale * _LOG2E,
+        scale * LOG2E,
         shard_rank,
         shard_world,
         block_table.shape[1],
@@ -685,7 +687,7 @@ def launch_paged_attention(
             )
             if sparse
             else lse,
-            scale * _LOG2E,
+            scale * LOG2E,
             shard_rank,
             shard_world,
             n_tiles,
