@@ -433,7 +433,7 @@ def sweep(part: str) -> None:
     for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
     shapes = ((2048, 1), (8192, 1), (32768, 1), (131072, 1), (1048576, 1), (131072, 8))
-    for L, B in shapes if part not in ("prefill", "prefill-index", "block-major") else ():
+    for L, B in shapes if part not in ("prefill", "prefill-index", "block-major", "dense-decode") else ():
         if part == "select" and L < 8192:
             continue
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
@@ -441,11 +441,16 @@ def sweep(part: str) -> None:
                 continue
             sweep_decode(L, B, dt)
             torch.cuda.empty_cache()
-    for smooth in (False, True) if part not in ("decode", "prefill-index", "block-major") else ():
+    prefill_tiles = part in ("all", "prefill", "select")
+    for smooth in (False, True) if prefill_tiles else ():
         sweep_prefill(smooth)
         torch.cuda.empty_cache()
     if part in ("all", "prefill", "prefill-index"):
         sweep_prefill_index()
+    if part in ("all", "dense-decode"):
+        for L, B in ((2048, 1), (8192, 1), (16384, 1), (32768, 1), (131072, 1), (131072, 4), (1048576, 1)):
+            sweep_dense_decode(L, B)
+            torch.cuda.empty_cache()
     if part in ("all", "prefill", "block-major"):
         for L in (131072, 1048576):
             for smooth in (False, True):
@@ -656,6 +661,48 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
         print(f"{tag} SDPA {best}: {d:.1f} us", flush=True)
 
 
+def sweep_dense_decode(L: int, B: int) -> None:
+    """Dense paged decode (the dense layers): the split-per-block kernel where its grid allows,
+    and the loop kernel over split counts, warps and stages, beside the fastest SDPA."""
+    p = paged_problem(B, L, 1, torch.bfloat16)
+    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    tag = f"L={L} B={B} dense"
+    d, best, _ = fastest_sdpa(lambda name: sdpa_decode_fn(B, L, 1, name), graph_time_us)
+    floor = B * L * KV_HEADS * DIM * 4 / copy_bandwidth() * 1e6
+    print(f"{tag} SDPA {best}: {d:.1f} us, floor {floor:.1f} us")
+    t = graph_time_us(lambda: paged_attention_triton(*kv, scale=SCALE, max_q_len=1))
+    print(f"{tag} default: {t:.1f} us")
+    n_blocks = triton.cdiv(L, BLOCK)
+    default_limit = sparse_triton._DENSE_DECODE_BLOCKS
+    variants = []
+    if n_blocks <= 128:
+        variants += [("split-per-block", ns, nw, None) for ns in (None, n_blocks) for nw in (4, 8)]
+    variants += [("loop", ns, nw, st) for ns in (None, 16, 32, 64) for nw in (4, 8) for st in (2, 3, 4)]
+    for kernel, ns, nw, st in variants:
+        sparse_triton._DENSE_DECODE_BLOCKS = 1 << 30 if kernel == "split-per-block" else 0
+        try:
+            t = graph_time_us(
+                lambda ns=ns, nw=nw, st=st: sparse_triton.launch_paged_attention(
+                    *kv,
+                    None,
+                    scale=SCALE,
+                    shard_rank=0,
+                    shard_world=1,
+                    max_q_len=1,
+                    block_t=None,
+                    num_splits=ns,
+                    name="paged_attention",
+                    num_warps=nw,
+                    num_stages=st,
+                )  # fmt: skip
+            )
+        except Exception as e:  # e.g. out of shared memory
+            t = float("nan")
+            print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
+        print(f"{tag} {kernel} splits={ns} warps={nw} stages={st}: {t:.1f} us", flush=True)
+    sparse_triton._DENSE_DECODE_BLOCKS = default_limit
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few lengths only")
@@ -665,9 +712,10 @@ def main() -> None:
         "--sweep",
         nargs="?",
         const="all",
-        choices=["all", "decode", "prefill", "prefill-index", "select", "block-major"],
+        choices=["all", "decode", "prefill", "prefill-index", "select", "block-major", "dense-decode"],
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
-        "prefill index alone; block-major: the block-major prefill kernel)",
+        "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
+        "layers' decode kernels)",
     )
     args = ap.parse_args()
     if args.sweep:

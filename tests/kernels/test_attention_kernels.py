@@ -109,6 +109,20 @@ def test_sparse_decode_with_a_wide_block_table(case, world, monkeypatch):
     run_case(case, True, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
 
 
+def _long_dense_walk(monkeypatch):
+    """Dense decode in the loop kernel with two programs per SM (the split count of a long walk)
+    at a toy length."""
+    monkeypatch.setattr(sparse_triton, "_DENSE_DECODE_BLOCKS", 0)
+    monkeypatch.setattr(sparse_triton, "_DENSE_SPLIT_BLOCKS", 1)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", ["decode_b1_one_block", "decode_mixed", "decode_few_blocks"])
+def test_dense_decode_split_two_programs_per_sm(case, world, monkeypatch):
+    _long_dense_walk(monkeypatch)
+    run_case(case, False, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
 @pytest.mark.parametrize("passes", ["one_pass", "passes_of_5"])
 @pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
 @pytest.mark.parametrize("case", ["mtp", "prefill_chunk", "prefill_mixed"])
@@ -187,6 +201,14 @@ def test_sparse_decode_with_a_wide_block_table_gpu(case, monkeypatch):
     monkeypatch.setattr(sparse_triton, "_WHOLE_TABLE_BLOCKS", 0)
     monkeypatch.setitem(CASES, case, GPU_CASES[case])
     run_case(case, True, 1, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["decode_mixed", "decode_few_blocks"])
+def test_dense_decode_split_two_programs_per_sm_gpu(case, monkeypatch):
+    _long_dense_walk(monkeypatch)
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    run_case(case, False, 1, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
 
 
 @pytest.mark.gpu

@@ -456,6 +456,11 @@ def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
 
 
 _DENSE_DECODE_BLOCKS = 32
+# Blocks per split from which a dense decode walk runs two programs per SM. On an H200: 87 against
+# 98 us with one at 128K (batch 1), 509 against 634 us at 1M, 255 against 341 us at 128K batch 4;
+# at 32K (8 blocks per split) one was faster.
+_DENSE_SPLIT_BLOCKS = 16
+_MAX_SPLITS = 64  # the split-K combine unrolls over the splits
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
 # paid at 64 blocks and cost time at 256).
 _WHOLE_TABLE_BLOCKS = 64
@@ -648,9 +653,16 @@ def launch_paged_attention(
         work = block_table.shape[1]
     if num_splits is None:
         programs = B * tiles * H_kv
-        # About one program per SM: each split then walks a couple of blocks.
-        num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
-    num_splits = min(num_splits, 64)  # the combine unrolls over the splits
+        # About one program per SM: each split then walks a couple of blocks. A dense decode walk
+        # long enough to leave each split _DENSE_SPLIT_BLOCKS blocks at two programs per SM takes
+        # two: one program's loop keeps too few loads in flight to draw its SM's share of the
+        # bandwidth, and once the walk is long the wider combine costs less than that.
+        two_per_sm = min(_MAX_SPLITS, triton.cdiv(2 * num_sms(q.device), programs))
+        if not sparse and longest == 1 and work >= _DENSE_SPLIT_BLOCKS * two_per_sm:
+            num_splits = two_per_sm
+        else:
+            num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
+    num_splits = min(num_splits, _MAX_SPLITS)
     adaptive = adaptive and num_splits == 1
     if num_splits > 1:
         part_out = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
