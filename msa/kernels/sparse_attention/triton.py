@@ -37,6 +37,16 @@ from msa.kernels.sparse_attention.block_major import (
 
 
 @triton.jit
+def _weighted_split(out_ptrs, lse_ptrs, live, m):
+    """One split's partial rows weighted by ``exp(lse - m)`` (zeros where not ``live``). Its lse
+    is loaded beside its rows rather than picked out of the lse tile already in registers: that
+    pick is a reduction across warps, a barrier per split on the combine's critical path."""
+    lse = tl.load(lse_ptrs, mask=live, other=float("-inf"), cache_modifier=".cg")
+    out = tl.load(out_ptrs, mask=live[:, None], other=0.0, cache_modifier=".cg")
+    return tl.exp(lse - m)[:, None] * out
+
+
+@triton.jit
 def _combine_last(
     ticket_ptr,
     num_splits,
@@ -55,11 +65,10 @@ def _combine_last(
     """Called by every split after writing its partial ``(out, lse)`` rows; the last split of the
     unit to arrive merges all ``num_splits`` (<= ``SPLITS_P``) partials by log-sum-exp (a split
     that saw no key has lse -inf and weighs 0), writes the final rows and re-zeroes the unit's
-    ticket. All partial lse come in one load and the partial outputs in an unrolled loop. ``EAGER``
-    loads every partial output masked, with no branch between the loads, so their reads overlap
-    instead of waiting on each other (0.4-0.7 us off an H200 decode step); it holds them all in
-    registers at once, which cost the split-K loop kernel more in occupancy than it saved, so that
-    kernel loads only the splits that exist, one after another."""
+    ticket. All partial lse come in one load (for the max) and the partial outputs in an unrolled
+    loop. ``EAGER`` loads every split's rows masked, with no branch between the loads, so their
+    reads overlap instead of waiting on each other; the split-K loop kernel, whose split counts
+    go to 64, loads only the splits that exist."""
     tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == num_splits - 1:
@@ -72,25 +81,18 @@ def _combine_last(
         )  # [SPLITS_P, M]
         m = tl.max(lses, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lses - m_safe[None, :])  # 0 for a split that saw no key
-        total = tl.sum(w, 0)
+        total = tl.sum(tl.exp(lses - m_safe[None, :]), 0)  # a split that saw no key adds 0
         merged = tl.zeros([M, HEAD_DIM], tl.float32)
         for i in tl.static_range(SPLITS_P):
-            w_i = tl.sum(tl.where(r[:, None] == i, w, 0.0), 0)  # [M]
             if EAGER:
-                # Masked loads with no branch between them: all in flight at once.
-                o_i = tl.load(
-                    part_out_ptrs + i * stride_os,
-                    mask=(row_ok & (tl.full([M], i, tl.int32) < num_splits))[:, None],
-                    other=0.0,
-                    cache_modifier=".cg",
+                live = row_ok & (tl.full([M], i, tl.int32) < num_splits)
+                merged += _weighted_split(
+                    part_out_ptrs + i * stride_os, part_lse_ptrs + i * stride_ls, live, m_safe
                 )
-                merged += w_i[:, None] * o_i
             elif i < num_splits:
-                o_i = tl.load(
-                    part_out_ptrs + i * stride_os, mask=row_ok[:, None], other=0.0, cache_modifier=".cg"
+                merged += _weighted_split(
+                    part_out_ptrs + i * stride_os, part_lse_ptrs + i * stride_ls, row_ok, m_safe
                 )
-                merged += w_i[:, None] * o_i
         seen = total > 0
         final = merged / tl.where(seen, total, 1.0)[:, None]
         final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
@@ -671,8 +673,8 @@ def launch_paged_attention(
         # long enough to leave each split _DENSE_SPLIT_BLOCKS blocks at two programs per SM takes
         # two: one program's loop keeps too few loads in flight to draw its SM's share of the
         # bandwidth, and once the walk is long the wider combine costs less than that.
-        two_per_sm = min(_MAX_SPLITS, triton.cdiv(2 * num_sms(q.device), programs))
-        if not sparse and longest == 1 and work >= _DENSE_SPLIT_BLOCKS * two_per_sm:
+        two_per_sm = min(_MAX_SPLITS, 2 * num_sms(q.device) // programs)  # no SM gets a third
+        if not sparse and longest == 1 and two_per_sm > 1 and work >= _DENSE_SPLIT_BLOCKS * two_per_sm:
             num_splits = two_per_sm
         else:
             num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
