@@ -37,16 +37,6 @@ from msa.kernels.sparse_attention.block_major import (
 
 
 @triton.jit
-def _weighted_split(out_ptrs, lse_ptrs, live, m):
-    """One split's partial rows weighted by ``exp(lse - m)`` (zeros where not ``live``). Its lse
-    is loaded beside its rows rather than picked out of the lse tile already in registers: that
-    pick is a reduction across warps, a barrier per split on the combine's critical path."""
-    lse = tl.load(lse_ptrs, mask=live, other=float("-inf"), cache_modifier=".cg")
-    out = tl.load(out_ptrs, mask=live[:, None], other=0.0, cache_modifier=".cg")
-    return tl.exp(lse - m)[:, None] * out
-
-
-@triton.jit
 def _combine_last(
     ticket_ptr,
     num_splits,
@@ -60,39 +50,35 @@ def _combine_last(
     M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     SPLITS_P: tl.constexpr,
-    EAGER: tl.constexpr,
 ):
     """Called by every split after writing its partial ``(out, lse)`` rows; the last split of the
     unit to arrive merges all ``num_splits`` (<= ``SPLITS_P``) partials by log-sum-exp (a split
     that saw no key has lse -inf and weighs 0), writes the final rows and re-zeroes the unit's
-    ticket. All partial lse come in one load (for the max) and the partial outputs in an unrolled
-    loop. ``EAGER`` loads every split's rows masked, with no branch between the loads, so their
-    reads overlap instead of waiting on each other; the split-K loop kernel, whose split counts
-    go to 64, loads only the splits that exist."""
+    ticket. All partial lse come in one load and the partial outputs in an unrolled loop, so the
+    reads overlap instead of waiting on each other."""
     tl.debug_barrier()  # every thread's partial is stored before the ticket is taken
     ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
     if ticket == num_splits - 1:
         r = tl.arange(0, SPLITS_P)
+        part_ok = (r < num_splits)[:, None] & row_ok[None, :]
         lses = tl.load(
             part_lse_ptrs[None, :] + r[:, None] * stride_ls,
-            mask=(r < num_splits)[:, None] & row_ok[None, :],
+            mask=part_ok,
             other=float("-inf"),
             cache_modifier=".cg",
         )  # [SPLITS_P, M]
         m = tl.max(lses, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        total = tl.sum(tl.exp(lses - m_safe[None, :]), 0)  # a split that saw no key adds 0
+        w = tl.exp(lses - m_safe[None, :])  # 0 for a split that saw no key
+        total = tl.sum(w, 0)
         merged = tl.zeros([M, HEAD_DIM], tl.float32)
         for i in tl.static_range(SPLITS_P):
-            if EAGER:
-                live = row_ok & (tl.full([M], i, tl.int32) < num_splits)
-                merged += _weighted_split(
-                    part_out_ptrs + i * stride_os, part_lse_ptrs + i * stride_ls, live, m_safe
+            if i < num_splits:
+                o_i = tl.load(
+                    part_out_ptrs + i * stride_os, mask=row_ok[:, None], other=0.0, cache_modifier=".cg"
                 )
-            elif i < num_splits:
-                merged += _weighted_split(
-                    part_out_ptrs + i * stride_os, part_lse_ptrs + i * stride_ls, row_ok, m_safe
-                )
+                w_i = tl.sum(tl.where(r[:, None] == i, w, 0.0), 0)  # [M]
+                merged += w_i[:, None] * o_i
         seen = total > 0
         final = merged / tl.where(seen, total, 1.0)[:, None]
         final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
@@ -230,7 +216,6 @@ def _decode_kernel(
             ROWS,
             HEAD_DIM,
             SPLITS_P,
-            True,
         )
 
 
@@ -437,7 +422,6 @@ def _paged_attention_kernel(
             M,
             HEAD_DIM,
             SPLITS_P,
-            False,
         )
 
 
