@@ -456,9 +456,9 @@ def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
 
 
 _DENSE_DECODE_BLOCKS = 32
-# Blocks per split from which a dense decode walk runs two programs per SM. On an H200: 87 against
-# 98 us with one at 128K (batch 1), 509 against 634 us at 1M, 255 against 341 us at 128K batch 4;
-# at 32K (8 blocks per split) one was faster.
+# Blocks per split from which a dense decode walk runs two programs per SM. On an H200, against one:
+# 499 vs 645 us at 1M (batch 1), 252 vs 338 us at 128K (batch 4); at 32K and batch 1 (8 blocks per
+# split) one was faster (`benchmarks/kernels.py --sweep dense-decode`).
 _DENSE_SPLIT_BLOCKS = 16
 _MAX_SPLITS = 64  # the split-K combine unrolls over the splits
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
