@@ -428,7 +428,7 @@ def print_table(res: dict) -> None:
 
 def sweep(part: str) -> None:
     """Tuning sweep (not part of the report): per-kernel times over the launch parameters, and the
-    cost of a kernel launch inside a graph. ``part``: all, decode or prefill."""
+    cost of a kernel launch inside a graph. ``part``: one of the ``--sweep`` choices."""
     x = torch.zeros(16, device=DEV)
     for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
