@@ -21,43 +21,12 @@ import triton.language as tl
 
 from msa.kernels._launch import next_pow2, paged_input_strides
 from msa.kernels.merge.triton import merge_states_into
+from msa.kernels.sparse_attention.softmax import LOG2E, softmax_tile
 
-LOG2E = 1.4426950408889634
 # Scratch for the partial results of one pass (query tokens are taken in passes that fit): an
 # 8K-token chunk of M3 (64 heads, top-16) needs 2.1 GiB; each extra pass costs its own plan and
 # merge launches.
 MAX_PARTIAL_BYTES = 5 << 29
-
-
-@triton.jit
-def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
-    """Attention of the rows of ``q [M, D]`` over one tile of keys ``k, v [N, D]`` where
-    ``allowed [M, N]``: (out ``[M, D]`` fp32, lse ``[M]`` natural log; zeros and -inf for a row that
-    sees no key). ``qk_scale`` includes log2(e)."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
-    s = tl.where(allowed, s * qk_scale, float("-inf"))  # log2 units
-    m = tl.max(s, 1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m_safe[:, None])
-    l_i = tl.sum(p, 1)
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v)
-    return normalize_softmax(acc, m_safe, l_i)
-
-
-@triton.jit
-def normalize_softmax(acc, m, l_i):
-    """Finish an online softmax: (out ``acc / l``, lse in natural log from the running max ``m``
-    and sum ``l_i`` in log2 units); zeros and -inf for a row that saw no key (``l_i`` 0)."""
-    seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
-    return out, lse
 
 
 @triton.jit(do_not_specialize=["n_groups", "table_width", "t0", "stride_bt", "stride_os", "stride_ls"])

@@ -27,13 +27,8 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
-from msa.kernels.sparse_attention.block_major import (
-    LOG2E,
-    block_major_attention,
-    normalize_softmax,
-    softmax_tile,
-    token_sequences,
-)
+from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
+from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, softmax_tile
 
 
 @triton.jit
@@ -740,8 +735,9 @@ def launch_paged_attention(
     launch(shared_t, shared_tiles, 1, crowded, union_max, shared_t, shared_tiles)
     if by_block is None and longest >= _BLOCK_MAJOR_MIN_TOKENS:
         seq = token_sequences(cu_seqlens_q, T)
-        tile = (torch.arange(T, device=q.device) - cu_seqlens_q[seq.long()]) // shared_t
-        keep = crowded.view(B * shared_tiles, H_kv)[seq.long() * shared_tiles + tile].bool()
+        seq_i = seq.long()
+        tile = (torch.arange(T, device=q.device) - cu_seqlens_q[seq_i]) // shared_t
+        keep = crowded.view(B * shared_tiles, H_kv)[seq_i * shared_tiles + tile].bool()
         block_major_attention(
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids, out, lse,
             scale=scale, shard_rank=shard_rank, shard_world=shard_world, keep=keep, token_seq=seq,
