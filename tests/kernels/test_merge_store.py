@@ -105,3 +105,27 @@ def test_merge_with_keep_writes_only_the_kept_groups(monkeypatch):
     torch.testing.assert_close(out[kept], ref_out[kept], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse[kept], ref_lse[kept], atol=1e-5, rtol=1e-5)
     assert bool((out[~kept] == 7.0).all()) and bool((lse[~kept] == 7.0).all())
+
+
+@pytest.mark.parametrize("with_keep", [False, True], ids=["all_groups", "keep"])
+@pytest.mark.parametrize(
+    "shape", [(3, 2, 4, 16), (16, 3, 8, 32), (5, 2, 20, 24)], ids=["three", "sixteen", "odd"]
+)
+def test_latency_bound_merge_reads_all_parts_at_once(shape, with_keep, monkeypatch):
+    """The split-K merge of a decode step (one program per token and head, every part in one
+    load) against the reference, with an empty part, an all-empty row and a kept subset."""
+    from msa.kernels.merge.triton import merge_states_into
+
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    R, T, H, D = shape
+    outs, lses = partial_states(R, T, H, D, torch.float32, "cpu", empty_shard=1)
+    outs[:, -1, 1], lses[:, -1, 1] = 0.0, float("-inf")
+    keep = torch.rand(T, 2, generator=torch.Generator().manual_seed(1)) < 0.5 if with_keep else None
+    out, lse = torch.full((T, H, D), 7.0), torch.full((T, H), 7.0)
+    merge_states_into(outs, lses, out, lse, keep, latency_bound=True)
+    ref_out, ref_lse = merge_attention_states_reference(outs, lses)
+    kept = torch.ones(T, H, dtype=torch.bool) if keep is None else keep.repeat_interleave(H // 2, 1)
+    torch.testing.assert_close(out[kept], ref_out[kept], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[kept], ref_lse[kept], atol=1e-5, rtol=1e-5)
+    assert bool((out[~kept] == 7.0).all()) and bool((lse[~kept] == 7.0).all())
+    assert torch.isneginf(lse[-1, 1]) == bool(kept[-1, 1]) and not out.isnan().any()

@@ -5,11 +5,32 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
-from msa.kernels._launch import check_last_dim_contiguous, next_pow2
+from msa.kernels._launch import check_last_dim_contiguous, next_pow2, pdl
 
 
-@triton.jit(do_not_specialize=["stride_or", "stride_lr"])
+@triton.jit
+def merge_weights(lses):
+    """Weights of ``S`` partial results of the same rows by their log-sum-exp ``lses [S, M]``
+    (natural log): (w ``[S, M]``, m ``[M]``, total ``[M]``) with ``w = exp(lse - m)``, ``total`` their
+    sum. A partial with lse -inf weighs 0; a row whose partials are all -inf gets total 0, not NaN."""
+    m = tl.max(lses, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lses - m[None, :])
+    return w, m, tl.sum(w, 0)
+
+
+@triton.jit
+def finish_merge(merged, m, total):
+    """The merged rows from ``merged [M, D]`` (the partial outputs summed with ``merge_weights``'
+    weights) and its ``m``, ``total``: (out ``[M, D]``, lse ``[M]``); zeros and -inf where total is 0."""
+    seen = total > 0
+    safe = tl.where(seen, total, 1.0)
+    return merged / safe[:, None], tl.where(seen, m + tl.log(safe), float("-inf"))
+
+
+@triton.jit(do_not_specialize=["R", "stride_or", "stride_lr"])
 def _merge_states_kernel(
     outs_ptr,
     lses_ptr,
@@ -32,9 +53,15 @@ def _merge_states_kernel(
     HEAD_DIM: tl.constexpr,
     DIM_P: tl.constexpr,
     KEEP: tl.constexpr,
+    PARTS_P: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    """Program (token, block of heads) merges its rows of the ``R`` parts: in one load each when
+    ``PARTS_P`` (>= R) is set, else in two passes over the parts."""
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if PDL:
+        gdc_wait()  # launched early: the parts are written from here on
     offs_d = tl.arange(0, DIM_P)
     h_ok = offs_h < H
     if KEEP:  # only the heads of the groups marked in keep[t] are merged and written
@@ -43,29 +70,47 @@ def _merge_states_kernel(
             return
     hd_ok = h_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
-    # Pass 1: the running max of the parts' lse, per head.
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    for r in range(R):
-        lse_r = tl.load(lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=h_ok, other=float("-inf"))
-        m = tl.maximum(m, lse_r)
-    # An all -inf head keeps weight 0 for every part instead of exp(-inf - -inf) = NaN.
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-
-    acc = tl.zeros([BLOCK_H, DIM_P], tl.float32)
-    total = tl.zeros([BLOCK_H], tl.float32)
-    for r in range(R):
-        lse_r = tl.load(lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=h_ok, other=float("-inf"))
-        w = tl.exp(lse_r - m_safe)  # [BLOCK_H]; 0 for an empty part
-        o = tl.load(
-            outs_ptr + r * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-            mask=hd_ok,
+    if PARTS_P > 0:
+        # A few parts (split-K of a decode step): every part's lse and rows in one load each, so
+        # no load waits on another.
+        r = tl.arange(0, PARTS_P)
+        ok = (r < R)[:, None] & h_ok[None, :]
+        lses = tl.load(
+            lses_ptr + r[:, None] * stride_lr + t * stride_lt + offs_h[None, :], mask=ok, other=float("-inf")
+        )  # [PARTS_P, BLOCK_H]
+        outs = tl.load(
+            outs_ptr
+            + r[:, None, None] * stride_or
+            + t * stride_ot
+            + offs_h[None, :, None] * stride_oh
+            + offs_d[None, None, :],
+            mask=ok[:, :, None] & (offs_d < HEAD_DIM)[None, None, :],
             other=0.0,
         ).to(tl.float32)
+        w, m, total = merge_weights(lses)
         # An empty part's out is zeros by contract; where() keeps a stray NaN there from leaking.
-        acc += tl.where(w[:, None] > 0, w[:, None] * o, 0.0)
-        total += w
-    lse = tl.where(total > 0, m_safe + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+        acc = tl.sum(tl.where(w[:, :, None] > 0, w[:, :, None] * outs, 0.0), 0)
+    else:
+        # Pass 1: the running max of the parts' lse, per head.
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        for r in range(R):
+            lse_r = tl.load(lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=h_ok, other=float("-inf"))
+            m = tl.maximum(m, lse_r)
+        # An all -inf head keeps weight 0 for every part instead of exp(-inf - -inf) = NaN.
+        m = tl.where(m == float("-inf"), 0.0, m)
+        acc = tl.zeros([BLOCK_H, DIM_P], tl.float32)
+        total = tl.zeros([BLOCK_H], tl.float32)
+        for r in range(R):
+            lse_r = tl.load(lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=h_ok, other=float("-inf"))
+            w = tl.exp(lse_r - m)  # [BLOCK_H]; 0 for an empty part
+            o = tl.load(
+                outs_ptr + r * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
+                mask=hd_ok,
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.where(w[:, None] > 0, w[:, None] * o, 0.0)
+            total += w
+    out, lse = finish_merge(acc, m, total)
     tl.store(
         out_ptr + t * stride_mt + offs_h[:, None] * stride_mh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -80,10 +125,15 @@ def merge_states_into(
     out: torch.Tensor,
     lse: torch.Tensor,
     keep: torch.Tensor | None = None,
+    *,
+    latency_bound: bool = False,
 ) -> None:
     """Launch the merge of ``outs [R, T, H, D]``, ``lses [R, T, H]`` into ``out [T, H, D]`` (any float
     dtype) and ``lse [T, H]`` fp32. With ``keep [T, G]`` (nonzero: merge), only the heads of the
-    kept groups of G equal head groups are written; the rest of ``out`` and ``lse`` is left as is."""
+    kept groups of G equal head groups are written; the rest of ``out`` and ``lse`` is left as is.
+    ``latency_bound`` (the split-K partials of a decode step, R <= 64): one program per (token,
+    head) reads all its parts at once, launched early after the kernel that writes them
+    (programmatic dependent launch)."""
     R, T, H, D = outs.shape
     if lses.shape != (R, T, H) or out.shape != (T, H, D) or lse.shape != (T, H):
         raise ValueError(
@@ -97,9 +147,10 @@ def merge_states_into(
         raise ValueError(f"merge: keep must be [T={T}, G] with G dividing H={H}, got {tuple(keep.shape)}")
     if T == 0 or H == 0:
         return
-    block_h = min(16, next_pow2(H))
-    grid = (T, triton.cdiv(H, block_h))
-    _merge_states_kernel[grid](
+    block_h = 1 if latency_bound else min(16, next_pow2(H))
+    parts_p = next_pow2(R) if latency_bound else 0
+    early = latency_bound and pdl(out.device)
+    _merge_states_kernel[(T, triton.cdiv(H, block_h))](
         outs,
         lses,
         out,
@@ -121,6 +172,11 @@ def merge_states_into(
         HEAD_DIM=D,
         DIM_P=next_pow2(D),
         KEEP=keep is not None,
+        PARTS_P=parts_p,
+        PDL=early,
+        # One program's parts at 32 values per thread.
+        num_warps=min(8, max(1, parts_p * next_pow2(D) // 1024)) if latency_bound else 4,
+        launch_pdl=early,
     )
 
 
