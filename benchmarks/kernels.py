@@ -433,7 +433,7 @@ def sweep(part: str) -> None:
     for n in (1, 2):
         print(f"graph of {n} tiny kernels: {graph_time_us(lambda n=n: [x.add_(1) for _ in range(n)]):.1f} us")
     shapes = ((2048, 1), (8192, 1), (32768, 1), (131072, 1), (1048576, 1), (131072, 8))
-    for L, B in shapes if part not in ("prefill", "prefill-index", "block-major", "dense-decode") else ():
+    for L, B in shapes if part in ("all", "decode", "select") else ():
         if part == "select" and L < 8192:
             continue
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
@@ -456,6 +456,10 @@ def sweep(part: str) -> None:
             for smooth in (False, True):
                 sweep_block_major(L, smooth)
                 torch.cuda.empty_cache()
+    if part in ("all", "merge"):
+        for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
+            sweep_merge(L, B)
+            torch.cuda.empty_cache()
 
 
 def kernel_breakdown(tag: str, fn, reps: int = 20) -> None:
@@ -703,6 +707,26 @@ def sweep_dense_decode(L: int, B: int) -> None:
     sparse_triton._DENSE_DECODE_BLOCKS = default_limit
 
 
+def sweep_merge(L: int, B: int) -> None:
+    """Decode with split-K partials merged by a launch of their own for grids of up to 0 (never),
+    1 or 2 waves of programs: dense attention, sparse attention and the MSA step."""
+    p = paged_problem(B, L, 1, torch.bfloat16)
+    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    ids, _ = select_blocks_triton(
+        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
+    )
+    default = sparse_triton._MERGE_WAVES
+    for waves in (0, 1, 2):
+        sparse_triton._MERGE_WAVES = waves
+        t = graph_time_us(lambda: paged_attention_triton(*kv, scale=SCALE, max_q_len=1))
+        line = f"L={L} B={B} merge launch up to {waves} waves: dense {t:.1f} us"
+        if selection_needed(L, BLOCK, TOPK):
+            t = graph_time_us(lambda: sparse_attention_triton(*kv, ids, scale=SCALE, max_q_len=1))
+            line += f", sparse attention {t:.1f} us, MSA step {graph_time_us(lambda: msa_step(p)):.1f} us"
+        print(line, flush=True)
+    sparse_triton._MERGE_WAVES = default
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few lengths only")
@@ -712,10 +736,20 @@ def main() -> None:
         "--sweep",
         nargs="?",
         const="all",
-        choices=["all", "decode", "prefill", "prefill-index", "select", "block-major", "dense-decode"],
+        choices=[
+            "all",
+            "decode",
+            "prefill",
+            "prefill-index",
+            "select",
+            "block-major",
+            "dense-decode",
+            "merge",
+        ],
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
-        "layers' decode kernels)",
+        "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
+        "split)",
     )
     args = ap.parse_args()
     if args.sweep:

@@ -318,3 +318,41 @@ def test_block_major_prefill_never_syncs_the_host(monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+SPLIT_CASES = ["decode_b1_one_block", "decode_mixed", "decode_few_blocks", "prefill_chunk"]
+
+
+@pytest.fixture(params=["merge_launch", "last_split"])
+def split_merge(request, monkeypatch):
+    """Split-K partials merged by a launch of their own, or by the last split in the kernel."""
+    monkeypatch.setattr(sparse_triton, "_MERGE_WAVES", 1 << 20 if request.param == "merge_launch" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_k_merges_agree_with_reference(case, sparse, split_merge, monkeypatch):
+    run_case(case, sparse, 1, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["decode_mixed", "decode_few_blocks"])
+def test_split_k_merges_over_a_long_dense_walk(case, split_merge, monkeypatch):
+    _long_dense_walk(monkeypatch)
+    run_case(case, False, 2, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", SPLIT_CASES)
+def test_split_k_merges_agree_with_reference_gpu(case, sparse, split_merge, monkeypatch):
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    run_case(case, sparse, 1, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["decode_mixed", "decode_few_blocks"])
+def test_split_k_merges_over_a_long_dense_walk_gpu(case, split_merge, monkeypatch):
+    _long_dense_walk(monkeypatch)
+    monkeypatch.setitem(CASES, case, GPU_CASES[case])
+    run_case(case, False, 2, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)

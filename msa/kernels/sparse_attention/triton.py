@@ -5,8 +5,9 @@ group's query heads and tokens form the rows of one ``tl.dot`` (M = BLOCK_T x he
 each K/V block is read once for all of them. In sparse mode the program walks the union of the
 tile's selected blocks in ascending order (each row only sees its own token's blocks); in dense
 mode it walks every visible block of this shard. Decode splits that walk over ``num_splits``
-programs (split-K) writing fp32 partials; the last split of each (tile, group) to finish, known by
-an atomic ticket, combines them by log-sum-exp in the same launch.
+programs (split-K) writing fp32 partials, merged by log-sum-exp: in a second launch with one
+program per (token, head) while the split grid is a wave or two, else by the last split of each
+(tile, group) to finish, known by an atomic ticket, in the same launch.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_wait
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from msa.kernels._launch import (
     check_int32,
@@ -27,6 +28,7 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
+from msa.kernels.merge.triton import finish_merge, merge_states_into, merge_weights
 from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
 from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, softmax_tile
 
@@ -62,10 +64,7 @@ def _combine_last(
             other=float("-inf"),
             cache_modifier=".cg",
         )  # [SPLITS_P, M]
-        m = tl.max(lses, 0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        w = tl.exp(lses - m_safe[None, :])  # 0 for a split that saw no key
-        total = tl.sum(w, 0)
+        w, m, total = merge_weights(lses)
         merged = tl.zeros([M, HEAD_DIM], tl.float32)
         for i in tl.static_range(SPLITS_P):
             if i < num_splits:
@@ -74,9 +73,7 @@ def _combine_last(
                 )
                 w_i = tl.sum(tl.where(r[:, None] == i, w, 0.0), 0)  # [M]
                 merged += w_i[:, None] * o_i
-        seen = total > 0
-        final = merged / tl.where(seen, total, 1.0)[:, None]
-        final_lse = tl.where(seen, m_safe + tl.log(tl.where(seen, total, 1.0)), float("-inf"))
+        final, final_lse = finish_merge(merged, m, total)
         tl.store(final_out_ptrs, final.to(final_out_ptrs.dtype.element_ty), mask=row_ok[:, None])
         tl.store(final_lse_ptrs, final_lse, mask=row_ok)
         tl.store(ticket_ptr, 0)  # ready for the next launch
@@ -130,6 +127,7 @@ def _decode_kernel(
     SPLITS_P: tl.constexpr,
     PDL: tl.constexpr,
     TABLE_P: tl.constexpr,
+    LAUNCH_DEPENDENTS: tl.constexpr,
 ):
     """Decode (one query per sequence): program (sequence, group, split) attends over the
     ``PER_SPLIT`` blocks in slots ``split * PER_SPLIT ...`` (of the selection, or dense: of the
@@ -140,6 +138,8 @@ def _decode_kernel(
     split = tl.program_id(2)
     if PDL:
         gdc_wait()  # launched early: the selection (and everything before it) is visible from here on
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()  # the merge launch may start: it waits for the partials
     rows = tl.arange(0, ROWS)
     head = g * HEADS_PER_GROUP + rows
     row_ok = rows < HEADS_PER_GROUP
@@ -271,8 +271,11 @@ def _paged_attention_kernel(
     SPLITS_P: tl.constexpr,
     ADAPT: tl.constexpr = 0,
     SHARED_T: tl.constexpr = 1,
+    LAUNCH_DEPENDENTS: tl.constexpr = False,
 ):
     M: tl.constexpr = BLOCK_T * HEADS_P
+    if LAUNCH_DEPENDENTS:
+        gdc_launch_dependents()  # the merge launch may start: it waits for the partials
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -451,6 +454,12 @@ def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
 
 
 _DENSE_DECODE_BLOCKS = 32
+# Split-K grids of up to this many programs per SM merge their partials in a launch of their own
+# (``_merge_by_launch``). On an H200, against the last split merging in the kernel: 10.1 vs 13.6 us
+# (dense, 2K, batch 1), 74.0 vs 90.4 us (dense, 128K, batch 1), 10.7 vs 14.5 us (sparse, 8K,
+# batch 1), 20.4 vs 21.6 us (sparse, 8K, batch 8, two waves); a limit of one wave lost at batch 8
+# (`benchmarks/kernels.py --sweep merge`).
+_MERGE_WAVES = 2
 # Blocks per split from which a dense decode walk runs two programs per SM. On an H200, against one:
 # 499 vs 645 us at 1M (batch 1), 252 vs 338 us at 128K (batch 4); at 32K and batch 1 (8 blocks per
 # split) one was faster (`benchmarks/kernels.py --sweep dense-decode`).
@@ -468,6 +477,16 @@ _ADAPTIVE_MIN_TOKENS = 64
 # (``block_major.py``): its plan (a sort of the selection) costs a few small launches, which a
 # long chunk's attention hides.
 _BLOCK_MAJOR_MIN_TOKENS = 1024
+
+
+def _merge_by_launch(programs: int, splits: int, device: torch.device) -> bool:
+    """Whether a split-K grid of ``programs`` merges its partials in a launch of its own rather
+    than by the last split of each unit. Within a wave or two the splits finish nearly together,
+    so the in-kernel merge adds one program's serial read of all its unit's partials to the end
+    of the step, where the merge launch (started early, waiting on the device) reads them with
+    one program per (token, head); over more waves the units that finish early merge while
+    later ones still run, which a launch after the grid cannot."""
+    return splits > 1 and programs <= _MERGE_WAVES * num_sms(device)
 
 
 def _launch_decode(
@@ -503,23 +522,31 @@ def _launch_decode(
         topk, ids_arg, stride_it, stride_ig = max(1, block_table.shape[1]), block_table, 0, 0
     # K and V of the blocks a program loads at once stay in registers: two 128 x 128 bf16 blocks.
     most = next_pow2(max(1, 256 // D))
+    sms = num_sms(q.device)
     if num_splits is None:
-        # Two blocks per program (one measured slower: twice the partials to combine), more while
-        # the grid would exceed a few programs per SM or the last split combine over 16 partials.
-        per_split = min(2, most)
-        while per_split < min(most, topk) and (
-            B * H_kv * triton.cdiv(topk, per_split) > 4 * num_sms(q.device)
-            or triton.cdiv(topk, per_split) > 16
-        ):
-            per_split *= 2
+        if B * H_kv * topk <= sms:
+            # One block per program still fits in one wave (a batch of 1-2 for M3 at top-16): the
+            # step is latency-bound, so each program's chain should be short, and the split
+            # launch merges the partials.
+            per_split = 1
+        else:
+            # Two blocks per program (one measured slower: twice the partials to combine), more
+            # while the grid would exceed a few programs per SM or the last split combine over
+            # 16 partials.
+            per_split = min(2, most)
+            while per_split < min(most, topk) and (
+                B * H_kv * triton.cdiv(topk, per_split) > 4 * sms or triton.cdiv(topk, per_split) > 16
+            ):
+                per_split *= 2
     else:
         per_split = min(most, next_pow2(triton.cdiv(topk, max(1, num_splits))))
     per_split = min(per_split, next_pow2(topk))
     splits = triton.cdiv(topk, per_split)
+    merge_launch = _merge_by_launch(B * H_kv * splits, splits, q.device)
     if splits > 1:
         part_out = torch.empty(splits, B, H, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(splits, B, H, dtype=torch.float32, device=q.device)
-        ticket_buf = tickets(q.device, B * H_kv)
+        ticket_buf = lse if merge_launch else tickets(q.device, B * H_kv)
     else:
         part_out, part_lse, ticket_buf = out[None], lse[None], lse
     rows = max(16, next_pow2(H // H_kv))
@@ -552,16 +579,19 @@ def _launch_decode(
         PER_SPLIT=per_split,
         SPARSE=block_ids is not None,
         IEEE=q.dtype == torch.float32,
-        COMBINE=splits > 1,
+        COMBINE=splits > 1 and not merge_launch,
         SPLITS_P=splits_bucket(splits),
         PDL=early,
+        LAUNCH_DEPENDENTS=merge_launch and early,
         TABLE_P=_WHOLE_TABLE_BLOCKS
         if block_ids is not None and block_table.shape[1] <= _WHOLE_TABLE_BLOCKS
         else 0,
         # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
-        num_warps=num_warps or (8 if B * H_kv * splits <= num_sms(q.device) else 4),
+        num_warps=num_warps or (8 if B * H_kv * splits <= sms else 4),
         launch_pdl=early,
     )
+    if merge_launch:
+        merge_states_into(part_out, part_lse, out, lse, latency_bound=True)
     return out, lse
 
 
@@ -659,12 +689,13 @@ def launch_paged_attention(
             num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
     num_splits = min(num_splits, _MAX_SPLITS)
     adaptive = adaptive and num_splits == 1
+    merge_launch = _merge_by_launch(B * tiles * H_kv * num_splits, num_splits, q.device)
     if num_splits > 1:
         part_out = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
     else:
         part_out, part_lse = out[None], lse[None]
-    ticket_buf = tickets(q.device, B * tiles * H_kv) if num_splits > 1 else lse
+    ticket_buf = tickets(q.device, B * tiles * H_kv) if num_splits > 1 and not merge_launch else lse
     topk_p = next_pow2(topk)
 
     def launch(
@@ -715,16 +746,19 @@ def launch_paged_attention(
             TOPK_P=topk_p,
             SPARSE=sparse,
             IEEE=q.dtype == torch.float32,
-            COMBINE=num_splits > 1,
+            COMBINE=num_splits > 1 and not merge_launch,
             SPLITS_P=splits_bucket(num_splits),
             ADAPT=adapt,
             SHARED_T=shared_t,
+            LAUNCH_DEPENDENTS=merge_launch and pdl(q.device),
             num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
             num_stages=num_stages or 2,
         )
 
     if not adaptive:
         launch(block_t, tiles, 0, lse, 0, 1, 1)
+        if merge_launch:
+            merge_states_into(part_out, part_lse, out, lse, latency_bound=True)
         return out, lse
     shared_t = _SHARED_TILE * block_t
     shared_tiles = triton.cdiv(longest, shared_t)
