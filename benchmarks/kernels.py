@@ -448,7 +448,7 @@ def sweep(part: str) -> None:
     if part in ("all", "prefill", "prefill-index"):
         sweep_prefill_index()
     if part in ("all", "dense-decode"):
-        for L, B in ((2048, 1), (8192, 1), (16384, 1), (32768, 1), (131072, 1), (131072, 4), (1048576, 1)):
+        for L, B in ((8192, 1), (16384, 1), (65536, 1), (131072, 1), (8192, 4), (8192, 8), (1048576, 1)):
             sweep_dense_decode(L, B)
             torch.cuda.empty_cache()
     if part in ("all", "prefill", "block-major"):
@@ -681,7 +681,9 @@ def sweep_dense_decode(L: int, B: int) -> None:
     variants = []
     if n_blocks <= 128:
         variants += [("split-per-block", ns, nw, None) for ns in (None, n_blocks) for nw in (4, 8)]
-    variants += [("loop", ns, nw, st) for ns in (None, 16, 32, 64) for nw in (4, 8) for st in (2, 3, 4)]
+    one_per_sm = triton.cdiv(torch.cuda.get_device_properties(0).multi_processor_count, B * KV_HEADS)
+    counts = (None, one_per_sm, 8, 16, 32, 64)
+    variants += [("loop", ns, nw, st) for ns in counts for nw in (4, 8) for st in (2, 3)]
     for kernel, ns, nw, st in variants:
         sparse_triton._DENSE_DECODE_BLOCKS = 1 << 30 if kernel == "split-per-block" else 0
         try:

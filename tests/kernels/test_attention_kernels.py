@@ -356,3 +356,15 @@ def test_split_k_merges_over_a_long_dense_walk_gpu(case, split_merge, monkeypatc
     _long_dense_walk(monkeypatch)
     monkeypatch.setitem(CASES, case, GPU_CASES[case])
     run_case(case, False, 2, GPU, torch.bfloat16, "cuda", 2e-2, monkeypatch)
+
+
+# (table blocks, sequence x KV group units, split count) on 132 SMs.
+SPLIT_COUNTS = [(64, 4, 32), (128, 4, 32), (256, 4, 64), (8192, 4, 64), (128, 8, 32), (64, 16, 16)]
+SPLIT_COUNTS += [(64, 32, 8), (2, 4, 2), (64, 256, 1), (100, 12, 16), (3, 1, 2)]
+
+
+@pytest.mark.parametrize("blocks, units, splits", SPLIT_COUNTS)
+def test_dense_decode_split_count(blocks, units, splits):
+    """A power of two within two programs per SM (132 SMs), halved while a split would walk fewer
+    than four blocks and the grid is over one wave."""
+    assert sparse_triton._dense_decode_splits(blocks, units, 132) == splits

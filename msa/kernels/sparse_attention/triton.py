@@ -460,10 +460,9 @@ _DENSE_DECODE_BLOCKS = 32
 # batch 1), 20.4 vs 21.6 us (sparse, 8K, batch 8, two waves); a limit of one wave lost at batch 8
 # (`benchmarks/kernels.py --sweep merge`).
 _MERGE_WAVES = 2
-# Blocks per split from which a dense decode walk runs two programs per SM. On an H200, against one:
-# 499 vs 645 us at 1M (batch 1), 252 vs 338 us at 128K (batch 4); at 32K and batch 1 (8 blocks per
-# split) one was faster (`benchmarks/kernels.py --sweep dense-decode`).
-_DENSE_SPLIT_BLOCKS = 16
+# A dense decode walk takes its split count from _dense_decode_splits; a grid over one wave keeps
+# at least this many blocks per split.
+_DENSE_SPLIT_BLOCKS = 4
 _MAX_SPLITS = 64  # the split-K combine unrolls over the splits
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
 # paid at 64 blocks and cost time at 256).
@@ -477,6 +476,21 @@ _ADAPTIVE_MIN_TOKENS = 64
 # (``block_major.py``): its plan (a sort of the selection) costs a few small launches, which a
 # long chunk's attention hides.
 _BLOCK_MAJOR_MIN_TOKENS = 1024
+
+
+def _dense_decode_splits(blocks: int, units: int, sms: int) -> int:
+    """Split count of a dense decode walk over a table of ``blocks`` blocks by ``units`` (sequence,
+    KV group) pairs: the largest power of two that keeps the grid within two programs per SM (one
+    program's loop keeps too few loads in flight to draw its SM's share of the bandwidth; a third
+    would double the slowest SM's work), halved while a split would walk fewer than
+    ``_DENSE_SPLIT_BLOCKS`` blocks and the grid is over one wave. On an H200 against one program
+    per SM (``benchmarks/kernels.py --sweep dense-decode``): 45.7 vs 51.3 us at 64K and batch 1,
+    27.6 vs 32.4 us at 8K and batch 4, 41.7 vs 47.5 us at 8K and batch 8."""
+    splits = max(1, min(_MAX_SPLITS, blocks, 2 * sms // units))
+    splits = 1 << (splits.bit_length() - 1)
+    while splits > 1 and blocks < _DENSE_SPLIT_BLOCKS * splits and units * splits > sms:
+        splits //= 2
+    return splits
 
 
 def _merge_by_launch(programs: int, splits: int, device: torch.device) -> bool:
@@ -678,14 +692,9 @@ def launch_paged_attention(
         work = block_table.shape[1]
     if num_splits is None:
         programs = B * tiles * H_kv
-        # About one program per SM: each split then walks a couple of blocks. A dense decode walk
-        # long enough to leave each split _DENSE_SPLIT_BLOCKS blocks at two programs per SM takes
-        # two: one program's loop keeps too few loads in flight to draw its SM's share of the
-        # bandwidth, and once the walk is long the wider combine costs less than that.
-        two_per_sm = min(_MAX_SPLITS, 2 * num_sms(q.device) // programs)  # no SM gets a third
-        if not sparse and longest == 1 and two_per_sm > 1 and work >= _DENSE_SPLIT_BLOCKS * two_per_sm:
-            num_splits = two_per_sm
-        else:
+        if not sparse and longest == 1:
+            num_splits = _dense_decode_splits(work, programs, num_sms(q.device))
+        else:  # about one program per SM: each split then walks a couple of blocks
             num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
     num_splits = min(num_splits, _MAX_SPLITS)
     adaptive = adaptive and num_splits == 1
