@@ -456,6 +456,8 @@ def sweep(part: str) -> None:
             for smooth in (False, True):
                 sweep_block_major(L, smooth)
                 torch.cuda.empty_cache()
+    if part in ("all", "index-stages"):
+        sweep_index_stages()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -709,6 +711,32 @@ def sweep_dense_decode(L: int, B: int) -> None:
     sparse_triton._DENSE_DECODE_BLOCKS = default_limit
 
 
+def sweep_index_stages() -> None:
+    """Decode index: three steps in flight against four (bf16; fp8 runs three), alternating, three
+    times each; the first of a row pays the warm-up."""
+    for B, L, dt in (
+        (8, 1048576, torch.bfloat16),
+        (8, 1048576, torch.float8_e4m3fn),
+        (4, 1048576, torch.bfloat16),
+        (1, 1048576, torch.bfloat16),
+        (8, 131072, torch.bfloat16),
+    ):
+        p = paged_problem(B, L, 1, dt)
+        a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+        res = []
+        for _ in range(3):
+            for st in (3, 4) if dt == torch.bfloat16 else (3,):
+
+                def index(st=st, a=a):
+                    return select_blocks_triton(*a, topk=TOPK, max_q_len=1, num_stages=st)
+
+                t = graph_time_us(index, reps=50)
+                res.append(f"st{st} {t:.1f}")
+        print(f"B={B} L={L} {str(dt)[6:]}: " + ", ".join(res), flush=True)
+        del p, a
+        torch.cuda.empty_cache()
+
+
 def sweep_merge(L: int, B: int) -> None:
     """Decode with split-K partials merged by a launch of their own for grids of up to 0 (never),
     1 or 2 waves of programs: dense attention, sparse attention and the MSA step."""
@@ -747,11 +775,12 @@ def main() -> None:
             "block-major",
             "dense-decode",
             "merge",
+            "index-stages",
         ],
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
-        "split)",
+        "split; index-stages: the decode index's steps in flight)",
     )
     args = ap.parse_args()
     if args.sweep:
