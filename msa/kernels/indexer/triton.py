@@ -356,8 +356,9 @@ def launch_chunk_scores(
     # two fp8 ones), with four bf16 steps in flight (fp8 three); three bf16 steps where the grid
     # is at most two programs per SM, which then all fit in shared memory at once (on an H200:
     # 72.5 vs 73.3 us at 1M and batch 1, 71.6 vs 72.8 us at 128K and batch 8; at 1M and batch 8,
-    # 512 programs, four steps took 501 us and three 568). Prefill is matmul bound: one block per
-    # step and the pipeliner overlaps the next load.
+    # 512 programs, four steps took 501 us and three 568; `benchmarks/kernels.py --sweep
+    # index-stages`). Prefill is matmul bound: one block per step and the pipeliner overlaps the
+    # next load.
     block_bytes = index_k_cache.shape[1] * D * index_k_cache.element_size()
     few_rows = rows <= 32
     nb = min(chunk, step_blocks or (min(2, max(1, (32 * 1024) // block_bytes)) if few_rows else 1))

@@ -455,9 +455,9 @@ def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
 
 _DENSE_DECODE_BLOCKS = 32
 # Split-K grids of up to this many programs per SM merge their partials in a launch of their own
-# (``_merge_by_launch``). On an H200, against the last split merging in the kernel: 10.1 vs 13.6 us
-# (dense, 2K, batch 1), 74.0 vs 90.4 us (dense, 128K, batch 1), 10.7 vs 14.5 us (sparse, 8K,
-# batch 1), 20.4 vs 21.6 us (sparse, 8K, batch 8, two waves); a limit of one wave lost at batch 8
+# (``_merge_by_launch``). On an H200, against the last split merging in the kernel: 10.2 vs 14.0 us
+# (dense, 2K, batch 1), 76.8 vs 89.5 us (dense, 128K, batch 1), 10.7 vs 14.6 us (sparse, 8K,
+# batch 1), 20.9 vs 21.9 us (sparse, 8K, batch 8, two waves; a limit of one wave left it at 22.0)
 # (`benchmarks/kernels.py --sweep merge`).
 _MERGE_WAVES = 2
 # A dense decode walk takes its split count from _dense_decode_splits; a grid over one wave keeps
@@ -484,8 +484,9 @@ def _dense_decode_splits(blocks: int, units: int, sms: int) -> int:
     program's loop keeps too few loads in flight to draw its SM's share of the bandwidth; a third
     would double the slowest SM's work), halved while a split would walk fewer than
     ``_DENSE_SPLIT_BLOCKS`` blocks and the grid is over one wave. On an H200 against one program
-    per SM (``benchmarks/kernels.py --sweep dense-decode``): 45.7 vs 51.3 us at 64K and batch 1,
-    27.6 vs 32.4 us at 8K and batch 4, 41.7 vs 47.5 us at 8K and batch 8."""
+    per SM, side by side (``benchmarks/results/kernels-sweep-dense-splits-NVIDIA-H200.txt``): 45.7
+    vs 51.3 us at 64K and batch 1, 27.6 vs 32.4 us at 8K and batch 4, 41.7 vs 47.5 us at 8K and
+    batch 8."""
     splits = max(1, min(_MAX_SPLITS, blocks, 2 * sms // units))
     splits = 1 << (splits.bit_length() - 1)
     while splits > 1 and blocks < _DENSE_SPLIT_BLOCKS * splits and units * splits > sms:
