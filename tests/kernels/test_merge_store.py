@@ -129,3 +129,12 @@ def test_latency_bound_merge_reads_all_parts_at_once(shape, with_keep, monkeypat
     torch.testing.assert_close(lse[kept], ref_lse[kept], atol=1e-5, rtol=1e-5)
     assert bool((out[~kept] == 7.0).all()) and bool((lse[~kept] == 7.0).all())
     assert torch.isneginf(lse[-1, 1]) == bool(kept[-1, 1]) and not out.isnan().any()
+
+
+def test_latency_bound_merge_refuses_too_many_parts():
+    from msa.kernels.merge.triton import MAX_LATENCY_BOUND_PARTS, merge_states_into
+
+    R = MAX_LATENCY_BOUND_PARTS + 1
+    outs, lses = torch.zeros(R, 1, 2, 16), torch.zeros(R, 1, 2)
+    with pytest.raises(ValueError, match=f"at most {MAX_LATENCY_BOUND_PARTS} parts, got {R}"):
+        merge_states_into(outs, lses, torch.empty(1, 2, 16), torch.empty(1, 2), latency_bound=True)

@@ -9,6 +9,9 @@ from triton.language.extra.cuda import gdc_wait
 
 from msa.kernels._launch import check_last_dim_contiguous, next_pow2, pdl
 
+# Parts a latency-bound merge holds at once: with a 128-wide head, 8 warps at 32 values per thread.
+MAX_LATENCY_BOUND_PARTS = 64
+
 
 @triton.jit
 def merge_weights(lses):
@@ -131,9 +134,9 @@ def merge_states_into(
     """Launch the merge of ``outs [R, T, H, D]``, ``lses [R, T, H]`` into ``out [T, H, D]`` (any float
     dtype) and ``lse [T, H]`` fp32. With ``keep [T, G]`` (nonzero: merge), only the heads of the
     kept groups of G equal head groups are written; the rest of ``out`` and ``lse`` is left as is.
-    ``latency_bound`` (the split-K partials of a decode step, R <= 64): one program per (token,
-    head) reads all its parts at once, launched early after the kernel that writes them
-    (programmatic dependent launch)."""
+    ``latency_bound`` (the split-K partials of a decode step, R <= ``MAX_LATENCY_BOUND_PARTS``):
+    one program per (token, head) reads all its parts at once, launched early after the kernel
+    that writes them (programmatic dependent launch)."""
     R, T, H, D = outs.shape
     if lses.shape != (R, T, H) or out.shape != (T, H, D) or lse.shape != (T, H):
         raise ValueError(
@@ -145,6 +148,10 @@ def merge_states_into(
     check_last_dim_contiguous("merge", outs=outs, lses=lses, out=out, lse=lse)
     if keep is not None and (keep.dim() != 2 or keep.shape[0] != T or H % keep.shape[1]):
         raise ValueError(f"merge: keep must be [T={T}, G] with G dividing H={H}, got {tuple(keep.shape)}")
+    if latency_bound and R > MAX_LATENCY_BOUND_PARTS:
+        raise ValueError(
+            f"merge: a latency-bound merge takes at most {MAX_LATENCY_BOUND_PARTS} parts, got {R}"
+        )
     if T == 0 or H == 0:
         return
     block_h = 1 if latency_bound else min(16, next_pow2(H))

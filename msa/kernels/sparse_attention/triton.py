@@ -28,7 +28,7 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
-from msa.kernels.merge.triton import finish_merge, merge_states_into, merge_weights
+from msa.kernels.merge.triton import MAX_LATENCY_BOUND_PARTS, finish_merge, merge_states_into, merge_weights
 from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
 from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, softmax_tile
 
@@ -463,7 +463,7 @@ _MERGE_WAVES = 2
 # A dense decode walk takes its split count from _dense_decode_splits; a grid over one wave keeps
 # at least this many blocks per split.
 _DENSE_SPLIT_BLOCKS = 4
-_MAX_SPLITS = 64  # the split-K combine unrolls over the splits
+_MAX_SPLITS = MAX_LATENCY_BOUND_PARTS  # either split-K merge holds (or unrolls over) every split
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
 # paid at 64 blocks and cost time at 256).
 _WHOLE_TABLE_BLOCKS = 64
