@@ -595,7 +595,7 @@ def _launch_decode(
         SPARSE=block_ids is not None,
         IEEE=q.dtype == torch.float32,
         COMBINE=splits > 1 and not merge_launch,
-        SPLITS_P=splits_bucket(splits),
+        SPLITS_P=1 if merge_launch else splits_bucket(splits),  # only the in-kernel combine unrolls
         PDL=early,
         LAUNCH_DEPENDENTS=merge_launch and early,
         TABLE_P=_WHOLE_TABLE_BLOCKS
@@ -757,7 +757,7 @@ def launch_paged_attention(
             SPARSE=sparse,
             IEEE=q.dtype == torch.float32,
             COMBINE=num_splits > 1 and not merge_launch,
-            SPLITS_P=splits_bucket(num_splits),
+            SPLITS_P=1 if merge_launch else splits_bucket(num_splits),
             ADAPT=adapt,
             SHARED_T=shared_t,
             LAUNCH_DEPENDENTS=merge_launch and pdl(q.device),
