@@ -39,6 +39,34 @@ def test_shapes_cover_every_narrow_width_and_each_batch_size():
     assert (48, 80) in shapes and (48, 88) not in shapes and (2, 2048) in shapes and (2, 4096) not in shapes
 
 
+@pytest.mark.parametrize("sms", [8, 132], ids=["cpu", "h100"])
+def test_every_batch_size_meets_a_warmed_index_tiling(sms, monkeypatch):
+    """The scoring launch's (chunk, step, steps in flight) for decode at every batch size 1..8 and
+    table width 1..1100 is one that the warm-up's batch sizes (powers of two) also reach, for
+    bf16 and fp8 index keys of M3's shape: so a batch of 5 or 7 compiles nothing new (the
+    pipeline depth used to follow the exact program count, which only such batches changed)."""
+    import msa.kernels.warmup as warmup
+
+    monkeypatch.setattr(warmup, "num_sms", lambda device: sms)
+    rows = 16  # one decode token x 4 index heads, padded to the 16 rows of a tl.dot
+    for block_bytes in (128 * 128 * 2, 128 * 128):
+        warmed = {
+            indexer_triton.scoring_tiling(w, b, rows, block_bytes, sms)
+            for b, w in warmup_shapes(8, 1100, torch.device("cpu"))
+        }
+        reached = {
+            (b, w): indexer_triton.scoring_tiling(w, b, rows, block_bytes, sms)
+            for b in range(1, 9)
+            for w in range(1, 1101)
+        }
+        missed = {shape: t for shape, t in reached.items() if t not in warmed}
+        assert not missed, list(missed.items())[:10]
+        # With 8 SMs both bf16 pipeline depths occur within these widths (with 132 the chunk
+        # never reaches its cap here, and a batch of 5 at 105 blocks is one program over two per SM).
+        depths = {t[2] for t in reached.values()}
+        assert depths == ({3, 4} if sms == 8 and block_bytes == 128 * 128 * 2 else {3})
+
+
 def _cache(pages, block, kv_heads, dim, index_dim, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(pages, block, kv_heads, dim, generator=g).to(device, dtype)

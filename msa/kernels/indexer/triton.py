@@ -307,12 +307,45 @@ def _merge_candidates_kernel(
             tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
-def _pick_chunk(n_blocks: int, programs_per_chunk: int, device: torch.device, cap: int) -> int:
-    """Blocks per scoring program: enough programs to fill the GPU about twice (the loads of
-    several programs in flight hide the memory latency), at most ``cap`` (registers)."""
-    want = 2 * num_sms(device)
-    chunk = next_pow2(triton.cdiv(n_blocks * programs_per_chunk, want))
-    return max(2, min(chunk, cap))
+def scoring_tiling(
+    n_blocks: int,
+    programs_per_chunk: int,
+    rows: int,
+    block_bytes: int,
+    sms: int,
+    *,
+    chunk_blocks: int | None = None,
+    step_blocks: int | None = None,
+) -> tuple[int, int, int]:
+    """The scoring launch's (blocks per program, blocks per load step, steps in flight) for a
+    table of ``n_blocks`` blocks, ``programs_per_chunk`` (sequence, query tile) pairs of ``rows``
+    rows each and index-key blocks of ``block_bytes``, on ``sms`` SMs.
+
+    Blocks per program: enough programs to fill the GPU about twice (the loads of several programs
+    in flight hide the memory latency), at most ``8192 // rows`` and 128 (registers).
+
+    Decode rows are few, so the loads set the pace: up to 32 KB per step (one bf16 block of M3,
+    two fp8 ones), with four bf16 steps in flight (fp8 three); three bf16 steps where the grid's
+    blocks fit in two programs per SM, which then all sit in shared memory at once (on an H200:
+    72.5 vs 73.3 us at 1M and batch 1, 71.6 vs 72.8 us at 128K and batch 8; at 1M and batch 8,
+    512 programs, four steps took 501 us and three 568; `benchmarks/kernels.py --sweep
+    index-stages`). That test counts blocks, not programs (a sequence's partial last chunk is
+    not a program's worth), so it holds exactly when the chunk is under its cap, and every batch
+    size gets a (chunk, steps) pair that a power-of-two batch also gets, which the warm-up runs.
+    Prefill is matmul bound: one block per step and the pipeliner overlaps the next load.
+    """
+    if chunk_blocks:
+        chunk = chunk_blocks
+    else:
+        fill = next_pow2(triton.cdiv(n_blocks * programs_per_chunk, 2 * sms))
+        chunk = max(2, min(fill, 128, 8192 // rows))
+    few_rows = rows <= 32
+    nb = min(chunk, step_blocks or (min(2, max(1, (32 * 1024) // block_bytes)) if few_rows else 1))
+    resident = n_blocks * programs_per_chunk <= 2 * sms * chunk
+    most_stages = 4 if few_rows and nb == 1 and not resident else 3
+    # The copies must fit in shared memory.
+    stages = max(1, min(most_stages, (160 * 1024) // (nb * block_bytes)))
+    return chunk, nb, stages
 
 
 def launch_chunk_scores(
@@ -349,23 +382,18 @@ def launch_chunk_scores(
     tiles = triton.cdiv(longest, block_t)
     n_blocks = max(1, block_table.shape[1])
     rows = block_t * gp
-    chunk = chunk_blocks or _pick_chunk(n_blocks, B * tiles, index_q.device, min(128, 8192 // rows))
+    block_bytes = index_k_cache.shape[1] * D * index_k_cache.element_size()
+    chunk, nb, stages = scoring_tiling(
+        n_blocks,
+        B * tiles,
+        rows,
+        block_bytes,
+        num_sms(index_q.device),
+        chunk_blocks=chunk_blocks,
+        step_blocks=step_blocks,
+    )
     n_chunks = triton.cdiv(n_blocks, chunk)
     kc = min(chunk, topk)
-    # Decode rows are few, so the loads set the pace: up to 32 KB per step (one bf16 block of M3,
-    # two fp8 ones), with four bf16 steps in flight (fp8 three); three bf16 steps where the grid
-    # is at most two programs per SM, which then all fit in shared memory at once (on an H200:
-    # 72.5 vs 73.3 us at 1M and batch 1, 71.6 vs 72.8 us at 128K and batch 8; at 1M and batch 8,
-    # 512 programs, four steps took 501 us and three 568; `benchmarks/kernels.py --sweep
-    # index-stages`). Prefill is matmul bound: one block per step and the pipeliner overlaps the
-    # next load.
-    block_bytes = index_k_cache.shape[1] * D * index_k_cache.element_size()
-    few_rows = rows <= 32
-    nb = min(chunk, step_blocks or (min(2, max(1, (32 * 1024) // block_bytes)) if few_rows else 1))
-    step_bytes = nb * block_bytes
-    resident = B * tiles * n_chunks <= 2 * num_sms(index_q.device)
-    most_stages = 4 if few_rows and nb == 1 and not resident else 3
-    stages = max(1, min(most_stages, (160 * 1024) // step_bytes))  # the copies must fit in shared memory
     # Chunks past a sequence's visible blocks still write their (empty) candidates, so no memset.
     cand = torch.empty(T, G, n_chunks, kc, dtype=torch.int64, device=index_q.device)
     decode = longest == 1 and T == B
