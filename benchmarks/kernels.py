@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -29,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from msa.kernels import _launch, selection_needed  # noqa: E402
 from msa.kernels.dense_attention.triton import paged_attention_triton  # noqa: E402
 from msa.kernels.indexer.reference import select_blocks_reference  # noqa: E402
-from msa.kernels.indexer.triton import select_blocks_triton  # noqa: E402
+from msa.kernels.indexer.triton import launch_chunk_scores, select_blocks_triton  # noqa: E402
 from msa.kernels.merge.reference import merge_attention_states_reference  # noqa: E402
 from msa.kernels.merge.triton import merge_attention_states_triton  # noqa: E402
 from msa.kernels.sparse_attention import triton as sparse_triton  # noqa: E402
@@ -458,6 +459,8 @@ def sweep(part: str) -> None:
                 torch.cuda.empty_cache()
     if part in ("all", "index-stages"):
         sweep_index_stages()
+    if part in ("all", "read-floor"):
+        sweep_read_floor()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -757,6 +760,73 @@ def sweep_merge(L: int, B: int) -> None:
     sparse_triton._MERGE_WAVES = default
 
 
+@triton.jit
+def _read_stream_kernel(x_ptr, q_ptr, out_ptr, TILES: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr):
+    """Program p reads tiles p * TILES ... of ``[ROWS, D]`` keys (contiguous) and keeps each of 16
+    query rows' max score over them: the index's loads and matmul, without pages, masks or top-k."""
+    pid = tl.program_id(0)
+    offs_r = tl.arange(0, ROWS)
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + tl.arange(0, 16)[:, None] * D + offs_d[None, :])
+    best = tl.full([16], float("-inf"), tl.float32)
+    for i in range(TILES):
+        tile = (pid * TILES + i).to(tl.int64)
+        k = tl.load(x_ptr + tile * ROWS * D + offs_r[:, None] * D + offs_d[None, :])
+        best = tl.maximum(best, tl.max(tl.dot(q, tl.trans(k)), 1))
+    tl.store(out_ptr + pid * 16 + tl.arange(0, 16), best)
+
+
+def sweep_read_floor(L: int = 1048576) -> None:
+    """Batch-1 decode at ``L`` (bf16 index keys) against what reading its index keys can cost: a
+    kernel that only streams the same bytes (every grid size and pipeline depth tried), the
+    scoring launch alone, the selection (scoring + candidate merge), the MSA step, each kernel's
+    device time, and dense SDPA."""
+    p = paged_problem(1, L, 1, torch.bfloat16)
+    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    keys = p["ik"].view(-1, DIM)
+    tiles = keys.shape[0] // BLOCK
+    q = torch.randn(16, DIM, device=DEV, dtype=torch.bfloat16)
+    gbytes = keys.numel() * keys.element_size() / 1e9
+    print(f"L={L}: {gbytes * 1e3:.0f} MB of index keys", flush=True)
+    for programs in (128, 256, 512, 1024):
+        out = torch.empty(programs * 16, device=DEV)
+        for stages in (2, 3, 4):
+            for warps in (4, 8):
+
+                def stream(programs=programs, out=out, stages=stages, warps=warps):
+                    _read_stream_kernel[(programs,)](
+                        keys, q, out, tiles // programs, BLOCK, DIM, num_stages=stages, num_warps=warps
+                    )
+
+                t = graph_time_us(stream)
+                print(
+                    f"read stream programs={programs} stages={stages} warps={warps}: {t:.1f} us "
+                    f"({gbytes / t * 1e3:.2f} TB/s)",
+                    flush=True,
+                )
+
+    def scoring():
+        return launch_chunk_scores(
+            *a,
+            topk=TOPK,
+            shard_rank=0,
+            shard_world=1,
+            longest=1,
+            block_t=None,
+            chunk_blocks=None,
+            num_stages=None,
+            fused_select=False,
+        )
+
+    print(f"scoring launch alone: {graph_time_us(scoring):.1f} us", flush=True)
+    t = graph_time_us(lambda: select_blocks_triton(*a, topk=TOPK, max_q_len=1))
+    print(f"selection (scoring + candidate merge): {t:.1f} us", flush=True)
+    print(f"MSA step: {graph_time_us(lambda: msa_step(p)):.1f} us", flush=True)
+    kernel_breakdown(f"L={L} MSA step", lambda: msa_step(p))
+    d, best, _ = fastest_sdpa(lambda name: sdpa_decode_fn(1, L, 1, name), graph_time_us)
+    print(f"dense SDPA ({best}): {d:.1f} us", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few lengths only")
@@ -776,11 +846,13 @@ def main() -> None:
             "dense-decode",
             "merge",
             "index-stages",
+            "read-floor",
         ],
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
-        "split; index-stages: the decode index's steps in flight)",
+        "split; index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
+        "a kernel that only reads its index keys)",
     )
     args = ap.parse_args()
     if args.sweep:
