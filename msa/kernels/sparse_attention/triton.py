@@ -423,13 +423,6 @@ def _paged_attention_kernel(
         )
 
 
-def _output_strides(
-    part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
-) -> tuple:
-    """stride_o{s,t,h}, stride_l{s,t}, stride_fo{t,h}, stride_flt: the kernels' output strides."""
-    return (*part_out.stride()[:3], *part_lse.stride()[:2], *out.stride()[:2], lse.stride(0))
-
-
 def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{name}: q must be fp32, bf16 or fp16, got {q.dtype}")
@@ -504,6 +497,44 @@ def _merge_by_launch(programs: int, splits: int, device: torch.device) -> bool:
     return splits > 1 and programs <= _MERGE_WAVES * num_sms(device)
 
 
+class _SplitOutputs:
+    """Where a split-K launch of ``splits`` programs per unit (``units`` units: (tile, KV group)
+    pairs) writes into ``out [T, H, D]``/``lse [T, H]``, and how its partials are merged: by a
+    launch of its own (``_merge_by_launch``) or by the last split of each unit (atomic tickets).
+    One split writes ``out``/``lse`` directly."""
+
+    def __init__(self, splits: int, units: int, out: torch.Tensor, lse: torch.Tensor):
+        T, H, D = out.shape
+        self.splits, self.out, self.lse = splits, out, lse
+        self.by_launch = _merge_by_launch(units * splits, splits, out.device)
+        if splits > 1:
+            self.part_out = torch.empty(splits, T, H, D, dtype=torch.float32, device=out.device)
+            self.part_lse = torch.empty(splits, T, H, dtype=torch.float32, device=out.device)
+        else:
+            self.part_out, self.part_lse = out[None], lse[None]
+        self.tickets = tickets(out.device, units) if splits > 1 and not self.by_launch else lse
+
+    def strides(self) -> tuple[int, ...]:
+        """stride_o{s,t,h}, stride_l{s,t}, stride_fo{t,h}, stride_flt: the kernels' output strides."""
+        po, pl = self.part_out.stride(), self.part_lse.stride()
+        return (*po[:3], *pl[:2], *self.out.stride()[:2], self.lse.stride(0))
+
+    def flags(self, early: bool) -> dict:
+        """The split kernel's merge parameters (``early``: launched with programmatic dependent
+        launch, so the merge launch may start before it ends)."""
+        return dict(
+            COMBINE=self.splits > 1 and not self.by_launch,
+            # Only the in-kernel combine unrolls over the splits.
+            SPLITS_P=1 if self.by_launch else splits_bucket(self.splits),
+            LAUNCH_DEPENDENTS=self.by_launch and early,
+        )
+
+    def merge(self) -> None:
+        """After the split kernel: the merge launch, where the partials are merged by one."""
+        if self.by_launch:
+            merge_states_into(self.part_out, self.part_lse, self.out, self.lse, latency_bound=True)
+
+
 def _launch_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -557,13 +588,7 @@ def _launch_decode(
         per_split = min(most, next_pow2(triton.cdiv(topk, max(1, num_splits))))
     per_split = min(per_split, next_pow2(topk))
     splits = triton.cdiv(topk, per_split)
-    merge_launch = _merge_by_launch(B * H_kv * splits, splits, q.device)
-    if splits > 1:
-        part_out = torch.empty(splits, B, H, D, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(splits, B, H, dtype=torch.float32, device=q.device)
-        ticket_buf = lse if merge_launch else tickets(q.device, B * H_kv)
-    else:
-        part_out, part_lse, ticket_buf = out[None], lse[None], lse
+    split_out = _SplitOutputs(splits, B * H_kv, out, lse)
     rows = max(16, next_pow2(H // H_kv))
     early = pdl(q.device)
     _decode_kernel[(B, H_kv, splits)](
@@ -573,11 +598,11 @@ def _launch_decode(
         block_table,
         seq_lens,
         ids_arg,
-        part_out,
-        part_lse,
+        split_out.part_out,
+        split_out.part_lse,
         out,
         lse,
-        ticket_buf,
+        split_out.tickets,
         scale * LOG2E,
         shard_rank,
         shard_world,
@@ -586,7 +611,7 @@ def _launch_decode(
         *paged_input_strides(q, k_cache, v_cache, block_table),
         stride_it,
         stride_ig,
-        *_output_strides(part_out, part_lse, out, lse),
+        *split_out.strides(),
         HEADS_PER_GROUP=H // H_kv,
         ROWS=rows,
         HEAD_DIM=D,
@@ -594,10 +619,8 @@ def _launch_decode(
         PER_SPLIT=per_split,
         SPARSE=block_ids is not None,
         IEEE=q.dtype == torch.float32,
-        COMBINE=splits > 1 and not merge_launch,
-        SPLITS_P=1 if merge_launch else splits_bucket(splits),  # only the in-kernel combine unrolls
         PDL=early,
-        LAUNCH_DEPENDENTS=merge_launch and early,
+        **split_out.flags(early),
         TABLE_P=_WHOLE_TABLE_BLOCKS
         if block_ids is not None and block_table.shape[1] <= _WHOLE_TABLE_BLOCKS
         else 0,
@@ -605,8 +628,7 @@ def _launch_decode(
         num_warps=num_warps or (8 if B * H_kv * splits <= sms else 4),
         launch_pdl=early,
     )
-    if merge_launch:
-        merge_states_into(part_out, part_lse, out, lse, latency_bound=True)
+    split_out.merge()
     return out, lse
 
 
@@ -699,13 +721,7 @@ def launch_paged_attention(
             num_splits = max(1, min(work // 2 if sparse else work, triton.cdiv(num_sms(q.device), programs)))
     num_splits = min(num_splits, _MAX_SPLITS)
     adaptive = adaptive and num_splits == 1
-    merge_launch = _merge_by_launch(B * tiles * H_kv * num_splits, num_splits, q.device)
-    if num_splits > 1:
-        part_out = torch.empty(num_splits, T, H, D, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_splits, T, H, dtype=torch.float32, device=q.device)
-    else:
-        part_out, part_lse = out[None], lse[None]
-    ticket_buf = tickets(q.device, B * tiles * H_kv) if num_splits > 1 and not merge_launch else lse
+    split_out = _SplitOutputs(num_splits, B * tiles * H_kv, out, lse)
     topk_p = next_pow2(topk)
 
     def launch(
@@ -725,11 +741,11 @@ def launch_paged_attention(
             cu_seqlens_q,
             seq_lens,
             ids_arg,
-            part_out,
-            part_lse,
+            split_out.part_out,
+            split_out.part_lse,
             out,
             lse,
-            ticket_buf,
+            split_out.tickets,
             torch.empty(
                 B * n_tiles * H_kv * num_splits * 2 * tile_t * topk_p, dtype=torch.int32, device=q.device
             )
@@ -746,7 +762,7 @@ def launch_paged_attention(
             *paged_input_strides(q, k_cache, v_cache, block_table),
             stride_it,
             stride_ig,
-            *_output_strides(part_out, part_lse, out, lse),
+            *split_out.strides(),
             HEADS_PER_GROUP=group,
             HEADS_P=heads_p,
             BLOCK_T=tile_t,
@@ -756,19 +772,16 @@ def launch_paged_attention(
             TOPK_P=topk_p,
             SPARSE=sparse,
             IEEE=q.dtype == torch.float32,
-            COMBINE=num_splits > 1 and not merge_launch,
-            SPLITS_P=1 if merge_launch else splits_bucket(num_splits),
             ADAPT=adapt,
             SHARED_T=shared_t,
-            LAUNCH_DEPENDENTS=merge_launch and pdl(q.device),
+            **split_out.flags(pdl(q.device)),
             num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
             num_stages=num_stages or 2,
         )
 
     if not adaptive:
         launch(block_t, tiles, 0, lse, 0, 1, 1)
-        if merge_launch:
-            merge_states_into(part_out, part_lse, out, lse, latency_bound=True)
+        split_out.merge()
         return out, lse
     shared_t = _SHARED_TILE * block_t
     shared_tiles = triton.cdiv(longest, shared_t)
