@@ -461,6 +461,8 @@ def sweep(part: str) -> None:
         sweep_index_stages()
     if part in ("all", "read-floor"):
         sweep_read_floor()
+    if part in ("all", "profile"):
+        sweep_profile()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -827,6 +829,137 @@ def sweep_read_floor(L: int = 1048576) -> None:
     print(f"dense SDPA ({best}): {d:.1f} us", flush=True)
 
 
+def decode_timeline(L: int, steps: int = 20) -> None:
+    """Where a batch-1 decode step's time goes: ``steps`` steps replayed from one CUDA graph, each
+    after a cold L2, and each kernel's start and end (profiler records) relative to the end of the
+    L2 eviction before it, median over the steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = paged_problem(1, L, 1, torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        msa_step(p)
+        cold_l2()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            cold_l2()
+            msa_step(p)
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e for e in prof.events() if e.device_type.name == "CUDA" and "mem" not in e.name.lower()),
+        key=lambda e: e.time_range.start,
+    )
+    spans: dict[str, list[tuple[float, float]]] = {}
+    flush_end = None
+    for e in kernels:
+        if "reduce" in e.name:  # the L2 eviction (a sum) that starts each step
+            flush_end = e.time_range.end
+        elif flush_end is not None:
+            span = (e.time_range.start - flush_end, e.time_range.end - flush_end)
+            spans.setdefault(e.name, []).append(span)
+    step = graph_time_us(lambda: msa_step(p))
+    print(f"decode timeline L={L} batch 1 (graph step {step:.1f} us):", flush=True)
+    for name, v in spans.items():
+        start = sorted(a for a, _ in v)[len(v) // 2]
+        end = sorted(b for _, b in v)[len(v) // 2]
+        print(f"  {name[:40]:40s} starts {start:6.2f} us, ends {end:6.2f} us ({len(v)} steps)", flush=True)
+
+
+def kernel_resources(*kernels) -> None:
+    """Registers, spills and shared memory of every compiled variant of each Triton kernel, and how
+    many of its programs an SM holds by each (warps, registers, shared memory)."""
+    props = torch.cuda.get_device_properties(0)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 233472)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    for fn in kernels:
+        for cache in fn.device_caches.values():
+            compiled = next(c for c in cache if isinstance(c, dict))
+            for k in compiled.values():
+                warps, shared = k.metadata.num_warps, k.metadata.shared
+                by_regs = regs // max(1, k.n_regs * 32 * warps)
+                per_sm = min(64 // warps, by_regs, smem // (shared + 1024))  # 1 KB reserved per program
+                print(
+                    f"  {fn.__name__}: {warps} warps, {k.n_regs} registers/thread, {k.n_spills} spilled, "
+                    f"{shared / 1024:.0f} KB shared -> {per_sm} program(s) per SM",
+                    flush=True,
+                )
+
+
+def prefill_profile(L: int, smooth: bool, chunk: int = 8192) -> None:
+    """Device time of each kernel of one MSA layer's prefill (index, then attention) over ``L``
+    tokens in ``chunk``-token chunks, with independent or ``smooth`` queries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    p = paged_problem(1, L, L, torch.bfloat16, smooth=smooth)
+    steps = []
+    for s in range(0, L, chunk):
+        cu = torch.tensor([0, chunk], device=DEV, dtype=torch.int32)
+        sl = torch.tensor([s + chunk], device=DEV, dtype=torch.int32)
+        steps.append((slice(s, s + chunk), cu, sl))
+    ids = [
+        select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=chunk)[0]
+        for r, cu, sl in steps
+    ]
+
+    def index():
+        for r, cu, sl in steps:
+            select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=chunk)
+
+    def attention():
+        for (r, cu, sl), chosen in zip(steps, ids, strict=True):
+            sparse_attention_triton(
+                p["q"][r], p["k"], p["v"], p["table"], cu, sl, chosen, scale=SCALE, max_q_len=chunk
+            )
+
+    queries = "smooth" if smooth else "independent"
+    for part, fn in (("index", index), ("attention", attention)):
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        rows = sorted(
+            ((ev.key, ev.count, getattr(ev, "device_time_total", 0.0)) for ev in prof.key_averages()),
+            key=lambda r: -r[2],
+        )
+        total = sum(us for _, _, us in rows)
+        print(f"prefill L={L} {queries} queries, {part}: {total / 1e3:.1f} ms of kernels", flush=True)
+        for key, count, us in rows:
+            if us >= 0.01 * total:
+                print(f"  {key[:60]:60s} {us / 1e3:7.2f} ms in {count} launches", flush=True)
+
+
+def sweep_profile() -> None:
+    """Where the time goes: the batch-1 decode chain's timeline, the 128K prefill's kernels, and
+    the resources (hence programs per SM) of each Triton kernel they compiled."""
+    from msa.kernels.indexer import triton as indexer_triton
+    from msa.kernels.merge import triton as merge_triton
+    from msa.kernels.sparse_attention import block_major
+
+    for L in (131072, 1048576):
+        decode_timeline(L)
+        torch.cuda.empty_cache()
+    for smooth in (False, True):
+        prefill_profile(131072, smooth)
+        torch.cuda.empty_cache()
+    print("compiled variants:")
+    kernel_resources(
+        indexer_triton._score_chunk_topk_kernel,
+        indexer_triton._merge_candidates_kernel,
+        sparse_triton._decode_kernel,
+        sparse_triton._paged_attention_kernel,
+        block_major._block_major_kernel,
+        merge_triton._merge_states_kernel,
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="a few lengths only")
@@ -847,12 +980,14 @@ def main() -> None:
             "merge",
             "index-stages",
             "read-floor",
+            "profile",
         ],
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
         "split; index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
-        "a kernel that only reads its index keys)",
+        "a kernel that only reads its index keys; profile: the batch-1 decode chain's timeline, the 128K "
+        "prefill's kernels and each kernel's registers and shared memory)",
     )
     args = ap.parse_args()
     if args.sweep:
