@@ -292,13 +292,12 @@ def dense_decode(B: int, L: int, bw: float) -> dict:
     )
 
 
-def msa_prefill_ms(
-    L: int, chunk: int, index_dtype=torch.bfloat16, smooth: bool = False, block_t: int | None = None
-) -> dict:
-    """One MSA layer over L tokens of one sequence, in chunks: each chunk selects blocks over its
-    prefix (causal inside the chunk) and attends to them. ``block_t``: query tokens per attention
-    program (None: the kernel's choice)."""
-    p = paged_problem(1, L, L, index_dtype, smooth=smooth)
+def chunked_prefill(p: dict, chunk: int, block_t: int | None = None):
+    """One MSA layer's prefill of the one sequence of ``p`` in ``chunk``-token chunks: each chunk
+    selects blocks over its prefix (causal inside the chunk) and attends to them. Returns callables
+    (index_only, attention_only, both); attention_only attends to the selections the index made
+    once, here. ``block_t``: query tokens per attention program (None: the kernel's choice)."""
+    L = p["L"]
     cus = torch.tensor([0, chunk], device=DEV, dtype=torch.int32)
     steps = []
     for s in range(0, L, chunk):
@@ -328,6 +327,17 @@ def msa_prefill_ms(
                 p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids, scale=SCALE, max_q_len=n, block_t=block_t
             )
 
+    return index_only, attention_only, both
+
+
+def msa_prefill_ms(
+    L: int, chunk: int, index_dtype=torch.bfloat16, smooth: bool = False, block_t: int | None = None
+) -> dict:
+    """One MSA layer over L tokens of one sequence, in chunks (``chunked_prefill``): index, attention
+    and both, timed."""
+    index_only, attention_only, both = chunked_prefill(
+        paged_problem(1, L, L, index_dtype, smooth=smooth), chunk, block_t
+    )
     reps = 3 if L <= 2**17 else 1
     res = dict(
         context=L,
@@ -893,33 +903,15 @@ def kernel_resources(*kernels) -> None:
 
 
 def prefill_profile(L: int, smooth: bool, chunk: int = 8192) -> None:
-    """Device time of each kernel of one MSA layer's prefill (index, then attention) over ``L``
-    tokens in ``chunk``-token chunks, with independent or ``smooth`` queries."""
+    """Device time of each kernel of one MSA layer's prefill (``chunked_prefill``: the index, then
+    the attention) over ``L`` tokens, with independent or ``smooth`` queries."""
     from torch.profiler import ProfilerActivity, profile
 
-    p = paged_problem(1, L, L, torch.bfloat16, smooth=smooth)
-    steps = []
-    for s in range(0, L, chunk):
-        cu = torch.tensor([0, chunk], device=DEV, dtype=torch.int32)
-        sl = torch.tensor([s + chunk], device=DEV, dtype=torch.int32)
-        steps.append((slice(s, s + chunk), cu, sl))
-    ids = [
-        select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=chunk)[0]
-        for r, cu, sl in steps
-    ]
-
-    def index():
-        for r, cu, sl in steps:
-            select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=chunk)
-
-    def attention():
-        for (r, cu, sl), chosen in zip(steps, ids, strict=True):
-            sparse_attention_triton(
-                p["q"][r], p["k"], p["v"], p["table"], cu, sl, chosen, scale=SCALE, max_q_len=chunk
-            )
-
+    index_only, attention_only, _ = chunked_prefill(
+        paged_problem(1, L, L, torch.bfloat16, smooth=smooth), chunk
+    )
     queries = "smooth" if smooth else "independent"
-    for part, fn in (("index", index), ("attention", attention)):
+    for part, fn in (("index", index_only), ("attention", attention_only)):
         fn()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
