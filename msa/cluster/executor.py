@@ -20,6 +20,7 @@ from msa.cluster.sampler import SampleResult
 from msa.cluster.scheduler import StepPlan
 from msa.cluster.shard import ModelShard, ShardSpec
 from msa.cluster.weights import BucketLayout, WeightBucket
+from msa.platform.aio import wait_within
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class LocalExecutor(ModelExecutor):
         if self.inline:
             return fn(*args)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args), timeout)
+            return await wait_within(asyncio.to_thread(fn, *args), timeout)
         except asyncio.TimeoutError as e:
             raise EngineDeadError(
                 f"the local shard did not answer {fn.__name__} within {timeout:.0f} s"
@@ -176,7 +177,7 @@ class RayExecutor(ModelExecutor):
 
         calls: list[Awaitable] = [getattr(shard, method).remote(*args) for shard in self.shards]
         try:
-            return await asyncio.wait_for(asyncio.gather(*calls), timeout)
+            return await wait_within(asyncio.gather(*calls), timeout)
         except asyncio.TimeoutError as e:
             raise EngineDeadError(f"a shard did not answer {method} within {timeout:.0f} s") from e
         except (
@@ -201,7 +202,7 @@ class RayExecutor(ModelExecutor):
             actor.options(**self.placement.actor_options(rank)).remote(shard_spec(config, rank))
             for rank in range(config.world_size)
         ]
-        port = await asyncio.wait_for(self.shards[0].free_port.remote(), self.config.start_timeout_s)
+        port = await wait_within(self.shards[0].free_port.remote(), self.config.start_timeout_s)
         capacities = await self._all("setup", port, timeout=self.config.start_timeout_s)
         pages = min(capacities)
         await self._all("init_cache", pages, timeout=self.config.start_timeout_s)

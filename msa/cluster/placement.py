@@ -13,6 +13,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from msa.cluster.protocol import EngineError
+from msa.platform.aio import wait_within
 
 
 class ReplicaPlacement:
@@ -27,7 +28,7 @@ class ReplicaPlacement:
     async def ready(self, timeout_s: float) -> None:
         """Wait until every bundle is reserved; EngineError naming the demand if it never is."""
         try:
-            await asyncio.wait_for(self.group.ready(), timeout_s)
+            await wait_within(self.group.ready(), timeout_s)
         except asyncio.TimeoutError as e:
             self.remove()
             raise EngineError(

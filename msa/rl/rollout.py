@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from msa.cluster.protocol import EngineDeadError, SamplingParams
+from msa.platform.aio import wait_within
 from msa.rl.chat import ChatTokens
 from msa.rl.config import RolloutSection
 from msa.rl.data import Prompt
@@ -129,7 +130,7 @@ class RolloutWorker:
             try:
                 async with self._slots:
                     seed = episode_seed(self.run_seed, step, prompt.uid, index, attempt)
-                    episode = await asyncio.wait_for(
+                    episode = await wait_within(
                         self.run_episode(prompt, index, seed), self.section.episode_timeout_s
                     )
                 episode.attempts, episode.regenerations = attempt + 1, regenerations

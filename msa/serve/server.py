@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 
 from msa.cluster.protocol import Engine, EngineError, InvalidRequestError, SamplingParams, TokenOutput
+from msa.platform.aio import wait_within
 from msa.platform.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
 from msa.serve.errors import OpenAIError, from_engine_error
 from msa.serve.metrics import RequestTimer, ServeMetrics
@@ -129,7 +130,7 @@ class OpenAIServer:
 
     async def health(self) -> None:
         try:
-            await asyncio.wait_for(self.engine.check_health(), self.health_timeout_s)
+            await wait_within(self.engine.check_health(), self.health_timeout_s)
         except asyncio.TimeoutError as e:
             raise OpenAIError(
                 503,
