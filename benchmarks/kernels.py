@@ -62,8 +62,9 @@ def cold_l2() -> None:
     torch.sum(_FLUSH[0], dim=0, out=_FLUSH[1])
 
 
-def graph_time_us(fn, reps: int = 100) -> float:
-    """Median time of ``fn`` replayed from a CUDA graph, with a cold L2 before each replay."""
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """``fn``'s launches captured in a CUDA graph, after running it once on the current stream and
+    once on a side stream (compiles and allocations happen outside the capture)."""
     fn()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -73,6 +74,12 @@ def graph_time_us(fn, reps: int = 100) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def graph_time_us(fn, reps: int = 100) -> float:
+    """Median time of ``fn`` replayed from a CUDA graph, with a cold L2 before each replay."""
+    graph = capture_graph(fn)
     for _ in range(10):
         graph.replay()
     events = [
@@ -846,17 +853,13 @@ def decode_timeline(L: int, steps: int = 20) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     p = paged_problem(1, L, 1, torch.bfloat16)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        msa_step(p)
-        cold_l2()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+
+    def cold_steps():
         for _ in range(steps):
             cold_l2()
             msa_step(p)
+
+    graph = capture_graph(cold_steps)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
