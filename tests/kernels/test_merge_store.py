@@ -21,7 +21,11 @@ def partial_states(R, T, H, D, dtype, device, empty_shard=None, seed=0):
     return outs, lses
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 4, 16), (2, 5, 8, 32), (4, 2, 20, 64)], ids=["one", "two", "four"])
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 3, 4, 16), (2, 5, 8, 32), (4, 2, 20, 64), (7, 3, 4, 16), (70, 2, 4, 16)],
+    ids=["one", "two", "four", "seven", "seventy"],  # seven, seventy: partial steps of the streaming loops
+)
 @pytest.mark.parametrize("empty", [None, 1, "all"], ids=["full", "empty_shard", "all_empty"])
 def test_merge_matches_reference(shape, empty, monkeypatch):
     monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")

@@ -102,30 +102,51 @@ def _block_major_kernel(
         mask=written[:, None],
         other=0.0,
     )
+    # A block that ends before the chunk's first query is whole to every query: no mask.
+    whole = (shard_rank + local * shard_world) * BLOCK_SIZE + BLOCK_SIZE <= first_pos
     M: tl.constexpr = BLOCK_T * HEADS_P
     rows = tl.arange(0, M)
     h = rows % HEADS_P
     head = g * HEADS_PER_GROUP + h
+    # Each step's rows are gathered a step ahead (their entries two steps ahead), so the gather's
+    # chain of loads (entry, then query) runs under the step before instead of stalling its own.
+    entry, row_ok = _entries(order_ptr, first, end, rows, HEADS_P, HEADS_PER_GROUP)
+    q = _queries(q_ptr, entry // (n_groups * TOPK) + t0, head, row_ok, stride_qt, stride_qh, offs_d)
+    entry_next, ok_next = _entries(order_ptr, first + BLOCK_T, end, rows, HEADS_P, HEADS_PER_GROUP)
     for e0 in range(first, end, BLOCK_T):
-        e = e0 + rows // HEADS_P
-        row_ok = (e < end) & (h < HEADS_PER_GROUP)
-        entry = tl.load(order_ptr + e, mask=row_ok, other=0)  # (token, group, slot) of this pass
-        tok = entry // (n_groups * TOPK)
-        slot = entry % TOPK
-        q = tl.load(
-            q_ptr + (t0 + tok)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
+        q_next = _queries(
+            q_ptr, entry_next // (n_groups * TOPK) + t0, head, ok_next, stride_qt, stride_qh, offs_d
         )
-        qpos = first_pos + t0 + tok - q_start
-        out, lse = softmax_tile(q, k.to(q.dtype), v, kpos[None, :] <= qpos[:, None], qk_scale, IEEE)
-        o_rows = slot * stride_os + tok * stride_ot + head * stride_oh
+        entry_after, ok_after = _entries(order_ptr, e0 + 2 * BLOCK_T, end, rows, HEADS_P, HEADS_PER_GROUP)
+        tok = entry // (n_groups * TOPK)  # (token, group, slot) of this pass
+        slot = entry % TOPK
+        if whole:
+            out, lse = softmax_tile(q, k.to(q.dtype), v, None, qk_scale, IEEE)
+        else:
+            qpos = first_pos + t0 + tok - q_start
+            out, lse = softmax_tile(q, k.to(q.dtype), v, kpos[None, :] <= qpos[:, None], qk_scale, IEEE)
+        o_rows = part_out_ptr + (slot * stride_os + tok * stride_ot + head * stride_oh)  # [M] pointers
         tl.store(
-            part_out_ptr + o_rows[:, None] + offs_d[None, :],
-            out.to(part_out_ptr.dtype.element_ty),
-            mask=row_ok[:, None],
+            o_rows[:, None] + offs_d[None, :], out.to(part_out_ptr.dtype.element_ty), mask=row_ok[:, None]
         )
         tl.store(part_lse_ptr + slot * stride_ls + tok * stride_lt + head, lse, mask=row_ok)
+        q, entry, row_ok = q_next, entry_next, ok_next
+        entry_next, ok_next = entry_after, ok_after
+
+
+@triton.jit
+def _entries(order_ptr, e0, end, rows, HEADS_P: tl.constexpr, HEADS_PER_GROUP: tl.constexpr):
+    """The planned entries of the step at ``e0`` (one per row: BLOCK_T entries x HEADS_P heads) and
+    which rows are real."""
+    e = e0 + rows // HEADS_P
+    ok = (e < end) & (rows % HEADS_P < HEADS_PER_GROUP)
+    return tl.load(order_ptr + e, mask=ok, other=0), ok
+
+
+@triton.jit
+def _queries(q_ptr, tok, head, ok, stride_qt, stride_qh, offs_d):
+    rows = q_ptr + (tok * stride_qt + head * stride_qh)  # [M] pointers: one add per element below
+    return tl.load(rows[:, None] + offs_d[None, :], mask=ok[:, None], other=0.0)
 
 
 def token_sequences(cu_seqlens_q: torch.Tensor, T: int) -> torch.Tensor:

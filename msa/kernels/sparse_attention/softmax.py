@@ -12,13 +12,15 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
     """Attention of the rows of ``q [M, D]`` over one tile of keys ``k, v [N, D]`` where
-    ``allowed [M, N]``: (out ``[M, D]`` fp32, lse ``[M]`` natural log; zeros and -inf for a row that
-    sees no key). ``qk_scale`` includes log2(e)."""
+    ``allowed [M, N]`` (None: everywhere): (out ``[M, D]`` fp32, lse ``[M]`` natural log; zeros and
+    -inf for a row that sees no key). ``qk_scale`` includes log2(e)."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(allowed, s * qk_scale, float("-inf"))  # log2 units
+    s = s * qk_scale  # log2 units
+    if allowed is not None:
+        s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp2(s - m_safe[:, None])
@@ -35,6 +37,6 @@ def normalize_softmax(acc, m, l_i):
     """Finish an online softmax: (out ``acc / l``, lse in natural log from the running max ``m``
     and sum ``l_i`` in log2 units); zeros and -inf for a row that saw no key (``l_i`` 0)."""
     seen = l_i > 0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    out = acc * (1.0 / tl.where(seen, l_i, 1.0))[:, None]  # one division per row, not per value
     lse = tl.where(seen, (m + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     return out, lse
