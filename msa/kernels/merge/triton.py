@@ -12,8 +12,8 @@ from msa.kernels._launch import check_last_dim_contiguous, next_pow2, pdl
 # Parts a latency-bound merge holds at once: with a 128-wide head, 8 warps at 32 values per thread.
 MAX_LATENCY_BOUND_PARTS = 64
 # The streaming merge (many parts) reads up to this many parts' lse in one load, then the parts'
-# rows this many at a time, their loads in flight together (16 parts of [8192, 64, 128] bf16 on an
-# H200: 797 us one part at a time, 705 us so).
+# rows this many at a time, their loads in flight together (block-major prefill partials: see
+# "Block-major steps" in benchmarks/results/kernels.md).
 STREAM_LSE_AT_ONCE = 64
 STREAM_UNROLL = 4
 
