@@ -13,6 +13,7 @@ kernel that fails its check gets no speed. Writes ``benchmarks/results/kernels-<
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -75,6 +76,18 @@ def capture_graph(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+@contextlib.contextmanager
+def restoring(module, *names: str):
+    """A sweep sets these settings of ``module`` per variant; they get their values back after it,
+    also when it fails."""
+    saved = {name: getattr(module, name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def graph_time_us(fn, reps: int = 100) -> float:
@@ -525,32 +538,32 @@ def sweep_prefill(smooth: bool) -> None:
             lambda bt=bt: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, block_t=bt), 3
         )
         print(f"{tag} attention block_t={bt}: {t:.2f} ms", flush=True)
-    for tile, share, stages, warps in (
-        (8, 1 / 3, None, None),
-        (8, 1 / 3, 1, None),
-        (8, 1 / 3, 3, None),
-        (8, 1 / 2, None, None),
-        (8, 1 / 4, None, None),
-        (4, 1 / 3, None, None),
-        (8, 1 / 3, None, 4),
-    ):
-        sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
-        try:
-            t = event_time_ms(
-                lambda s=stages, w=warps: sparse_attention_triton(
-                    *kv, scale=SCALE, max_q_len=8192, num_stages=s, num_warps=w
-                ),
-                3,
+    with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE"):
+        for tile, share, stages, warps in (
+            (8, 1 / 3, None, None),
+            (8, 1 / 3, 1, None),
+            (8, 1 / 3, 3, None),
+            (8, 1 / 2, None, None),
+            (8, 1 / 4, None, None),
+            (4, 1 / 3, None, None),
+            (8, 1 / 3, None, 4),
+        ):
+            sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
+            try:
+                t = event_time_ms(
+                    lambda s=stages, w=warps: sparse_attention_triton(
+                        *kv, scale=SCALE, max_q_len=8192, num_stages=s, num_warps=w
+                    ),
+                    3,
+                )
+            except Exception as e:  # e.g. out of shared memory
+                t = float("nan")
+                print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
+            print(
+                f"{tag} attention shared tile={tile} crowded share={share:.2f} stages={stages} "
+                f"warps={warps}: {t:.2f} ms",
+                flush=True,
             )
-        except Exception as e:  # e.g. out of shared memory
-            t = float("nan")
-            print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
-        print(
-            f"{tag} attention shared tile={tile} crowded share={share:.2f} stages={stages} warps={warps}: "
-            f"{t:.2f} ms",
-            flush=True,
-        )
-    sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = 8, 1 / 3
     for bt, cb, nw in (
         (None, None, None),
         (32, None, None),
@@ -664,11 +677,11 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
             print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
         print(f"{tag} select {kw or 'defaults'}: {t:.1f} us", flush=True)
     kernel_breakdown(tag, lambda: msa_step(p))
-    for on in (True, False):
-        _launch.PDL = on
-        t = graph_time_us(lambda: msa_step(p))
-        print(f"{tag} MSA step, programmatic dependent launch {on}: {t:.1f} us", flush=True)
-    _launch.PDL = True
+    with restoring(_launch, "PDL"):
+        for on in (True, False):
+            _launch.PDL = on
+            t = graph_time_us(lambda: msa_step(p))
+            print(f"{tag} MSA step, programmatic dependent launch {on}: {t:.1f} us", flush=True)
     if dt != torch.bfloat16:
         return
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
@@ -701,36 +714,35 @@ def sweep_dense_decode(L: int, B: int) -> None:
     t = graph_time_us(lambda: paged_attention_triton(*kv, scale=SCALE, max_q_len=1))
     print(f"{tag} default: {t:.1f} us")
     n_blocks = triton.cdiv(L, BLOCK)
-    default_limit = sparse_triton._DENSE_DECODE_BLOCKS
     variants = []
     if n_blocks <= 128:
         variants += [("split-per-block", ns, nw, None) for ns in (None, n_blocks) for nw in (4, 8)]
     one_per_sm = triton.cdiv(torch.cuda.get_device_properties(0).multi_processor_count, B * KV_HEADS)
     counts = (None, one_per_sm, 8, 16, 32, 64)
     variants += [("loop", ns, nw, st) for ns in counts for nw in (4, 8) for st in (2, 3)]
-    for kernel, ns, nw, st in variants:
-        sparse_triton._DENSE_DECODE_BLOCKS = 1 << 30 if kernel == "split-per-block" else 0
-        try:
-            t = graph_time_us(
-                lambda ns=ns, nw=nw, st=st: sparse_triton.launch_paged_attention(
-                    *kv,
-                    None,
-                    scale=SCALE,
-                    shard_rank=0,
-                    shard_world=1,
-                    max_q_len=1,
-                    block_t=None,
-                    num_splits=ns,
-                    name="paged_attention",
-                    num_warps=nw,
-                    num_stages=st,
-                )  # fmt: skip
-            )
-        except Exception as e:  # e.g. out of shared memory
-            t = float("nan")
-            print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
-        print(f"{tag} {kernel} splits={ns} warps={nw} stages={st}: {t:.1f} us", flush=True)
-    sparse_triton._DENSE_DECODE_BLOCKS = default_limit
+    with restoring(sparse_triton, "_DENSE_DECODE_BLOCKS"):
+        for kernel, ns, nw, st in variants:
+            sparse_triton._DENSE_DECODE_BLOCKS = 1 << 30 if kernel == "split-per-block" else 0
+            try:
+                t = graph_time_us(
+                    lambda ns=ns, nw=nw, st=st: sparse_triton.launch_paged_attention(
+                        *kv,
+                        None,
+                        scale=SCALE,
+                        shard_rank=0,
+                        shard_world=1,
+                        max_q_len=1,
+                        block_t=None,
+                        num_splits=ns,
+                        name="paged_attention",
+                        num_warps=nw,
+                        num_stages=st,
+                    )  # fmt: skip
+                )
+            except Exception as e:  # e.g. out of shared memory
+                t = float("nan")
+                print(f"{tag} {type(e).__name__}: {str(e)[:100]}")
+            print(f"{tag} {kernel} splits={ns} warps={nw} stages={st}: {t:.1f} us", flush=True)
 
 
 def sweep_index_stages() -> None:
@@ -767,16 +779,15 @@ def sweep_merge(L: int, B: int) -> None:
     ids, _ = select_blocks_triton(
         p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
     )
-    default = sparse_triton._MERGE_WAVES
-    for waves in (0, 1, 2):
-        sparse_triton._MERGE_WAVES = waves
-        t = graph_time_us(lambda: paged_attention_triton(*kv, scale=SCALE, max_q_len=1))
-        line = f"L={L} B={B} merge launch up to {waves} waves: dense {t:.1f} us"
-        if selection_needed(L, BLOCK, TOPK):
-            t = graph_time_us(lambda: sparse_attention_triton(*kv, ids, scale=SCALE, max_q_len=1))
-            line += f", sparse attention {t:.1f} us, MSA step {graph_time_us(lambda: msa_step(p)):.1f} us"
-        print(line, flush=True)
-    sparse_triton._MERGE_WAVES = default
+    with restoring(sparse_triton, "_MERGE_WAVES"):
+        for waves in (0, 1, 2):
+            sparse_triton._MERGE_WAVES = waves
+            t = graph_time_us(lambda: paged_attention_triton(*kv, scale=SCALE, max_q_len=1))
+            line = f"L={L} B={B} merge launch up to {waves} waves: dense {t:.1f} us"
+            if selection_needed(L, BLOCK, TOPK):
+                t = graph_time_us(lambda: sparse_attention_triton(*kv, ids, scale=SCALE, max_q_len=1))
+                line += f", sparse attention {t:.1f} us, MSA step {graph_time_us(lambda: msa_step(p)):.1f} us"
+            print(line, flush=True)
 
 
 @triton.jit
