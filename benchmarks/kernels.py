@@ -907,6 +907,9 @@ def kernel_resources(*kernels) -> None:
             compiled = next(c for c in cache if isinstance(c, dict))
             for k in compiled.values():
                 warps, shared = k.metadata.num_warps, k.metadata.shared
+                if getattr(k, "n_regs", None) is None:  # compiled, but its launch found it too large
+                    print(f"  {fn.__name__}: {warps} warps, {shared / 1024:.0f} KB shared: never loaded")
+                    continue
                 by_regs = regs // max(1, k.n_regs * 32 * warps)
                 per_sm = min(64 // warps, by_regs, smem // (shared + 1024))  # 1 KB reserved per program
                 print(
