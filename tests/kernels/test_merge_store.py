@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -86,6 +88,30 @@ def test_store_tokens_gpu(cache_dtype, monkeypatch):
     out = store_case("cuda", cache_dtype, "triton", monkeypatch).float().cpu()
     assert torch.equal(ref.isnan(), out.isnan())
     torch.testing.assert_close(out[~out.isnan()], ref[~ref.isnan()].to(cache_dtype).float())
+
+
+# The latency-bound merge loads every part at once and weighs an empty one's rows by 0 before
+# discarding them: the interpreter warns about NaN * 0 there, which the result does not see.
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("latency_bound", [False, True], ids=["streaming", "latency_bound"])
+def test_merge_ignores_what_an_empty_part_holds(latency_bound, monkeypatch):
+    """A part with lse -inf weighs 0 whatever its rows hold: scratch that no kernel wrote (NaN or
+    inf here) does not reach the output; the streaming merge does not read those rows at all."""
+    from msa.kernels.merge.triton import merge_states_into
+
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    R, T, H, D = 6, 3, 8, 16
+    outs, lses = partial_states(R, T, H, D, torch.float32, "cpu", empty_shard=2, seed=8)
+    lses[4, 1] = float("-inf")
+    ref_out, ref_lse = merge_attention_states_reference(outs, lses)
+    outs[2], outs[4, 1] = float("nan"), float("inf")
+    out, lse = torch.empty(T, H, D), torch.empty(T, H)
+    with warnings.catch_warnings():
+        if not latency_bound:  # rows it never loads cannot meet a multiply (the interpreter would warn)
+            warnings.simplefilter("error", RuntimeWarning)
+        merge_states_into(outs, lses, out, lse, latency_bound=latency_bound)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
 
 
 def test_merge_with_keep_writes_only_the_kept_groups(monkeypatch):

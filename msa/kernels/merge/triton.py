@@ -124,10 +124,10 @@ def _merge_states_kernel(
                 lse_r = tl.load(
                     lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=part_ok, other=float("-inf")
                 )
-                w = tl.exp(lse_r - m)  # [BLOCK_H]; 0 for an empty part
+                w = tl.exp(lse_r - m)  # [BLOCK_H]; 0 for an empty part, whose rows are not read
                 o = tl.load(
                     outs_ptr + r * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-                    mask=part_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+                    mask=(part_ok & (w > 0))[:, None] & (offs_d[None, :] < HEAD_DIM),
                     other=0.0,
                 ).to(tl.float32)
                 acc += tl.where(w[:, None] > 0, w[:, None] * o, 0.0)
