@@ -11,11 +11,10 @@ from msa.kernels._launch import check_last_dim_contiguous, next_pow2, pdl
 
 # Parts a latency-bound merge holds at once: with a 128-wide head, 8 warps at 32 values per thread.
 MAX_LATENCY_BOUND_PARTS = 64
-# The streaming merge (many parts) reads up to this many parts' lse in one load, then the parts'
-# rows this many at a time, their loads in flight together (block-major prefill partials: see
-# "Block-major steps" in benchmarks/results/kernels.md).
+# The streaming merge (many parts) reads up to this many parts' lse in one load for their max,
+# then the parts' rows four at a time, their loads in flight together (block-major prefill
+# partials: see "Block-major steps" in benchmarks/results/kernels.md).
 STREAM_LSE_AT_ONCE = 64
-STREAM_UNROLL = 4
 
 
 @triton.jit
@@ -36,6 +35,19 @@ def finish_merge(merged, m, total):
     seen = total > 0
     safe = tl.where(seen, total, 1.0)
     return merged * (1.0 / safe)[:, None], tl.where(seen, m + tl.log(safe), float("-inf"))
+
+
+@triton.jit
+def _step_weights(lses_ptr, r0, ru, R, t, offs_h, h_ok, m, stride_lr, stride_lt):
+    """Weights ``exp(lse - m)`` ``[BLOCK_H, 4]`` of parts ``r0 + ru``: 0 past ``R``, for heads not
+    ``h_ok`` and for empty parts."""
+    r = r0 + ru
+    lses = tl.load(
+        lses_ptr + r[None, :] * stride_lr + t * stride_lt + offs_h[:, None],
+        mask=h_ok[:, None] & (r < R)[None, :],
+        other=float("-inf"),
+    )
+    return tl.exp(lses - m[:, None])
 
 
 @triton.jit(do_not_specialize=["R", "stride_or", "stride_lr"])
@@ -63,12 +75,11 @@ def _merge_states_kernel(
     KEEP: tl.constexpr,
     PARTS_P: tl.constexpr,
     LSE_AT_ONCE: tl.constexpr,
-    UNROLL: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (token, block of heads) merges its rows of the ``R`` parts: in one load each when
     ``PARTS_P`` (>= R) is set, else in two passes over the parts (``LSE_AT_ONCE`` parts' lse per
-    load, then ``UNROLL`` parts' rows per step)."""
+    load, then four parts' rows per step)."""
     t = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     if PDL:
@@ -116,22 +127,24 @@ def _merge_states_kernel(
         m = tl.where(m == float("-inf"), 0.0, m)
         acc = tl.zeros([BLOCK_H, DIM_P], tl.float32)
         total = tl.zeros([BLOCK_H], tl.float32)
-        # Pass 2: UNROLL parts per step, their loads in flight together.
-        for r0 in range(0, R, UNROLL):
-            for i in tl.static_range(UNROLL):
-                r = r0 + i
-                part_ok = h_ok & (tl.zeros([BLOCK_H], tl.int32) + r < R)
-                lse_r = tl.load(
-                    lses_ptr + r * stride_lr + t * stride_lt + offs_h, mask=part_ok, other=float("-inf")
-                )
-                w = tl.exp(lse_r - m)  # [BLOCK_H]; 0 for an empty part, whose rows are not read
-                o = tl.load(
-                    outs_ptr + r * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :],
-                    mask=(part_ok & (w > 0))[:, None] & (offs_d[None, :] < HEAD_DIM),
-                    other=0.0,
-                ).to(tl.float32)
-                acc += tl.where(w[:, None] > 0, w[:, None] * o, 0.0)
-                total += w
+        # Pass 2: four parts per step, their loads in flight together. An empty part (weight 0)
+        # is not read, so each step's weights come from lse loaded a step ahead: no row load
+        # waits on an lse load.
+        ru = tl.arange(0, 4)
+        w_next = _step_weights(lses_ptr, 0, ru, R, t, offs_h, h_ok, m, stride_lr, stride_lt)
+        for r0 in range(0, R, 4):
+            w_even, w_odd = tl.split(tl.reshape(w_next, [BLOCK_H, 2, 2]))  # parts (0, 2), (1, 3)
+            w_0, w_2 = tl.split(w_even)
+            w_1, w_3 = tl.split(w_odd)
+            w_next = _step_weights(lses_ptr, r0 + 4, ru, R, t, offs_h, h_ok, m, stride_lr, stride_lt)
+            rows = outs_ptr + r0 * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+            d_ok = offs_d[None, :] < HEAD_DIM
+            o_0 = tl.load(rows, mask=(w_0 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
+            o_1 = tl.load(rows + stride_or, mask=(w_1 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
+            o_2 = tl.load(rows + 2 * stride_or, mask=(w_2 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
+            o_3 = tl.load(rows + 3 * stride_or, mask=(w_3 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
+            acc += w_0[:, None] * o_0 + w_1[:, None] * o_1 + w_2[:, None] * o_2 + w_3[:, None] * o_3
+            total += w_0 + w_1 + w_2 + w_3
     out, lse = finish_merge(acc, m, total)
     tl.store(
         out_ptr + t * stride_mt + offs_h[:, None] * stride_mh + offs_d[None, :],
@@ -200,7 +213,6 @@ def merge_states_into(
         KEEP=keep is not None,
         PARTS_P=parts_p,
         LSE_AT_ONCE=1 if latency_bound else min(next_pow2(R), STREAM_LSE_AT_ONCE),
-        UNROLL=1 if latency_bound else STREAM_UNROLL,
         PDL=early,
         # One program's parts at 32 values per thread.
         num_warps=min(8, max(1, parts_p * next_pow2(D) // 1024)) if latency_bound else 4,
