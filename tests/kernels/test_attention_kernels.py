@@ -175,6 +175,54 @@ def test_block_major_plan_inverts_the_selection():
     assert got == expect
 
 
+@pytest.mark.parametrize("crowding", [False, True], ids=["one_pass", "first_of_two"])
+def test_tile_plan_lists_each_tiles_union(crowding):
+    """Each (tile, group) plan holds the distinct on-shard block ids of its tokens' selections,
+    ascending, with their pages; with crowding, a union over the limit is flagged and left
+    unplanned (count -1), one at or under it flagged 0 and planned."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    T, G, K, W, world, rank, tile_t, union_max = 30, 2, 3, 40, 2, 1, 4, 4
+    q_lens = [13, 17]
+    ids = torch.randint(-1, 2 * W, (T, G, K), generator=g, dtype=torch.int32)
+    ids[13:21] = ids[13]  # tiles of repeated selections: small unions
+    cu = torch.tensor([0, 13, 30], dtype=torch.int32)
+    block_table = torch.randperm(2 * W, generator=g).to(torch.int32).view(2, W)
+    tiles = -(-max(q_lens) // tile_t)
+    units, n = 2 * tiles * G, tile_t * 4
+    plan = torch.full((units, 2 * n), -7, dtype=torch.int32)
+    count = torch.full((units,), -7, dtype=torch.int32)
+    crowded = torch.full((units,), -7, dtype=torch.int8)
+    args = [x.to(device) for x in (ids, block_table, cu, plan, count, crowded)]
+    sparse_triton._tile_plan_kernel[(2 * tiles, G)](
+        *args, rank, world, tiles, union_max, W, ids.stride(0), ids.stride(1),
+        BLOCK_T=tile_t, TOPK=K, TOPK_P=4, CROWDING=crowding,
+    )  # fmt: skip
+    plan, count, crowded = (x.cpu() for x in args[3:])
+    seen_small = seen_crowded = False
+    for b in range(2):
+        for tile in range(tiles):
+            t0 = int(cu[b]) + tile * tile_t
+            if t0 >= int(cu[b + 1]):
+                continue
+            for gr in range(G):
+                unit = (b * tiles + tile) * G + gr
+                chosen = ids[t0 : min(t0 + tile_t, int(cu[b + 1])), gr].flatten().tolist()
+                union = sorted({x for x in chosen if x >= 0 and x % world == rank})
+                if crowding and len(union) > union_max:
+                    seen_crowded = True
+                    assert (int(crowded[unit]), int(count[unit])) == (1, -1)
+                    continue
+                seen_small = seen_small or crowding
+                if crowding:
+                    assert int(crowded[unit]) == 0
+                assert int(count[unit]) == len(union)
+                assert plan[unit, : len(union)].tolist() == union
+                pages = [int(block_table[b, (x - rank) // world]) for x in union]
+                assert plan[unit, n : n + len(union)].tolist() == pages
+    assert seen_small == seen_crowded == crowding
+
+
 GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)
 GPU_CASES = {
     "decode_b1_one_block": ([77], [1]),

@@ -3,8 +3,9 @@
 One program owns a tile of ``BLOCK_T`` query tokens of one sequence and one KV group, so the
 group's query heads and tokens form the rows of one ``tl.dot`` (M = BLOCK_T x heads per group):
 each K/V block is read once for all of them. In sparse mode the program walks the union of the
-tile's selected blocks in ascending order (each row only sees its own token's blocks); in dense
-mode it walks every visible block of this shard. Decode splits that walk over ``num_splits``
+tile's selected blocks in ascending order (each row only sees its own token's blocks), which a
+light launch before it lists per tile (``_tile_plan_kernel``); in dense mode it walks every
+visible block of this shard. Decode splits that walk over ``num_splits``
 programs (split-K) writing fp32 partials, merged by log-sum-exp: in a second launch with one
 program per (token, head) while the split grid is a wave or two, else by the last split of each
 (tile, group) to finish, known by an atomic ticket, in the same launch.
@@ -214,9 +215,71 @@ def _decode_kernel(
         )
 
 
-@triton.jit(
-    do_not_specialize=["tiles_per_seq", "union_max", "shared_tiles_per_seq", "stride_bt", "stride_ls"]
-)
+@triton.jit(do_not_specialize=["tiles_per_seq", "union_max", "stride_bt", "stride_it", "stride_ig"])
+def _tile_plan_kernel(
+    ids_ptr,
+    block_table_ptr,
+    cu_q_ptr,
+    plan_ptr,
+    count_ptr,
+    crowded_ptr,
+    shard_rank,
+    shard_world,
+    tiles_per_seq,
+    union_max,
+    stride_bt,
+    stride_it,
+    stride_ig,
+    BLOCK_T: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    CROWDING: tl.constexpr,
+):
+    """Program = (tile of ``BLOCK_T`` query tokens, KV group) of a sparse prefill launch: the union
+    of its tokens' selected blocks on this shard, ascending, into its row of ``plan`` (N ids, then
+    their N pages; N = BLOCK_T x TOPK_P) and its size into ``count``. With ``CROWDING`` (the first
+    of two passes) a union over ``union_max`` blocks is not planned: ``crowded`` gets 1 and
+    ``count`` -1, and the attention kernel's program for the tile returns at once. One warp of few
+    registers (many programs to an SM) sorts the tile's ids, so the attention kernel (one program
+    per SM) spends none of its time on this, nor on a crowded tile."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    unit = pid * tl.num_programs(1) + g
+    b = pid // tiles_per_seq
+    q_start = tl.load(cu_q_ptr + b)
+    q_end = tl.load(cu_q_ptr + b + 1)
+    t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
+    if t0 >= q_end:
+        return
+    N: tl.constexpr = BLOCK_T * TOPK_P
+    flat = tl.arange(0, N)
+    ftok = t0 + flat // TOPK_P
+    cand = tl.load(
+        ids_ptr + ftok * stride_it + g * stride_ig + flat % TOPK_P,
+        mask=(ftok < q_end) & (flat % TOPK_P < TOPK),
+        other=-1,
+    )
+    on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0)
+    # Sorted, the distinct ids are those unlike their left neighbour; off-shard ones sort last.
+    ids = tl.sort(tl.where(on_shard, cand, 2147483647))
+    left = tl.gather(ids, tl.maximum(flat - 1, 0), 0)
+    first = (ids != 2147483647) & ((flat == 0) | (ids != left))
+    rank = tl.cumsum(first.to(tl.int32), 0) - 1  # [N] place among the distinct ids
+    n_iter = tl.sum(first.to(tl.int32), 0)
+    if CROWDING:
+        crowded = n_iter > union_max
+        tl.store(crowded_ptr + unit, crowded.to(tl.int8))
+        if crowded:
+            tl.store(count_ptr + unit, -1)
+            return
+    pages = tl.load(block_table_ptr + b * stride_bt + (ids - shard_rank) // shard_world, mask=first, other=0)
+    plan = plan_ptr + unit * (2 * N)
+    tl.store(plan + rank, ids, mask=first)
+    tl.store(plan + N + rank, pages, mask=first)
+    tl.store(count_ptr + unit, n_iter)
+
+
+@triton.jit(do_not_specialize=["tiles_per_seq", "shared_tiles_per_seq", "stride_bt", "stride_ls"])
 def _paged_attention_kernel(
     q_ptr,
     k_ptr,
@@ -231,13 +294,13 @@ def _paged_attention_kernel(
     final_lse_ptr,
     tickets_ptr,
     plan_ptr,
+    count_ptr,
     qk_scale,
     shard_rank,
     shard_world,
     tiles_per_seq,
     num_splits,
     crowded_ptr,
-    union_max,
     shared_tiles_per_seq,
     stride_qt,
     stride_qh,
@@ -279,6 +342,10 @@ def _paged_attention_kernel(
     pid = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
+    unit = pid * tl.num_programs(1) + g
+    if ADAPT == 1:  # first pass: a crowded tile (count -1 in its plan) is left to the second
+        if tl.load(count_ptr + unit) < 0:
+            return
     b = pid // tiles_per_seq
     q_start = tl.load(cu_q_ptr + b)
     q_end = tl.load(cu_q_ptr + b + 1)
@@ -313,40 +380,11 @@ def _paged_attention_kernel(
             mask=row_ok[:, None] & (offs_k[None, :] < TOPK),
             other=-1,
         )
-        # Flat view of the tile's selections, to enumerate their union once.  [N]
+        # The tile's union of blocks, ascending, with their pages (``_tile_plan_kernel``): the
+        # loop reads each block's id and page as two scalars.
         N: tl.constexpr = BLOCK_T * TOPK_P
-        flat = tl.arange(0, N)
-        ftok = t0 + flat // TOPK_P
-        cand = tl.load(
-            ids_ptr + ftok * stride_it + g * stride_ig + flat % TOPK_P,
-            mask=(ftok < q_end) & (flat % TOPK_P < TOPK),
-            other=-1,
-        )
-        on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0)
-        cand = tl.where(on_shard, cand, 1073741824)
-        # First occurrence of each id, then its rank among the distinct ids (ascending).
-        same_before = (cand[None, :] == cand[:, None]) & (flat[None, :] < flat[:, None])  # [N, N]
-        first = on_shard & (tl.sum(same_before.to(tl.int32), 1) == 0)
-        smaller = first[None, :] & (cand[None, :] < cand[:, None])
-        rank = tl.where(first, tl.sum(smaller.to(tl.int32), 1), -1)  # [N]
-        n_iter = tl.sum(first.to(tl.int32), 0)
-        if ADAPT == 1:
-            # First pass over tiles of several tokens: worth it while the tokens share blocks.
-            # A tile whose union is crowded is left to the second pass.
-            crowded = n_iter > union_max
-            tl.store(crowded_ptr + pid * tl.num_programs(1) + g, crowded.to(tl.int8))
-            if crowded:
-                return
-        # Every page of the union up front, so no block waits on a block-table read. The union,
-        # in ascending order, goes to this program's row of ``plan``: the loop then reads each
-        # block's id and page as two scalars instead of reducing over the whole tile per block.
-        pages = tl.load(
-            block_table_ptr + b * stride_bt + (cand - shard_rank) // shard_world, mask=first, other=0
-        )
-        plan = plan_ptr + ((pid * tl.num_programs(1) + g) * tl.num_programs(2) + split) * (2 * N)
-        tl.store(plan + rank, cand, mask=first)
-        tl.store(plan + N + rank, pages, mask=first)
-        tl.debug_barrier()  # the whole plan is written before any thread reads it
+        plan = plan_ptr + unit * (2 * N)
+        n_iter = tl.load(count_ptr + unit)
     else:
         last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
         n_global = last_qpos // BLOCK_SIZE + 1
@@ -408,7 +446,7 @@ def _paged_attention_kernel(
         # Split-K combine by the last split to finish this (tile, group): no second launch, and
         # the partials it reads were just written, so they come from L2.
         _combine_last(
-            tickets_ptr + pid * tl.num_programs(1) + g,
+            tickets_ptr + unit,
             num_splits,
             out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             lse_ptr + tok * stride_lt + head,
@@ -733,6 +771,32 @@ def launch_paged_attention(
         shared_t: int,
         shared_tiles: int,
     ):
+        units = B * n_tiles * H_kv
+        if sparse:
+            plan = torch.empty(units, 2 * tile_t * topk_p, dtype=torch.int32, device=q.device)
+            count = torch.empty(units, dtype=torch.int32, device=q.device)
+            _tile_plan_kernel[(B * n_tiles, H_kv)](
+                block_ids,
+                block_table,
+                cu_seqlens_q,
+                plan,
+                count,
+                crowded,
+                shard_rank,
+                shard_world,
+                n_tiles,
+                union_max,
+                block_table.stride(0),
+                stride_it,
+                stride_ig,
+                BLOCK_T=tile_t,
+                TOPK=topk,
+                TOPK_P=topk_p,
+                CROWDING=adapt == 1,
+                num_warps=max(1, min(4, tile_t * topk_p // 128)),  # one warp sorts without barriers
+            )
+        else:  # unused
+            plan, count = lse, lse
         _paged_attention_kernel[(B * n_tiles, H_kv, num_splits)](
             q,
             k_cache,
@@ -746,18 +810,14 @@ def launch_paged_attention(
             out,
             lse,
             split_out.tickets,
-            torch.empty(
-                B * n_tiles * H_kv * num_splits * 2 * tile_t * topk_p, dtype=torch.int32, device=q.device
-            )
-            if sparse
-            else lse,
+            plan,
+            count,
             scale * LOG2E,
             shard_rank,
             shard_world,
             n_tiles,
             num_splits,
             crowded,
-            union_max,
             shared_tiles,
             *paged_input_strides(q, k_cache, v_cache, block_table),
             stride_it,
