@@ -963,6 +963,7 @@ def sweep_profile() -> None:
         indexer_triton._score_chunk_topk_kernel,
         indexer_triton._merge_candidates_kernel,
         sparse_triton._decode_kernel,
+        sparse_triton._tile_plan_kernel,
         sparse_triton._paged_attention_kernel,
         block_major._block_major_kernel,
         merge_triton._merge_states_kernel,
