@@ -215,6 +215,16 @@ def _decode_kernel(
         )
 
 
+@triton.jit
+def _tile_tokens(cu_q_ptr, pid, tiles_per_seq, BLOCK_T: tl.constexpr):
+    """Tile ``pid`` of a launch of ``tiles_per_seq`` tiles per sequence: (sequence, its first and
+    end query row, the tile's first row); the tile is empty when its first row is not under the end."""
+    b = pid // tiles_per_seq
+    q_start = tl.load(cu_q_ptr + b)
+    q_end = tl.load(cu_q_ptr + b + 1)
+    return b, q_start, q_end, q_start + (pid % tiles_per_seq) * BLOCK_T
+
+
 @triton.jit(do_not_specialize=["tiles_per_seq", "union_max", "stride_bt", "stride_it", "stride_ig"])
 def _tile_plan_kernel(
     ids_ptr,
@@ -245,10 +255,7 @@ def _tile_plan_kernel(
     pid = tl.program_id(0)
     g = tl.program_id(1)
     unit = pid * tl.num_programs(1) + g
-    b = pid // tiles_per_seq
-    q_start = tl.load(cu_q_ptr + b)
-    q_end = tl.load(cu_q_ptr + b + 1)
-    t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
+    b, q_start, q_end, t0 = _tile_tokens(cu_q_ptr, pid, tiles_per_seq, BLOCK_T)
     if t0 >= q_end:
         return
     N: tl.constexpr = BLOCK_T * TOPK_P
@@ -346,10 +353,7 @@ def _paged_attention_kernel(
     if ADAPT == 1:  # first pass: a crowded tile (count -1 in its plan) is left to the second
         if tl.load(count_ptr + unit) < 0:
             return
-    b = pid // tiles_per_seq
-    q_start = tl.load(cu_q_ptr + b)
-    q_end = tl.load(cu_q_ptr + b + 1)
-    t0 = q_start + (pid % tiles_per_seq) * BLOCK_T
+    b, q_start, q_end, t0 = _tile_tokens(cu_q_ptr, pid, tiles_per_seq, BLOCK_T)
     if t0 >= q_end:
         return
     if ADAPT == 2:  # second pass: only the tokens of tiles the first pass found crowded
