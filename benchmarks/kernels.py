@@ -635,22 +635,42 @@ def sweep_block_major(L: int, smooth: bool) -> None:
 
 def sweep_prefill_index() -> None:
     """The prefill index over the last 8K-token chunk of 16K, 128K and 1M tokens, per chunk size
-    (blocks per program) and pipeline depth."""
+    (blocks per program), pipeline depth, and tokens per program with warps (the default: 64 tokens,
+    8 warps, one program per SM; 32 tokens on 4 warps fit two programs per SM)."""
     for L in (16384, 131072, 1048576):
         p = paged_problem(1, L, 8192, torch.bfloat16)
         a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
-        for cb, ns in ((None, None), (32, None), (16, None), (8, None), (16, 3), (16, 4), (16, 2)):
+        for cb, ns, bt, nw in (
+            (None, None, None, None),
+            (32, None, None, None),
+            (16, None, None, None),
+            (8, None, None, None),
+            (16, 3, None, None),
+            (16, 4, None, None),
+            (16, 2, None, None),
+            (None, 2, 32, 4),
+            (None, 3, 32, 8),
+            (None, 3, 64, 8),
+        ):
             try:
                 t = event_time_ms(
-                    lambda a=a, cb=cb, ns=ns: select_blocks_triton(
-                        *a, topk=TOPK, max_q_len=8192, chunk_blocks=cb, num_stages=ns
+                    lambda a=a, cb=cb, ns=ns, bt=bt, nw=nw: select_blocks_triton(
+                        *a,
+                        topk=TOPK,
+                        max_q_len=8192,
+                        chunk_blocks=cb,
+                        num_stages=ns,
+                        block_t=bt,
+                        num_warps=nw,
                     ),
                     3,
                 )
             except Exception as e:  # e.g. out of shared memory
                 t = float("nan")
                 print(f"{type(e).__name__}: {str(e)[:100]}")
-            print(f"prefill index L={L} chunk={cb} stages={ns}: {t:.2f} ms", flush=True)
+            print(
+                f"prefill index L={L} chunk={cb} stages={ns} tokens={bt} warps={nw}: {t:.2f} ms", flush=True
+            )
         del p
         torch.cuda.empty_cache()
 
