@@ -493,6 +493,11 @@ def sweep(part: str) -> None:
         sweep_read_floor()
     if part in ("all", "profile"):
         sweep_profile()
+    if part in ("all", "shared-tile"):
+        for L in (131072, 1048576):
+            for smooth in (False, True):
+                sweep_shared_tile(L, smooth)
+                torch.cuda.empty_cache()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -524,6 +529,42 @@ def tile_unions(ids: torch.Tensor, tile: int) -> torch.Tensor:
     return ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] >= 0)).sum(1) + (x[:, 0] >= 0)
 
 
+# The shared first pass of sparse prefill: (tokens per tile, crowded share, pipeline stages, warps),
+# the default first.
+SHARED_TILE_SETTINGS = (
+    (4, 1 / 2, 1, None),
+    (4, 1 / 3, 1, None),
+    (4, 2 / 3, 1, None),
+    (4, 3 / 4, 1, None),
+    (4, 1 / 2, 2, None),
+    (2, 1 / 2, 1, None),
+    (8, 1 / 3, 2, None),
+    (8, 1 / 3, 3, None),
+    (8, 1 / 3, 1, None),
+)
+
+
+def sweep_shared_tile(L: int, smooth: bool) -> None:
+    """The attention of a whole chunked prefill (``chunked_prefill``, 8K-token chunks) per shared
+    first-pass setting (``SHARED_TILE_SETTINGS``), the settings alternating, a few rounds each."""
+    p = paged_problem(1, L, L, torch.bfloat16, smooth=smooth)
+    _, attention_only, _ = chunked_prefill(p, 8192)
+    times = {s: [] for s in SHARED_TILE_SETTINGS}
+    with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE", "_SHARED_STAGES"):
+        for _ in range(3 if L <= 2**17 else 2):
+            for setting, ts in times.items():
+                tile, share, stages, _ = setting
+                sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
+                sparse_triton._SHARED_STAGES = stages
+                ts.append(event_time_ms(attention_only, 3 if L <= 2**17 else 1))
+    for (tile, share, stages, _), ts in times.items():
+        print(
+            f"L={L} smooth={smooth} attention, shared tile={tile} crowded share={share:.2f} "
+            f"stages={stages}: " + " ".join(f"{t:.1f}" for t in ts) + " ms",
+            flush=True,
+        )
+
+
 def sweep_prefill(smooth: bool) -> None:
     p = paged_problem(1, 131072, 8192, torch.bfloat16, smooth=smooth)
     a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
@@ -538,23 +579,13 @@ def sweep_prefill(smooth: bool) -> None:
             lambda bt=bt: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, block_t=bt), 3
         )
         print(f"{tag} attention block_t={bt}: {t:.2f} ms", flush=True)
-    with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE"):
-        for tile, share, stages, warps in (
-            (8, 1 / 3, None, None),
-            (8, 1 / 3, 1, None),
-            (8, 1 / 3, 3, None),
-            (8, 1 / 2, None, None),
-            (8, 1 / 4, None, None),
-            (4, 1 / 3, None, None),
-            (8, 1 / 3, None, 4),
-        ):
+    with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE", "_SHARED_STAGES"):
+        for tile, share, stages, warps in SHARED_TILE_SETTINGS + ((8, 1 / 3, 2, 4), (4, 1 / 2, 1, 8)):
             sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
+            sparse_triton._SHARED_STAGES = stages
             try:
                 t = event_time_ms(
-                    lambda s=stages, w=warps: sparse_attention_triton(
-                        *kv, scale=SCALE, max_q_len=8192, num_stages=s, num_warps=w
-                    ),
-                    3,
+                    lambda w=warps: sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, num_warps=w), 3
                 )
             except Exception as e:  # e.g. out of shared memory
                 t = float("nan")
@@ -1008,6 +1039,7 @@ def main() -> None:
             "block-major",
             "dense-decode",
             "merge",
+            "shared-tile",
             "index-stages",
             "read-floor",
             "profile",
@@ -1015,7 +1047,8 @@ def main() -> None:
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
-        "split; index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
+        "split; shared-tile: the chunked prefill's attention per setting of its shared first pass; "
+        "index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
         "a kernel that only reads its index keys; profile: the batch-1 decode chain's timeline, the 128K "
         "prefill's kernels and each kernel's registers and shared memory)",
     )

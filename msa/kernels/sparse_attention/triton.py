@@ -502,10 +502,17 @@ _MAX_SPLITS = MAX_LATENCY_BOUND_PARTS  # either split-K merge holds (or unrolls 
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
 # paid at 64 blocks and cost time at 256).
 _WHOLE_TABLE_BLOCKS = 64
-_SHARED_TILE = 8  # tokens (times the minimum tile) of a shared first-pass tile in sparse prefill
-# A shared tile is crowded (its tokens go to the second pass) when its union of blocks exceeds this share
-# of its tokens' selections.
-_CROWDED_SHARE = 1 / 3
+# Sparse prefill's shared first-pass tile: this many tokens (times the minimum tile), crowded (its
+# tokens go to the second pass) when its union of blocks exceeds _CROWDED_SHARE of its tokens'
+# selections, its K/V loaded without a pipeline (_SHARED_STAGES). A tile of M3 is then 64 rows on
+# 4 warps and two programs fit on an SM, so one's softmax can overlap the other's matmuls; a
+# smaller tile's union also wastes less (smooth queries: 21 blocks per 4 tokens, 26 per 8). Side
+# by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt) the 128K
+# prefill's attention took 42.8 ms with smooth queries against 47.3 with 8-token tiles (share
+# 1/3, two stages), level with independent queries; two stages or 2-token tiles were slower.
+_SHARED_TILE = 4
+_CROWDED_SHARE = 1 / 2
+_SHARED_STAGES = 1
 _ADAPTIVE_MIN_TOKENS = 64
 # In query runs at least this long the crowded tokens of sparse prefill go block-major
 # (``block_major.py``): its plan (a sort of the selection) costs a few small launches, which a
@@ -840,7 +847,7 @@ def launch_paged_attention(
             SHARED_T=shared_t,
             **split_out.flags(pdl(q.device)),
             num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
-            num_stages=num_stages or 2,
+            num_stages=num_stages or (_SHARED_STAGES if adapt == 1 else 2),
         )
 
     if not adaptive:
