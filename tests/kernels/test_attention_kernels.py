@@ -179,7 +179,8 @@ def test_block_major_plan_inverts_the_selection():
 def test_tile_plan_lists_each_tiles_union(crowding):
     """Each (tile, group) plan holds the distinct on-shard block ids of its tokens' selections,
     ascending, with their pages; with crowding, a union over the limit is flagged and left
-    unplanned (count -1), one at or under it flagged 0 and planned."""
+    unplanned (count -1), one at or under it flagged 0 and planned. A tile past its sequence's
+    end (a launch sized by the longest) plans nothing (count 0)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(5)
     T, G, K, W, world, rank, tile_t, union_max = 30, 2, 3, 40, 2, 1, 4, 4
@@ -199,14 +200,16 @@ def test_tile_plan_lists_each_tiles_union(crowding):
         BLOCK_T=tile_t, TOPK=K, TOPK_P=4, CROWDING=crowding,
     )  # fmt: skip
     plan, count, crowded = (x.cpu() for x in args[3:])
-    seen_small = seen_crowded = False
+    seen_small = seen_crowded = seen_past_end = False
     for b in range(2):
         for tile in range(tiles):
             t0 = int(cu[b]) + tile * tile_t
-            if t0 >= int(cu[b + 1]):
-                continue
             for gr in range(G):
                 unit = (b * tiles + tile) * G + gr
+                if t0 >= int(cu[b + 1]):
+                    seen_past_end = True
+                    assert int(count[unit]) == 0
+                    continue
                 chosen = ids[t0 : min(t0 + tile_t, int(cu[b + 1])), gr].flatten().tolist()
                 union = sorted({x for x in chosen if x >= 0 and x % world == rank})
                 if crowding and len(union) > union_max:
@@ -221,6 +224,7 @@ def test_tile_plan_lists_each_tiles_union(crowding):
                 pages = [int(block_table[b, (x - rank) // world]) for x in union]
                 assert plan[unit, n : n + len(union)].tolist() == pages
     assert seen_small == seen_crowded == crowding
+    assert seen_past_end
 
 
 GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)

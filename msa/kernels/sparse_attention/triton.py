@@ -247,16 +247,18 @@ def _tile_plan_kernel(
 ):
     """Program = (tile of ``BLOCK_T`` query tokens, KV group) of a sparse prefill launch: the union
     of its tokens' selected blocks on this shard, ascending, into its row of ``plan`` (N ids, then
-    their N pages; N = BLOCK_T x TOPK_P) and its size into ``count``. With ``CROWDING`` (the first
-    of two passes) a union over ``union_max`` blocks is not planned: ``crowded`` gets 1 and
-    ``count`` -1, and the attention kernel's program for the tile returns at once. One warp of few
-    registers (many programs to an SM) sorts the tile's ids, so the attention kernel (one program
-    per SM) spends none of its time on this, nor on a crowded tile."""
+    their N pages; N = BLOCK_T x TOPK_P) and its size into ``count`` (0 for a tile past its
+    sequence's end). With ``CROWDING`` (the first of two passes) a union over ``union_max`` blocks
+    is not planned: ``crowded`` gets 1 and ``count`` -1, and the attention kernel's program for the
+    tile returns at once. One warp of few registers (many programs to an SM) sorts the tile's ids,
+    so the attention kernel (all 255 registers, few programs to an SM) spends none of its time on
+    this, nor on a crowded tile."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     unit = pid * tl.num_programs(1) + g
     b, q_start, q_end, t0 = _tile_tokens(cu_q_ptr, pid, tiles_per_seq, BLOCK_T)
-    if t0 >= q_end:
+    if t0 >= q_end:  # past the sequence's end (the launch is sized by the longest): nothing to plan
+        tl.store(count_ptr + unit, 0)
         return
     N: tl.constexpr = BLOCK_T * TOPK_P
     flat = tl.arange(0, N)
