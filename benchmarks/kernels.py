@@ -667,7 +667,8 @@ def sweep_block_major(L: int, smooth: bool) -> None:
 def sweep_prefill_index() -> None:
     """The prefill index over the last 8K-token chunk of 16K, 128K and 1M tokens, per chunk size
     (blocks per program), pipeline depth, and tokens per program with warps (the default: 64 tokens,
-    8 warps, one program per SM; 32 tokens on 4 warps fit two programs per SM)."""
+    8 warps, one program per SM; 32 tokens on 4 warps fit two programs per SM, more without a
+    pipeline)."""
     for L in (16384, 131072, 1048576):
         p = paged_problem(1, L, 8192, torch.bfloat16)
         a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
@@ -682,6 +683,9 @@ def sweep_prefill_index() -> None:
             (None, 2, 32, 4),
             (None, 3, 32, 8),
             (None, 3, 64, 8),
+            (None, 1, 32, 4),
+            (None, 1, 16, 4),
+            (None, 2, 16, 4),
         ):
             try:
                 t = event_time_ms(
