@@ -138,11 +138,11 @@ def _merge_states_kernel(
             w_1, w_3 = tl.split(w_odd)
             w_next = _step_weights(lses_ptr, r0 + 4, ru, R, t, offs_h, h_ok, m, stride_lr, stride_lt)
             rows = outs_ptr + r0 * stride_or + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
-            d_ok = offs_d[None, :] < HEAD_DIM
-            o_0 = tl.load(rows, mask=(w_0 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
-            o_1 = tl.load(rows + stride_or, mask=(w_1 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
-            o_2 = tl.load(rows + 2 * stride_or, mask=(w_2 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
-            o_3 = tl.load(rows + 3 * stride_or, mask=(w_3 > 0)[:, None] & d_ok, other=0.0).to(tl.float32)
+            # A head that is not h_ok has weight 0, so hd_ok masks by the weight alone.
+            o_0 = tl.load(rows, mask=(w_0 > 0)[:, None] & hd_ok, other=0.0).to(tl.float32)
+            o_1 = tl.load(rows + stride_or, mask=(w_1 > 0)[:, None] & hd_ok, other=0.0).to(tl.float32)
+            o_2 = tl.load(rows + 2 * stride_or, mask=(w_2 > 0)[:, None] & hd_ok, other=0.0).to(tl.float32)
+            o_3 = tl.load(rows + 3 * stride_or, mask=(w_3 > 0)[:, None] & hd_ok, other=0.0).to(tl.float32)
             acc += w_0[:, None] * o_0 + w_1[:, None] * o_1 + w_2[:, None] * o_2 + w_3[:, None] * o_3
             total += w_0 + w_1 + w_2 + w_3
     out, lse = finish_merge(acc, m, total)

@@ -352,9 +352,11 @@ def _paged_attention_kernel(
     g = tl.program_id(1)
     split = tl.program_id(2)
     unit = pid * tl.num_programs(1) + g
-    if ADAPT == 1:  # first pass: a crowded tile (count -1 in its plan) is left to the second
-        if tl.load(count_ptr + unit) < 0:
-            return
+    if SPARSE:  # the size of the tile's union of blocks (``_tile_plan_kernel``)
+        n_plan = tl.load(count_ptr + unit)
+        if ADAPT == 1:  # first pass: a crowded tile (count -1) is left to the second
+            if n_plan < 0:
+                return
     b, q_start, q_end, t0 = _tile_tokens(cu_q_ptr, pid, tiles_per_seq, BLOCK_T)
     if t0 >= q_end:
         return
@@ -390,7 +392,7 @@ def _paged_attention_kernel(
         # loop reads each block's id and page as two scalars.
         N: tl.constexpr = BLOCK_T * TOPK_P
         plan = plan_ptr + unit * (2 * N)
-        n_iter = tl.load(count_ptr + unit)
+        n_iter = n_plan
     else:
         last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
         n_global = last_qpos // BLOCK_SIZE + 1
