@@ -498,6 +498,9 @@ def sweep(part: str) -> None:
             for smooth in (False, True):
                 sweep_shared_tile(L, smooth)
                 torch.cuda.empty_cache()
+    if part in ("all", "tma"):
+        for smooth in (False, True):
+            sweep_tma(smooth)
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -529,18 +532,18 @@ def tile_unions(ids: torch.Tensor, tile: int) -> torch.Tensor:
     return ((x[:, 1:] != x[:, :-1]) & (x[:, 1:] >= 0)).sum(1) + (x[:, 0] >= 0)
 
 
-# The shared first pass of sparse prefill: (tokens per tile, crowded share, pipeline stages, warps),
-# the default first.
+# The shared first pass of sparse prefill: (tokens per tile, crowded share, pipeline stages, K/V
+# loaded by TMA), the default first.
 SHARED_TILE_SETTINGS = (
-    (4, 1 / 2, 1, None),
-    (4, 1 / 3, 1, None),
-    (4, 2 / 3, 1, None),
-    (4, 3 / 4, 1, None),
-    (4, 1 / 2, 2, None),
-    (2, 1 / 2, 1, None),
-    (8, 1 / 3, 2, None),
-    (8, 1 / 3, 3, None),
-    (8, 1 / 3, 1, None),
+    (4, 1 / 2, 1, True),
+    (4, 1 / 2, 1, False),
+    (4, 1 / 3, 1, True),
+    (4, 2 / 3, 1, True),
+    (4, 1 / 2, 2, True),
+    (2, 1 / 2, 1, True),
+    (8, 1 / 2, 1, True),
+    (8, 1 / 3, 1, True),
+    (8, 1 / 3, 2, True),
 )
 
 
@@ -550,17 +553,107 @@ def sweep_shared_tile(L: int, smooth: bool) -> None:
     p = paged_problem(1, L, L, torch.bfloat16, smooth=smooth)
     _, attention_only, _ = chunked_prefill(p, 8192)
     times = {s: [] for s in SHARED_TILE_SETTINGS}
-    with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE", "_SHARED_STAGES"):
+    with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE", "_SHARED_STAGES", "_TMA"):
         for _ in range(3 if L <= 2**17 else 2):
             for setting, ts in times.items():
-                tile, share, stages, _ = setting
+                tile, share, stages, tma = setting
                 sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
-                sparse_triton._SHARED_STAGES = stages
+                sparse_triton._SHARED_STAGES, sparse_triton._TMA = stages, tma
                 ts.append(event_time_ms(attention_only, 3 if L <= 2**17 else 1))
-    for (tile, share, stages, _), ts in times.items():
+    for (tile, share, stages, tma), ts in times.items():
         print(
             f"L={L} smooth={smooth} attention, shared tile={tile} crowded share={share:.2f} "
-            f"stages={stages}: " + " ".join(f"{t:.1f}" for t in ts) + " ms",
+            f"stages={stages} {'TMA' if tma else 'pointer loads'}: "
+            + " ".join(f"{t:.1f}" for t in ts)
+            + " ms",
+            flush=True,
+        )
+
+
+def sweep_tma(smooth: bool) -> None:
+    """K/V by TMA against pointer loads, alternating, outside the shared first pass: the last 8K
+    chunk of a 128K prefill with its crowded tiles token by token (no block-major), and in one
+    token-by-token pass at the default, 2 and 3 stages; a dense 8K-token chunk over 32K and 128K; dense
+    decode over long block tables."""
+    L, n = 131072, 8192
+    p = paged_problem(1, L, L, torch.bfloat16, smooth=smooth)
+    r = slice(L - n, L)
+    cu = torch.tensor([0, n], device=DEV, dtype=torch.int32)
+    sl = torch.tensor([L], device=DEV, dtype=torch.int32)
+    ids, _ = select_blocks_triton(p["iq"][r], p["ik"], p["table"], cu, sl, topk=TOPK, max_q_len=n)
+    args = (p["q"][r], p["k"], p["v"], p["table"], cu, sl, ids)
+    tag = f"L={L} last chunk smooth={smooth}"
+    # Crowded tiles: the first pass keeps its stages (a count given would also set them).
+    for what, kw, counts in (
+        ("crowded tiles token by token", dict(by_block=False), (None,)),
+        ("one token-by-token pass", dict(block_t=1), (None, 2, 3)),
+    ):
+        _tma_ab(
+            f"{tag} {what}",
+            lambda stages, kw=kw, a=args: sparse_attention_triton(
+                *a, scale=SCALE, max_q_len=n, num_stages=stages, **kw
+            ),
+            event_time_ms,
+            "ms",
+            stage_counts=counts,
+        )
+    del p, args, ids
+    if smooth:
+        return
+    for L in (32768, 131072):
+        p = paged_problem(1, L, n, torch.bfloat16)
+        cu = torch.tensor([0, n], device=DEV, dtype=torch.int32)
+        _tma_ab(
+            f"dense chunk of {n} over L={L}",
+            lambda stages, p=p, cu=cu: sparse_triton.launch_paged_attention(
+                p["q"],
+                p["k"],
+                p["v"],
+                p["table"],
+                cu,
+                p["seq_lens"],
+                None,
+                scale=SCALE,
+                shard_rank=0,
+                shard_world=1,
+                max_q_len=n,
+                block_t=None,
+                num_splits=None,
+                name="paged_attention",
+                num_stages=stages,
+            ),  # fmt: skip
+            event_time_ms,
+            "ms",
+        )
+        del p
+    for L, B in ((131072, 1), (131072, 4), (32768, 8)):
+        p = paged_problem(B, L, 1, torch.bfloat16)
+        kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+        _tma_ab(
+            f"dense decode L={L} B={B}",
+            lambda stages, kv=kv: paged_attention_triton(*kv, scale=SCALE, max_q_len=1),
+            graph_time_us,
+            "us",
+            stage_counts=(None,),
+        )
+        del p, kv
+    torch.cuda.empty_cache()
+
+
+def _tma_ab(tag: str, fn, time_fn, unit: str, stage_counts=(None, 2, 3)) -> None:
+    """``fn(stages)`` timed with K/V by TMA and by pointer loads (default stages, then each of
+    ``stage_counts``), the variants alternating over three rounds."""
+    variants = [(tma, st) for st in stage_counts for tma in (True, False)]
+    times: dict = {v: [] for v in variants}
+    with restoring(sparse_triton, "_TMA"):
+        for _ in range(3):
+            for tma, st in variants:
+                sparse_triton._TMA = tma
+                times[(tma, st)].append(time_fn(lambda st=st: fn(st)))
+    for (tma, st), ts in times.items():
+        how = "TMA" if tma else "pointer loads"
+        print(
+            f"{tag}, {how}, stages={st or 'default'}: " + " ".join(f"{t:.2f}" for t in ts) + f" {unit}",
             flush=True,
         )
 
@@ -1044,6 +1137,7 @@ def main() -> None:
             "dense-decode",
             "merge",
             "shared-tile",
+            "tma",
             "index-stages",
             "read-floor",
             "profile",
@@ -1051,7 +1145,8 @@ def main() -> None:
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
-        "split; shared-tile: the chunked prefill's attention per setting of its shared first pass; "
+        "split; shared-tile: the chunked prefill's attention per setting of its shared first pass; tma: "
+        "K/V by TMA against pointer loads in the other prefill passes and dense layers; "
         "index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
         "a kernel that only reads its index keys; profile: the batch-1 decode chain's timeline, the 128K "
         "prefill's kernels and each kernel's registers and shared memory)",

@@ -101,6 +101,31 @@ def test_attention_matches_reference(case, sparse, world, monkeypatch):
 
 
 @pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+@pytest.mark.parametrize("case", ["mtp", "prefill_chunk", "prefill_mixed"])
+def test_prefill_tiles_with_pointer_loads(case, sparse, world, monkeypatch):
+    """Where TMA is off (before Hopper, or caches it cannot describe) the query-tile kernel loads
+    K/V by pointers, masked past each sequence's end: the same results."""
+    monkeypatch.setattr(sparse_triton, "_TMA", False)
+    run_case(case, sparse, world, CPU, torch.float32, "cpu", 2e-5, monkeypatch)
+
+
+def test_tma_descriptors_only_for_caches_tma_can_read(monkeypatch):
+    """Descriptors of one (page, KV head) block for aligned caches; none for a cache whose base is
+    not 16-byte aligned, nor with TMA switched off."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # descriptors without a Hopper GPU
+    buf = torch.zeros(4 * 16 * 2 * 32 + 1)
+    aligned = buf[:-1].view(4, 16, 2, 32)
+    k_desc, v_desc = sparse_triton._tma_descriptors(aligned, aligned)
+    assert k_desc.block_shape == [1, 16, 1, 32] and list(k_desc.shape) == [4, 16, 2, 32]
+    assert list(v_desc.strides) == list(aligned.stride())
+    shifted = buf[1:].view(4, 16, 2, 32)  # 4 bytes past an aligned base
+    assert sparse_triton._tma_descriptors(shifted, aligned) == (None, None)
+    monkeypatch.setattr(sparse_triton, "_TMA", False)
+    assert sparse_triton._tma_descriptors(aligned, aligned) == (None, None)
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
 @pytest.mark.parametrize("case", ["decode_b1_one_block", "decode_mixed", "decode_few_blocks"])
 def test_sparse_decode_with_a_wide_block_table(case, world, monkeypatch):
     """Past ``_WHOLE_TABLE_BLOCKS`` the decode kernel reads each selected block's page after the
@@ -177,14 +202,15 @@ def test_block_major_plan_inverts_the_selection():
 
 @pytest.mark.parametrize("crowding", [False, True], ids=["one_pass", "first_of_two"])
 def test_tile_plan_lists_each_tiles_union(crowding):
-    """Each (tile, group) plan holds the distinct on-shard block ids of its tokens' selections,
-    ascending, with their pages; with crowding, a union over the limit is flagged and left
-    unplanned (count -1), one at or under it flagged 0 and planned. A tile past its sequence's
-    end (a launch sized by the longest) plans nothing (count 0)."""
+    """Each (tile, group) plan holds the distinct on-shard block ids of its tokens' selections
+    that its last token can see, ascending, with their pages; with crowding, a union over the
+    limit is flagged and left unplanned (count -1), one at or under it flagged 0 and planned. A
+    tile past its sequence's end (a launch sized by the longest) plans nothing (count 0)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(5)
     T, G, K, W, world, rank, tile_t, union_max = 30, 2, 3, 40, 2, 1, 4, 4
-    q_lens = [13, 17]
+    q_lens, seq_lens, bs = [13, 17], torch.tensor([600, 1000], dtype=torch.int32), 16
+    # Ids up to 79, past what some tiles can see (the last queries sit in blocks 37 and 62).
     ids = torch.randint(-1, 2 * W, (T, G, K), generator=g, dtype=torch.int32)
     ids[13:21] = ids[13]  # tiles of repeated selections: small unions
     cu = torch.tensor([0, 13, 30], dtype=torch.int32)
@@ -194,13 +220,13 @@ def test_tile_plan_lists_each_tiles_union(crowding):
     plan = torch.full((units, 2 * n), -7, dtype=torch.int32)
     count = torch.full((units,), -7, dtype=torch.int32)
     crowded = torch.full((units,), -7, dtype=torch.int8)
-    args = [x.to(device) for x in (ids, block_table, cu, plan, count, crowded)]
+    args = [x.to(device) for x in (ids, block_table, cu, seq_lens, plan, count, crowded)]
     sparse_triton._tile_plan_kernel[(2 * tiles, G)](
         *args, rank, world, tiles, union_max, W, ids.stride(0), ids.stride(1),
-        BLOCK_T=tile_t, TOPK=K, TOPK_P=4, CROWDING=crowding,
+        BLOCK_T=tile_t, BLOCK_SIZE=bs, TOPK=K, TOPK_P=4, CROWDING=crowding,
     )  # fmt: skip
-    plan, count, crowded = (x.cpu() for x in args[3:])
-    seen_small = seen_crowded = seen_past_end = False
+    plan, count, crowded = (x.cpu() for x in args[4:])
+    seen_small = seen_crowded = seen_past_end = seen_unseeable = False
     for b in range(2):
         for tile in range(tiles):
             t0 = int(cu[b]) + tile * tile_t
@@ -210,8 +236,11 @@ def test_tile_plan_lists_each_tiles_union(crowding):
                     seen_past_end = True
                     assert int(count[unit]) == 0
                     continue
-                chosen = ids[t0 : min(t0 + tile_t, int(cu[b + 1])), gr].flatten().tolist()
-                union = sorted({x for x in chosen if x >= 0 and x % world == rank})
+                end = min(t0 + tile_t, int(cu[b + 1]))
+                last_block = (int(seq_lens[b]) - int(cu[b + 1]) + end - 1) // bs
+                chosen = ids[t0:end, gr].flatten().tolist()
+                seen_unseeable = seen_unseeable or max(chosen) > last_block
+                union = sorted({x for x in chosen if 0 <= x <= last_block and x % world == rank})
                 if crowding and len(union) > union_max:
                     seen_crowded = True
                     assert (int(crowded[unit]), int(count[unit])) == (1, -1)
@@ -224,7 +253,7 @@ def test_tile_plan_lists_each_tiles_union(crowding):
                 pages = [int(block_table[b, (x - rank) // world]) for x in union]
                 assert plan[unit, n : n + len(union)].tolist() == pages
     assert seen_small == seen_crowded == crowding
-    assert seen_past_end
+    assert seen_past_end and seen_unseeable
 
 
 GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)

@@ -33,6 +33,28 @@ def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
+def online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+    """One key tile of an online softmax: the running max ``m_i [M]``, sum ``l_i [M]`` and output
+    ``acc [M, D]`` (log2 units) after the rows of ``q`` attend to ``k, v [N, D]`` where ``allowed
+    [M, N]``."""
+    if IEEE:
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = tl.where(allowed, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def normalize_softmax(acc, m, l_i):
     """Finish an online softmax: (out ``acc / l``, lse in natural log from the running max ``m``
     and sum ``l_i`` in log2 units); zeros and -inf for a row that saw no key (``l_i`` 0)."""

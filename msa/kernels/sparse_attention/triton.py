@@ -8,15 +8,19 @@ light launch before it lists per tile (``_tile_plan_kernel``); in dense mode it 
 visible block of this shard. Decode splits that walk over ``num_splits``
 programs (split-K) writing fp32 partials, merged by log-sum-exp: in a second launch with one
 program per (token, head) while the split grid is a wave or two, else by the last split of each
-(tile, group) to finish, known by an atomic ticket, in the same launch.
+(tile, group) to finish, known by an atomic ticket, in the same launch. The tile kernel reads K/V
+blocks by TMA where the caches allow it (Hopper), else by pointer loads masked past seq_len.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from msa.kernels._launch import (
     check_int32,
@@ -31,7 +35,7 @@ from msa.kernels._launch import (
 )
 from msa.kernels.merge.triton import MAX_LATENCY_BOUND_PARTS, finish_merge, merge_states_into, merge_weights
 from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
-from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, softmax_tile
+from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, online_softmax_step, softmax_tile
 
 
 @triton.jit
@@ -230,6 +234,7 @@ def _tile_plan_kernel(
     ids_ptr,
     block_table_ptr,
     cu_q_ptr,
+    seq_lens_ptr,
     plan_ptr,
     count_ptr,
     crowded_ptr,
@@ -241,18 +246,19 @@ def _tile_plan_kernel(
     stride_it,
     stride_ig,
     BLOCK_T: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     TOPK: tl.constexpr,
     TOPK_P: tl.constexpr,
     CROWDING: tl.constexpr,
 ):
     """Program = (tile of ``BLOCK_T`` query tokens, KV group) of a sparse prefill launch: the union
-    of its tokens' selected blocks on this shard, ascending, into its row of ``plan`` (N ids, then
-    their N pages; N = BLOCK_T x TOPK_P) and its size into ``count`` (0 for a tile past its
-    sequence's end). With ``CROWDING`` (the first of two passes) a union over ``union_max`` blocks
-    is not planned: ``crowded`` gets 1 and ``count`` -1, and the attention kernel's program for the
-    tile returns at once. One warp of few registers (many programs to an SM) sorts the tile's ids,
-    so the attention kernel (all 255 registers, few programs to an SM) spends none of its time on
-    this, nor on a crowded tile."""
+    of its tokens' selected blocks on this shard that its last token can see, ascending, into its
+    row of ``plan`` (N ids, then their N pages; N = BLOCK_T x TOPK_P) and its size into ``count``
+    (0 for a tile past its sequence's end). With ``CROWDING`` (the first of two passes) a union
+    over ``union_max`` blocks is not planned: ``crowded`` gets 1 and ``count`` -1, and the
+    attention kernel's program for the tile returns at once. One warp of few registers (many
+    programs to an SM) sorts the tile's ids, so the attention kernel (few programs to an SM)
+    spends none of its time on this, nor on a crowded tile."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     unit = pid * tl.num_programs(1) + g
@@ -268,7 +274,10 @@ def _tile_plan_kernel(
         mask=(ftok < q_end) & (flat % TOPK_P < TOPK),
         other=-1,
     )
-    on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0)
+    # A block past the tile's last query is invisible to every row: never planned, so the walk
+    # ends at the sequence's last (maybe partial) block at the latest.
+    last_qpos = tl.load(seq_lens_ptr + b) - q_end + tl.minimum(t0 + BLOCK_T, q_end) - 1
+    on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0) & (cand <= last_qpos // BLOCK_SIZE)
     # Sorted, the distinct ids are those unlike their left neighbour; off-shard ones sort last.
     ids = tl.sort(tl.where(on_shard, cand, 2147483647))
     left = tl.gather(ids, tl.maximum(flat - 1, 0), 0)
@@ -288,6 +297,29 @@ def _tile_plan_kernel(
     tl.store(count_ptr + unit, n_iter)
 
 
+@triton.jit
+def _walk_step(it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE: tl.constexpr):
+    """Step ``it`` of a tile's walk: (global block id, its page, which rows see it). Sparse: the
+    tile's plan (ids, then pages) and each row's own selection ``row_ids``; dense: this shard's
+    blocks in order, seen by every real row."""
+    if SPARSE:
+        blk = tl.load(plan + it)
+        page = tl.load(plan + N + it)
+        visible = tl.sum((row_ids == blk).to(tl.int32), 1) > 0  # [M]
+    else:
+        blk = shard_rank + it * shard_world
+        page = tl.load(table_row + it)
+        visible = row_ok
+    return blk, page, visible
+
+
+@triton.jit
+def _tma_block(desc, page, g, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Block ``page`` of KV head ``g`` from a cache descriptor (``_tma_descriptors``), ``[BLOCK_SIZE,
+    HEAD_DIM]``."""
+    return tl.reshape(desc.load([page, 0, g, 0]), [BLOCK_SIZE, HEAD_DIM])
+
+
 @triton.jit(do_not_specialize=["tiles_per_seq", "shared_tiles_per_seq", "stride_bt", "stride_ls"])
 def _paged_attention_kernel(
     q_ptr,
@@ -304,6 +336,8 @@ def _paged_attention_kernel(
     tickets_ptr,
     plan_ptr,
     count_ptr,
+    k_desc,
+    v_desc,
     qk_scale,
     shard_rank,
     shard_world,
@@ -344,6 +378,7 @@ def _paged_attention_kernel(
     ADAPT: tl.constexpr = 0,
     SHARED_T: tl.constexpr = 1,
     LAUNCH_DEPENDENTS: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):
     M: tl.constexpr = BLOCK_T * HEADS_P
     if LAUNCH_DEPENDENTS:
@@ -372,6 +407,7 @@ def _paged_attention_kernel(
     head = g * HEADS_PER_GROUP + rows % HEADS_P
     row_ok = (tok < q_end) & (rows % HEADS_P < HEADS_PER_GROUP)
     qpos = first_pos + tok - q_start  # [M]
+    last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start  # the tile's last query
     offs_d = tl.arange(0, HEAD_DIM)
     offs_s = tl.arange(0, BLOCK_SIZE)
     q = tl.load(
@@ -394,54 +430,59 @@ def _paged_attention_kernel(
         plan = plan_ptr + unit * (2 * N)
         n_iter = n_plan
     else:
-        last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start
         n_global = last_qpos // BLOCK_SIZE + 1
         n_iter = tl.maximum(0, (n_global - shard_rank + shard_world - 1) // shard_world)
+        row_ids, plan, N = row_ok, plan_ptr, 0  # unused: the walk is the shard's blocks in order
 
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HEAD_DIM], tl.float32)
-    for it in range(split, n_iter, num_splits):
-        if SPARSE:
-            blk = tl.load(plan + it)
-            page = tl.load(plan + N + it).to(tl.int64)
-            visible = tl.sum((row_ids == blk).to(tl.int32), 1) > 0  # [M]
-        else:
-            blk = shard_rank + it * shard_world
-            page = tl.load(block_table_ptr + b * stride_bt + it).to(tl.int64)
-            visible = row_ok
-        kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
-        written = kpos < seq_len
-        k = tl.load(
-            k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
-            mask=written[:, None],
-            other=0.0,
-        )  # [BLOCK_SIZE, D]
-        # V is requested with K so both reads are in flight together.
-        v = tl.load(
-            v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
-            mask=written[:, None],
-            other=0.0,
-        )
-        k = k.to(q.dtype)  # a cache kept in another dtype than q
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * qk_scale  # [M, BLOCK_SIZE], log2 units
-        allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+    table_row = block_table_ptr + b * stride_bt
+    if TMA:
+        # A TMA copy has no row mask, and the rows of the sequence's partial last block past
+        # seq_len hold anything (0 x NaN in P @ V would poison the row). Only the walk's last
+        # block can be that one (the plan drops blocks past the tile), so while the tile reaches
+        # into a partial last block, the walk's last step zeroes those rows of V.
+        tail = (seq_len % BLOCK_SIZE != 0) & (last_qpos >= seq_len - seq_len % BLOCK_SIZE) & (n_iter > 0)
+        n_whole = n_iter - tail.to(tl.int32)
+        for it in range(split, n_whole, num_splits):
+            blk, page, visible = _walk_step(
+                it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+            )
+            k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM).to(q.dtype)
+            v = _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM)
+            allowed = visible[:, None] & (blk * BLOCK_SIZE + offs_s[None, :] <= qpos[:, None])
+            m_i, l_i, acc = online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE)
+        if tail and (n_whole - split) % num_splits == 0:
+            blk, page, visible = _walk_step(
+                n_whole, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+            )
+            kpos = blk * BLOCK_SIZE + offs_s
+            k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM).to(q.dtype)
+            v = tl.where((kpos < seq_len)[:, None], _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM), 0.0)
+            allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
+            m_i, l_i, acc = online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE)
+    else:
+        for it in range(split, n_iter, num_splits):
+            blk, page, visible = _walk_step(
+                it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+            )
+            kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
+            written = kpos < seq_len
+            page = page.to(tl.int64)
+            k = tl.load(
+                k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
+                mask=written[:, None],
+                other=0.0,
+            )  # [BLOCK_SIZE, D]
+            # V is requested with K so both reads are in flight together.
+            v = tl.load(
+                v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
+                mask=written[:, None],
+                other=0.0,
+            )
+            allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
+            m_i, l_i, acc = online_softmax_step(q, k.to(q.dtype), v, allowed, m_i, l_i, acc, qk_scale, IEEE)
 
     out, lse = normalize_softmax(acc, m_i, l_i)
     tl.store(
@@ -511,9 +552,10 @@ _WHOLE_TABLE_BLOCKS = 64
 # selections, its K/V loaded without a pipeline (_SHARED_STAGES). A tile of M3 is then 64 rows on
 # 4 warps and two programs fit on an SM, so one's softmax can overlap the other's matmuls; a
 # smaller tile's union also wastes less (smooth queries: 21 blocks per 4 tokens, 26 per 8). Side
-# by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt) the 128K
-# prefill's attention took 42.8 ms with smooth queries against 47.3 with 8-token tiles (share
-# 1/3, two stages), level with independent queries; two stages or 2-token tiles were slower.
+# by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt, K/V by TMA)
+# the 128K prefill's attention took 35.5-35.6 ms with smooth queries against 43.7-43.9 with
+# 8-token tiles (share 1/3, two stages), level with independent queries; two stages, 2-token
+# tiles or a share of 1/3 were slower, 2/3 level.
 _SHARED_TILE = 4
 _CROWDED_SHARE = 1 / 2
 _SHARED_STAGES = 1
@@ -522,6 +564,42 @@ _ADAPTIVE_MIN_TOKENS = 64
 # (``block_major.py``): its plan (a sort of the selection) costs a few small launches, which a
 # long chunk's attention hides.
 _BLOCK_MAJOR_MIN_TOKENS = 1024
+# Prefill and dense-layer tiles read K/V blocks by TMA (Hopper's tensor memory accelerator) where
+# the caches allow it: a block goes to shared memory in one copy, with no address tensor or
+# staging registers (the shared-tile kernel: 218 registers, none spilled, against 255 with 4
+# spilled). Side by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt
+# and kernels-sweep-tma-NVIDIA-H200.txt): the 128K prefill's attention with smooth queries took
+# 35.5-35.6 ms against 44.0-44.1 with pointer loads (1M: 311.2-312.7 against 386.4-386.6), the
+# last 8K chunk's crowded tiles token by token 2.38-2.54 against 2.90-3.07 ms (smooth), a dense
+# 8K-token chunk over 128K 94.6-94.9 against 103.4-103.5 ms, dense decode at 128K 71.4-71.7
+# against 76.6-76.8 us; independent queries (block-major) level.
+_TMA = True
+# With TMA, a prefill tile's walk outside the shared first pass keeps three blocks in flight
+# where they fit in this much shared memory (dense 8K chunk over 128K: 94.7-95.4 ms, against
+# 97.4-97.7 with two stages), else two.
+_TMA_STAGE_BYTES = 200 << 10
+
+
+def _tma_descriptors(
+    k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[TensorDescriptor, TensorDescriptor] | tuple[None, None]:
+    """Descriptors of one (page, KV head) block of each cache ``[pages, block, H_kv, D]``, or
+    (None, None) where TMA is off or cannot read them: before Hopper, or a base not 16-byte aligned
+    or a stride not a multiple of 16 bytes. The interpreter takes them too (CI runs that path)."""
+    dev = k_cache.device
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not _TMA or not (
+        interpret or (dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0))
+    ):
+        return None, None
+    descs = []
+    for cache in (k_cache, v_cache):
+        item = cache.element_size()
+        if cache.data_ptr() % 16 or any(st * item % 16 for st in cache.stride()[:-1]):
+            return None, None
+        _, bs, _, d = cache.shape
+        descs.append(TensorDescriptor(cache, list(cache.shape), list(cache.stride()), [1, bs, 1, d]))
+    return descs[0], descs[1]
 
 
 def _dense_decode_splits(blocks: int, units: int, sms: int) -> int:
@@ -776,6 +854,9 @@ def launch_paged_attention(
     adaptive = adaptive and num_splits == 1
     split_out = _SplitOutputs(num_splits, B * tiles * H_kv, out, lse)
     topk_p = next_pow2(topk)
+    k_desc, v_desc = _tma_descriptors(k_cache, v_cache)
+    stage_bytes = 2 * k_cache.shape[1] * D * k_cache.element_size()  # one K and one V block
+    walk_stages = 3 if k_desc is not None and longest > 1 and 3 * stage_bytes <= _TMA_STAGE_BYTES else 2
 
     def launch(
         tile_t: int,
@@ -794,6 +875,7 @@ def launch_paged_attention(
                 block_ids,
                 block_table,
                 cu_seqlens_q,
+                seq_lens,
                 plan,
                 count,
                 crowded,
@@ -805,6 +887,7 @@ def launch_paged_attention(
                 stride_it,
                 stride_ig,
                 BLOCK_T=tile_t,
+                BLOCK_SIZE=k_cache.shape[1],
                 TOPK=topk,
                 TOPK_P=topk_p,
                 CROWDING=adapt == 1,
@@ -827,6 +910,8 @@ def launch_paged_attention(
             split_out.tickets,
             plan,
             count,
+            k_desc,
+            v_desc,
             scale * LOG2E,
             shard_rank,
             shard_world,
@@ -849,9 +934,10 @@ def launch_paged_attention(
             IEEE=q.dtype == torch.float32,
             ADAPT=adapt,
             SHARED_T=shared_t,
+            TMA=k_desc is not None,
             **split_out.flags(pdl(q.device)),
             num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
-            num_stages=num_stages or (_SHARED_STAGES if adapt == 1 else 2),
+            num_stages=num_stages or (_SHARED_STAGES if adapt == 1 else walk_stages),
         )
 
     if not adaptive:
