@@ -621,7 +621,7 @@ def sweep_tma(smooth: bool) -> None:
                 num_splits=None,
                 name="paged_attention",
                 num_stages=stages,
-            ),  # fmt: skip
+            ),
             event_time_ms,
             "ms",
         )
@@ -641,8 +641,8 @@ def sweep_tma(smooth: bool) -> None:
 
 
 def _tma_ab(tag: str, fn, time_fn, unit: str, stage_counts=(None, 2, 3)) -> None:
-    """``fn(stages)`` timed with K/V by TMA and by pointer loads (default stages, then each of
-    ``stage_counts``), the variants alternating over three rounds."""
+    """``fn(stages)`` timed with K/V by TMA and by pointer loads at each of ``stage_counts`` (None:
+    the launcher's choice), the variants alternating over three rounds."""
     variants = [(tma, st) for st in stage_counts for tma in (True, False)]
     times: dict = {v: [] for v in variants}
     with restoring(sparse_triton, "_TMA"):
