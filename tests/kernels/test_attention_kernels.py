@@ -112,7 +112,7 @@ def test_prefill_tiles_with_pointer_loads(case, sparse, world, monkeypatch):
 
 def test_tma_descriptors_only_for_caches_tma_can_read(monkeypatch):
     """Descriptors of one (page, KV head) block for aligned caches; none for a cache whose base is
-    not 16-byte aligned, nor with TMA switched off."""
+    not 16-byte aligned or whose blocks are longer than a TMA box (256), nor with TMA switched off."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # descriptors without a Hopper GPU
     buf = torch.zeros(4 * 16 * 2 * 32 + 1)
     aligned = buf[:-1].view(4, 16, 2, 32)
@@ -121,6 +121,8 @@ def test_tma_descriptors_only_for_caches_tma_can_read(monkeypatch):
     assert list(v_desc.strides) == list(aligned.stride())
     shifted = buf[1:].view(4, 16, 2, 32)  # 4 bytes past an aligned base
     assert sparse_triton._tma_descriptors(shifted, aligned) == (None, None)
+    long_blocks = torch.zeros(2, 512, 2, 32)
+    assert sparse_triton._tma_descriptors(long_blocks, long_blocks) == (None, None)
     monkeypatch.setattr(sparse_triton, "_TMA", False)
     assert sparse_triton._tma_descriptors(aligned, aligned) == (None, None)
 

@@ -584,8 +584,9 @@ def _tma_descriptors(
     k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> tuple[TensorDescriptor, TensorDescriptor] | tuple[None, None]:
     """Descriptors of one (page, KV head) block of each cache ``[pages, block, H_kv, D]``, or
-    (None, None) where TMA is off or cannot read them: before Hopper, or a base not 16-byte aligned
-    or a stride not a multiple of 16 bytes. The interpreter takes them too (CI runs that path)."""
+    (None, None) where TMA is off or cannot read them: before Hopper, a base not 16-byte aligned, a
+    stride not a multiple of 16 bytes, or a block or head dim over 256 (a TMA box's limit). The
+    interpreter takes them too (CI runs that path)."""
     dev = k_cache.device
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if not _TMA or not (
@@ -595,9 +596,9 @@ def _tma_descriptors(
     descs = []
     for cache in (k_cache, v_cache):
         item = cache.element_size()
-        if cache.data_ptr() % 16 or any(st * item % 16 for st in cache.stride()[:-1]):
-            return None, None
         _, bs, _, d = cache.shape
+        if cache.data_ptr() % 16 or any(st * item % 16 for st in cache.stride()[:-1]) or max(bs, d) > 256:
+            return None, None
         descs.append(TensorDescriptor(cache, list(cache.shape), list(cache.stride()), [1, bs, 1, d]))
     return descs[0], descs[1]
 
