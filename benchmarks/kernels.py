@@ -108,6 +108,16 @@ def graph_time_us(fn, reps: int = 100) -> float:
     return times[len(times) // 2] * 1e3
 
 
+def alternating(variants, measure, rounds: int) -> dict:
+    """``measure(variant)`` for each of ``variants`` in turn, ``rounds`` times over: {variant: the
+    times in round order}. Alternating spreads a drift of the GPU's clocks over every variant."""
+    times: dict = {v: [] for v in variants}
+    for _ in range(rounds):
+        for v, ts in times.items():
+            ts.append(measure(v))
+    return times
+
+
 def event_time_ms(fn, reps: int = 3) -> float:
     """Median of ``reps`` event-timed calls after one warm-up (for long, multi-launch runs)."""
     fn()
@@ -552,14 +562,14 @@ def sweep_shared_tile(L: int, smooth: bool) -> None:
     first-pass setting (``SHARED_TILE_SETTINGS``), the settings alternating, a few rounds each."""
     p = paged_problem(1, L, L, torch.bfloat16, smooth=smooth)
     _, attention_only, _ = chunked_prefill(p, 8192)
-    times = {s: [] for s in SHARED_TILE_SETTINGS}
+
+    def measure(setting):
+        sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = setting[:2]
+        sparse_triton._SHARED_STAGES, sparse_triton._TMA = setting[2:]
+        return event_time_ms(attention_only, 3 if L <= 2**17 else 1)
+
     with restoring(sparse_triton, "_SHARED_TILE", "_CROWDED_SHARE", "_SHARED_STAGES", "_TMA"):
-        for _ in range(3 if L <= 2**17 else 2):
-            for setting, ts in times.items():
-                tile, share, stages, tma = setting
-                sparse_triton._SHARED_TILE, sparse_triton._CROWDED_SHARE = tile, share
-                sparse_triton._SHARED_STAGES, sparse_triton._TMA = stages, tma
-                ts.append(event_time_ms(attention_only, 3 if L <= 2**17 else 1))
+        times = alternating(SHARED_TILE_SETTINGS, measure, 3 if L <= 2**17 else 2)
     for (tile, share, stages, tma), ts in times.items():
         print(
             f"L={L} smooth={smooth} attention, shared tile={tile} crowded share={share:.2f} "
@@ -643,13 +653,13 @@ def sweep_tma(smooth: bool) -> None:
 def _tma_ab(tag: str, fn, time_fn, unit: str, stage_counts=(None, 2, 3)) -> None:
     """``fn(stages)`` timed with K/V by TMA and by pointer loads at each of ``stage_counts`` (None:
     the launcher's choice), the variants alternating over three rounds."""
-    variants = [(tma, st) for st in stage_counts for tma in (True, False)]
-    times: dict = {v: [] for v in variants}
+
+    def measure(variant):
+        sparse_triton._TMA, stages = variant
+        return time_fn(lambda: fn(stages))
+
     with restoring(sparse_triton, "_TMA"):
-        for _ in range(3):
-            for tma, st in variants:
-                sparse_triton._TMA = tma
-                times[(tma, st)].append(time_fn(lambda st=st: fn(st)))
+        times = alternating([(tma, st) for st in stage_counts for tma in (True, False)], measure, 3)
     for (tma, st), ts in times.items():
         how = "TMA" if tma else "pointer loads"
         print(

@@ -57,14 +57,20 @@ PDL = os.environ.get("MSA_PDL", "1") != "0"
 
 
 def pdl(device: torch.device) -> bool:
-    """Whether launches on ``device`` use programmatic dependent launch: CUDA compute capability
-    9.0 or later, compiled (the interpreter has no grid dependency control)."""
-    return PDL and _pdl_capable(device)
+    """Whether launches on ``device`` use programmatic dependent launch: compiled for Hopper or
+    later (the interpreter has no grid dependency control)."""
+    return PDL and compiled_hopper(device)
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its interpreter (``TRITON_INTERPRET=1``), as CI runs them."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=8)
-def _pdl_capable(device: torch.device) -> bool:
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+def compiled_hopper(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are compiled for a GPU of compute capability 9.0 or later."""
+    if device.type != "cuda" or interpreting():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index) >= (9, 0)

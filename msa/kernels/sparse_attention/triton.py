@@ -14,8 +14,6 @@ blocks by TMA where the caches allow it (Hopper), else by pointer loads masked p
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -25,6 +23,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from msa.kernels._launch import (
     check_int32,
     check_last_dim_contiguous,
+    compiled_hopper,
+    interpreting,
     max_query_len,
     next_pow2,
     num_sms,
@@ -587,11 +587,7 @@ def _tma_descriptors(
     (None, None) where TMA is off or cannot read them: before Hopper, a base not 16-byte aligned, a
     stride not a multiple of 16 bytes, or a block or head dim over 256 (a TMA box's limit). The
     interpreter takes them too (CI runs that path)."""
-    dev = k_cache.device
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    if not _TMA or not (
-        interpret or (dev.type == "cuda" and torch.cuda.get_device_capability(dev) >= (9, 0))
-    ):
+    if not _TMA or not (interpreting() or compiled_hopper(k_cache.device)):
         return None, None
     descs = []
     for cache in (k_cache, v_cache):
