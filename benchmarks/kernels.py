@@ -511,6 +511,8 @@ def sweep(part: str) -> None:
     if part in ("all", "tma"):
         for smooth in (False, True):
             sweep_tma(smooth)
+    if part in ("all", "whole-steps"):
+        sweep_whole_steps()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -612,26 +614,9 @@ def sweep_tma(smooth: bool) -> None:
         return
     for L in (32768, 131072):
         p = paged_problem(1, L, n, torch.bfloat16)
-        cu = torch.tensor([0, n], device=DEV, dtype=torch.int32)
         _tma_ab(
             f"dense chunk of {n} over L={L}",
-            lambda stages, p=p, cu=cu: sparse_triton.launch_paged_attention(
-                p["q"],
-                p["k"],
-                p["v"],
-                p["table"],
-                cu,
-                p["seq_lens"],
-                None,
-                scale=SCALE,
-                shard_rank=0,
-                shard_world=1,
-                max_q_len=n,
-                block_t=None,
-                num_splits=None,
-                name="paged_attention",
-                num_stages=stages,
-            ),
+            lambda stages, p=p: dense_chunk(p, n, stages),
             event_time_ms,
             "ms",
         )
@@ -648,6 +633,58 @@ def sweep_tma(smooth: bool) -> None:
         )
         del p, kv
     torch.cuda.empty_cache()
+
+
+def dense_chunk(p: dict, n: int, stages: int | None = None):
+    """Dense causal attention of the last ``n`` tokens of ``p``'s one sequence (a prefill chunk of
+    a dense layer), in the paged kernel."""
+    cu = torch.tensor([0, n], device=DEV, dtype=torch.int32)
+    return sparse_triton.launch_paged_attention(
+        p["q"],
+        p["k"],
+        p["v"],
+        p["table"],
+        cu,
+        p["seq_lens"],
+        None,
+        scale=SCALE,
+        shard_rank=0,
+        shard_world=1,
+        max_q_len=n,
+        block_t=None,
+        num_splits=None,
+        name="paged_attention",
+        num_stages=stages,
+    )
+
+
+def sweep_whole_steps() -> None:
+    """Prefill tiles walking their whole blocks first with rows masked (``_WHOLE_STEPS``) against
+    every step masked score by score, alternating: the 128K prefill's attention with both kinds of
+    query, and a dense 8K-token chunk over 32K and 128K."""
+
+    def ab(tag: str, fn) -> None:
+        def measure(on):
+            sparse_triton._WHOLE_STEPS = on
+            return event_time_ms(fn)
+
+        with restoring(sparse_triton, "_WHOLE_STEPS"):
+            times = alternating((True, False), measure, 3)
+        for on, ts in times.items():
+            how = "whole blocks first" if on else "every step masked by score"
+            print(f"{tag}, {how}: " + " ".join(f"{t:.2f}" for t in ts) + " ms", flush=True)
+
+    L, n = 131072, 8192
+    for smooth in (True, False):
+        _, attention_only, _ = chunked_prefill(paged_problem(1, L, L, torch.bfloat16, smooth=smooth), n)
+        ab(f"L={L} smooth={smooth} attention", attention_only)
+        del attention_only
+        torch.cuda.empty_cache()
+    for L in (32768, 131072):
+        p = paged_problem(1, L, n, torch.bfloat16)
+        ab(f"dense chunk of {n} over L={L}", lambda p=p: dense_chunk(p, n))
+        del p
+        torch.cuda.empty_cache()
 
 
 def _tma_ab(tag: str, fn, time_fn, unit: str, stage_counts=(None, 2, 3)) -> None:
@@ -1148,6 +1185,7 @@ def main() -> None:
             "merge",
             "shared-tile",
             "tma",
+            "whole-steps",
             "index-stages",
             "read-floor",
             "profile",
@@ -1156,7 +1194,8 @@ def main() -> None:
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
         "split; shared-tile: the chunked prefill's attention per setting of its shared first pass; tma: "
-        "K/V by TMA against pointer loads in the other prefill passes and dense layers; "
+        "K/V by TMA against pointer loads in the other prefill passes and dense layers; whole-steps: "
+        "prefill tiles walking whole blocks first with rows masked, against every step masked by score; "
         "index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
         "a kernel that only reads its index keys; profile: the batch-1 decode chain's timeline, the 128K "
         "prefill's kernels and each kernel's registers and shared memory)",

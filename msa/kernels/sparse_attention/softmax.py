@@ -18,12 +18,11 @@ def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale  # log2 units
     if allowed is not None:
         s = tl.where(allowed, s, float("-inf"))
-    m = tl.max(s, 1)
+    m = tl.max(s, 1) * qk_scale  # log2 units; the scale (positive) goes into one multiply-add below
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp2(s - m_safe[:, None])
+    p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = tl.sum(p, 1)
     if IEEE:
         acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
@@ -33,19 +32,29 @@ def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+def online_softmax_step(
+    q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, WHOLE: tl.constexpr = False
+):
     """One key tile of an online softmax: the running max ``m_i [M]``, sum ``l_i [M]`` and output
     ``acc [M, D]`` (log2 units) after the rows of ``q`` attend to ``k, v [N, D]`` where ``allowed
-    [M, N]``."""
+    [M, N]``. ``WHOLE``: ``allowed [M]`` instead, for rows that see every key of the tile or none
+    of them; no score is then masked one by one (a row that sees none subtracts +inf)."""
     if IEEE:
         s = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k))
-    s = tl.where(allowed, s * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # The scale goes into the max (it is positive) and into one multiply-add with the max.
+    if WHOLE:
+        m_new = tl.maximum(m_i, tl.where(allowed, tl.max(s, 1) * qk_scale, float("-inf")))
+    else:
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+    if WHOLE:
+        p = tl.exp2(s * qk_scale - tl.where(allowed, m_safe, float("inf"))[:, None])
+    else:
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if IEEE:
         pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")

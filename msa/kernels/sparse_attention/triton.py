@@ -320,6 +320,52 @@ def _tma_block(desc, page, g, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
     return tl.reshape(desc.load([page, 0, g, 0]), [BLOCK_SIZE, HEAD_DIM])
 
 
+@triton.jit
+def _walk_range(
+    start, end, stride, q, m_i, l_i, acc, qk_scale, walk, kv,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
+    TMA: tl.constexpr, WHOLE: tl.constexpr,
+):  # fmt: skip
+    """Steps ``start, start + stride ...`` under ``end`` of a tile's walk, folded into its online
+    softmax. ``walk``: (plan, N, row_ids, row_ok, qpos, table_row, KV group, seq_len, shard rank,
+    shard world); ``kv``: the caches' descriptors (``TMA``), pointers and strides. ``WHOLE``: the
+    blocks lie wholly at or before every row's query, so rows are masked, not scores."""
+    plan, N, row_ids, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world = walk
+    k_desc, v_desc, k_ptr, v_ptr, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh = kv
+    offs_s = tl.arange(0, BLOCK_SIZE)
+    offs_d = tl.arange(0, HEAD_DIM)
+    for it in range(start, end, stride):
+        blk, page, visible = _walk_step(
+            it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+        )
+        kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
+        if TMA:
+            k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM)
+            v = _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM)
+        else:
+            written = kpos < seq_len
+            page = page.to(tl.int64)
+            k = tl.load(
+                k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
+                mask=written[:, None],
+                other=0.0,
+            )  # [BLOCK_SIZE, D]
+            # V is requested with K so both reads are in flight together.
+            v = tl.load(
+                v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
+                mask=written[:, None],
+                other=0.0,
+            )
+        if WHOLE:
+            allowed = visible
+        else:
+            allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
+        m_i, l_i, acc = online_softmax_step(
+            q, k.to(q.dtype), v, allowed, m_i, l_i, acc, qk_scale, IEEE, WHOLE
+        )
+    return m_i, l_i, acc
+
+
 @triton.jit(do_not_specialize=["tiles_per_seq", "shared_tiles_per_seq", "stride_bt", "stride_ls"])
 def _paged_attention_kernel(
     q_ptr,
@@ -379,6 +425,7 @@ def _paged_attention_kernel(
     SHARED_T: tl.constexpr = 1,
     LAUNCH_DEPENDENTS: tl.constexpr = False,
     TMA: tl.constexpr = False,
+    WHOLE: tl.constexpr = False,
 ):
     M: tl.constexpr = BLOCK_T * HEADS_P
     if LAUNCH_DEPENDENTS:
@@ -434,55 +481,64 @@ def _paged_attention_kernel(
         n_iter = tl.maximum(0, (n_global - shard_rank + shard_world - 1) // shard_world)
         row_ids, plan, N = row_ok, plan_ptr, 0  # unused: the walk is the shard's blocks in order
 
+    if WHOLE:
+        # Blocks below ``whole_end`` lie wholly at or before the tile's first query: every row that
+        # selected one sees all of its keys, so the walk's first steps (up to ``n_whole_rows``; the
+        # walk ascends) mask rows, not scores, and only the last few steps mask key by key.
+        whole_end = (first_pos + t0 - q_start + 1) // BLOCK_SIZE
+        if SPARSE:
+            every = tl.arange(0, N)
+            planned = tl.load(plan + every, mask=every < n_iter, other=2147483647)
+            n_whole_rows = tl.sum((planned < whole_end).to(tl.int32), 0)
+        else:
+            n_whole_rows = tl.minimum(
+                n_iter, tl.maximum(0, (whole_end - shard_rank + shard_world - 1) // shard_world)
+            )
+        # The first step of this split's stride at or past them.
+        split_on = split + tl.cdiv(tl.maximum(n_whole_rows - split, 0), num_splits) * num_splits
+    else:
+        n_whole_rows = 0
+        split_on = split
+
     m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HEAD_DIM], tl.float32)
     table_row = block_table_ptr + b * stride_bt
+    walk = (plan, N, row_ids, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world)
+    kv = (k_desc, v_desc, k_ptr, v_ptr, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh)
+    if WHOLE:
+        m_i, l_i, acc = _walk_range(
+            split, n_whole_rows, num_splits, q, m_i, l_i, acc, qk_scale, walk, kv,
+            BLOCK_SIZE, HEAD_DIM, SPARSE, IEEE, TMA, True,
+        )  # fmt: skip
     if TMA:
         # A TMA copy has no row mask, and the rows of the sequence's partial last block past
         # seq_len hold anything (0 x NaN in P @ V would poison the row). Only the walk's last
         # block can be that one (the plan drops blocks past the tile), so while the tile reaches
-        # into a partial last block, the walk's last step zeroes those rows of V.
-        tail = (seq_len % BLOCK_SIZE != 0) & (last_qpos >= seq_len - seq_len % BLOCK_SIZE) & (n_iter > 0)
-        n_whole = n_iter - tail.to(tl.int32)
-        for it in range(split, n_whole, num_splits):
+        # into a partial last block, the walk's last step zeroes those rows of V (that block is
+        # not whole: a walk of whole blocks has no such step).
+        tail = (
+            (seq_len % BLOCK_SIZE != 0)
+            & (last_qpos >= seq_len - seq_len % BLOCK_SIZE)
+            & (n_whole_rows < n_iter)
+        )
+        n_full = n_iter - tail.to(tl.int32)
+    else:
+        n_full = n_iter
+    m_i, l_i, acc = _walk_range(
+        split_on, n_full, num_splits, q, m_i, l_i, acc, qk_scale, walk, kv,
+        BLOCK_SIZE, HEAD_DIM, SPARSE, IEEE, TMA, False,
+    )  # fmt: skip
+    if TMA:
+        if tail and (n_full - split) % num_splits == 0:
             blk, page, visible = _walk_step(
-                it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
-            )
-            k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM).to(q.dtype)
-            v = _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM)
-            allowed = visible[:, None] & (blk * BLOCK_SIZE + offs_s[None, :] <= qpos[:, None])
-            m_i, l_i, acc = online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE)
-        if tail and (n_whole - split) % num_splits == 0:
-            blk, page, visible = _walk_step(
-                n_whole, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+                n_full, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
             )
             kpos = blk * BLOCK_SIZE + offs_s
             k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM).to(q.dtype)
             v = tl.where((kpos < seq_len)[:, None], _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM), 0.0)
             allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
             m_i, l_i, acc = online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE)
-    else:
-        for it in range(split, n_iter, num_splits):
-            blk, page, visible = _walk_step(
-                it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
-            )
-            kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
-            written = kpos < seq_len
-            page = page.to(tl.int64)
-            k = tl.load(
-                k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
-                mask=written[:, None],
-                other=0.0,
-            )  # [BLOCK_SIZE, D]
-            # V is requested with K so both reads are in flight together.
-            v = tl.load(
-                v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
-                mask=written[:, None],
-                other=0.0,
-            )
-            allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
-            m_i, l_i, acc = online_softmax_step(q, k.to(q.dtype), v, allowed, m_i, l_i, acc, qk_scale, IEEE)
 
     out, lse = normalize_softmax(acc, m_i, l_i)
     tl.store(
@@ -578,6 +634,12 @@ _TMA = True
 # where they fit in this much shared memory (dense 8K chunk over 128K: 94.7-95.4 ms, against
 # 97.4-97.7 with two stages), else two.
 _TMA_STAGE_BYTES = 200 << 10
+# A prefill tile walks the blocks that lie wholly before its first query first, masking rows, not
+# scores (``_walk_range``): most of its steps then skip the per-score causal and selection masks.
+# Side by side on an H200 (benchmarks/results/kernels-sweep-whole-steps-NVIDIA-H200.txt). A decode
+# walk is bound by bytes, and a second loop would cost each split a pipeline fill of its own (it
+# measured slower at 128K and batch 1), so decode keeps one loop.
+_WHOLE_STEPS = True
 
 
 def _tma_descriptors(
@@ -932,6 +994,7 @@ def launch_paged_attention(
             ADAPT=adapt,
             SHARED_T=shared_t,
             TMA=k_desc is not None,
+            WHOLE=_WHOLE_STEPS and longest > 1,
             **split_out.flags(pdl(q.device)),
             num_warps=num_warps or (4 if tile_t * heads_p <= 64 else 8),
             num_stages=num_stages or (_SHARED_STAGES if adapt == 1 else walk_stages),
