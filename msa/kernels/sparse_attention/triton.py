@@ -608,10 +608,10 @@ _WHOLE_TABLE_BLOCKS = 64
 # selections, its K/V loaded without a pipeline (_SHARED_STAGES). A tile of M3 is then 64 rows on
 # 4 warps and two programs fit on an SM, so one's softmax can overlap the other's matmuls; a
 # smaller tile's union also wastes less (smooth queries: 21 blocks per 4 tokens, 26 per 8). Side
-# by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt, K/V by TMA)
-# the 128K prefill's attention took 35.5-35.6 ms with smooth queries against 43.7-43.9 with
-# 8-token tiles (share 1/3, two stages), level with independent queries; two stages, 2-token
-# tiles or a share of 1/3 were slower, 2/3 level.
+# by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt, K/V by TMA,
+# whole blocks first) the 128K prefill's attention took 33.2-33.4 ms with smooth queries against
+# 37.3-37.4 with 8-token tiles (share 1/3, two stages), level with independent queries; two
+# stages, 2-token tiles or a share of 1/3 were slower, 2/3 level.
 _SHARED_TILE = 4
 _CROWDED_SHARE = 1 / 2
 _SHARED_STAGES = 1
@@ -623,12 +623,13 @@ _BLOCK_MAJOR_MIN_TOKENS = 1024
 # Prefill and dense-layer tiles read K/V blocks by TMA (Hopper's tensor memory accelerator) where
 # the caches allow it: a block goes to shared memory in one copy, with no address tensor or
 # staging registers (the shared-tile kernel: 218 registers, none spilled, against 255 with 4
-# spilled). Side by side on an H200 (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt
-# and kernels-sweep-tma-NVIDIA-H200.txt): the 128K prefill's attention with smooth queries took
-# 35.5-35.6 ms against 44.0-44.1 with pointer loads (1M: 311.2-312.7 against 386.4-386.6), the
-# last 8K chunk's crowded tiles token by token 2.38-2.54 against 2.90-3.07 ms (smooth), a dense
-# 8K-token chunk over 128K 94.6-94.9 against 103.4-103.5 ms, dense decode at 128K 71.4-71.7
-# against 76.6-76.8 us; independent queries (block-major) level.
+# spilled; kernels-sweep-profile-NVIDIA-H200.txt as of commit cb1b51b). Side by side on an H200
+# (benchmarks/results/kernels-sweep-shared-tile-NVIDIA-H200.txt and kernels-sweep-tma-NVIDIA-H200.txt):
+# the 128K prefill's attention with smooth queries took 33.2-33.4 ms against 41.5 with pointer
+# loads (1M: 288.2-289.9 against 364.4-365.5), the last 8K chunk's crowded tiles token by token
+# 2.38-2.54 against 2.90-3.07 ms (smooth), a dense 8K-token chunk over 128K 94.6-94.9 against
+# 103.4-103.5 ms, dense decode at 128K 71.4-71.7 against 76.6-76.8 us; independent queries
+# (block-major) level.
 _TMA = True
 # With TMA, a prefill tile's walk outside the shared first pass keeps three blocks in flight
 # where they fit in this much shared memory (dense 8K chunk over 128K: 94.7-95.4 ms, against
@@ -636,7 +637,9 @@ _TMA = True
 _TMA_STAGE_BYTES = 200 << 10
 # A prefill tile walks the blocks that lie wholly before its first query first, masking rows, not
 # scores (``_walk_range``): most of its steps then skip the per-score causal and selection masks.
-# Side by side on an H200 (benchmarks/results/kernels-sweep-whole-steps-NVIDIA-H200.txt). A decode
+# Side by side on an H200 (benchmarks/results/kernels-sweep-whole-steps-NVIDIA-H200.txt): the 128K
+# prefill's attention with smooth queries took 33.3-33.6 ms against 35.1, a dense 8K-token chunk
+# over 128K 77.6-78.0 against 92.4-92.7 ms; independent queries (block-major) level. A decode
 # walk is bound by bytes, and a second loop would cost each split a pipeline fill of its own (it
 # measured slower at 128K and batch 1), so decode keeps one loop.
 _WHOLE_STEPS = True
