@@ -205,7 +205,8 @@ def test_block_major_plan_inverts_the_selection():
 @pytest.mark.parametrize("crowding", [False, True], ids=["one_pass", "first_of_two"])
 def test_tile_plan_lists_each_tiles_union(crowding):
     """Each (tile, group) plan holds the distinct on-shard block ids of its tokens' selections
-    that its last token can see, ascending, with their pages; with crowding, a union over the
+    that its last token can see, ascending, with their pages and which of the tile's tokens chose
+    each (bit t for its token t); with crowding, a union over the
     limit is flagged and left unplanned (count -1), one at or under it flagged 0 and planned. A
     tile past its sequence's end (a launch sized by the longest) plans nothing (count 0)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,7 +220,7 @@ def test_tile_plan_lists_each_tiles_union(crowding):
     block_table = torch.randperm(2 * W, generator=g).to(torch.int32).view(2, W)
     tiles = -(-max(q_lens) // tile_t)
     units, n = 2 * tiles * G, tile_t * 4
-    plan = torch.full((units, 2 * n), -7, dtype=torch.int32)
+    plan = torch.full((units, 3 * n), -7, dtype=torch.int32)
     count = torch.full((units,), -7, dtype=torch.int32)
     crowded = torch.full((units,), -7, dtype=torch.int8)
     args = [x.to(device) for x in (ids, block_table, cu, seq_lens, plan, count, crowded)]
@@ -228,7 +229,7 @@ def test_tile_plan_lists_each_tiles_union(crowding):
         BLOCK_T=tile_t, BLOCK_SIZE=bs, TOPK=K, TOPK_P=4, CROWDING=crowding,
     )  # fmt: skip
     plan, count, crowded = (x.cpu() for x in args[4:])
-    seen_small = seen_crowded = seen_past_end = seen_unseeable = False
+    seen_small = seen_crowded = seen_past_end = seen_unseeable = seen_shared = False
     for b in range(2):
         for tile in range(tiles):
             t0 = int(cu[b]) + tile * tile_t
@@ -254,8 +255,13 @@ def test_tile_plan_lists_each_tiles_union(crowding):
                 assert plan[unit, : len(union)].tolist() == union
                 pages = [int(block_table[b, (x - rank) // world]) for x in union]
                 assert plan[unit, n : n + len(union)].tolist() == pages
+                chosen_by = [
+                    sum(1 << t for t in range(end - t0) if x in ids[t0 + t, gr].tolist()) for x in union
+                ]
+                assert plan[unit, 2 * n : 2 * n + len(union)].tolist() == chosen_by
+                seen_shared = seen_shared or any(m & (m - 1) for m in chosen_by)
     assert seen_small == seen_crowded == crowding
-    assert seen_past_end and seen_unseeable
+    assert seen_past_end and seen_unseeable and seen_shared
 
 
 GPU = dict(heads=64, kv_heads=4, dim=128, block=128, topk=16)

@@ -229,6 +229,12 @@ def _tile_tokens(cu_q_ptr, pid, tiles_per_seq, BLOCK_T: tl.constexpr):
     return b, q_start, q_end, q_start + (pid % tiles_per_seq) * BLOCK_T
 
 
+@triton.jit
+def _or_within_runs(start_a, bits_a, start_b, bits_b):
+    """Scan step of an OR that restarts where ``start`` is set."""
+    return start_a | start_b, tl.where(start_b != 0, bits_b, bits_a | bits_b)
+
+
 @triton.jit(do_not_specialize=["tiles_per_seq", "union_max", "stride_bt", "stride_it", "stride_ig"])
 def _tile_plan_kernel(
     ids_ptr,
@@ -253,7 +259,8 @@ def _tile_plan_kernel(
 ):
     """Program = (tile of ``BLOCK_T`` query tokens, KV group) of a sparse prefill launch: the union
     of its tokens' selected blocks on this shard that its last token can see, ascending, into its
-    row of ``plan`` (N ids, then their N pages; N = BLOCK_T x TOPK_P) and its size into ``count``
+    row of ``plan`` (N ids, their N pages, then N masks of the tokens that chose them, bit t for the
+    tile's token t; N = BLOCK_T x TOPK_P) and its size into ``count``
     (0 for a tile past its sequence's end). With ``CROWDING`` (the first of two passes) a union
     over ``union_max`` blocks is not planned: ``crowded`` gets 1 and ``count`` -1, and the
     attention kernel's program for the tile returns at once. One warp of few registers (many
@@ -278,11 +285,20 @@ def _tile_plan_kernel(
     # ends at the sequence's last (maybe partial) block at the latest.
     last_qpos = tl.load(seq_lens_ptr + b) - q_end + tl.minimum(t0 + BLOCK_T, q_end) - 1
     on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0) & (cand <= last_qpos // BLOCK_SIZE)
-    # Sorted, the distinct ids are those unlike their left neighbour; off-shard ones sort last.
-    ids = tl.sort(tl.where(on_shard, cand, 2147483647))
+    # Sorted as (id, token of the tile), the distinct ids are those unlike their left neighbour;
+    # off-shard ones sort last. (Ids stay under 2**31 / BLOCK_T: 2**27 blocks for the largest tile.)
+    keys = tl.sort(tl.where(on_shard, cand * BLOCK_T + flat // TOPK_P, 2147483647))
+    planned = keys != 2147483647
+    ids = tl.where(planned, keys // BLOCK_T, 2147483647)
     left = tl.gather(ids, tl.maximum(flat - 1, 0), 0)
-    first = (ids != 2147483647) & ((flat == 0) | (ids != left))
+    right = tl.gather(ids, tl.minimum(flat + 1, N - 1), 0)
+    first = planned & ((flat == 0) | (ids != left))
+    last = planned & ((flat == N - 1) | (ids != right))
     rank = tl.cumsum(first.to(tl.int32), 0) - 1  # [N] place among the distinct ids
+    # Which of the tile's tokens chose each id: one bit per token, OR-ed over the id's run.
+    _, chosen_by = tl.associative_scan(
+        (first.to(tl.int32), tl.where(planned, 1 << (keys % BLOCK_T), 0)), 0, _or_within_runs
+    )
     n_iter = tl.sum(first.to(tl.int32), 0)
     if CROWDING:
         crowded = n_iter > union_max
@@ -291,21 +307,23 @@ def _tile_plan_kernel(
             tl.store(count_ptr + unit, -1)
             return
     pages = tl.load(block_table_ptr + b * stride_bt + (ids - shard_rank) // shard_world, mask=first, other=0)
-    plan = plan_ptr + unit * (2 * N)
+    plan = plan_ptr + unit * (3 * N)
     tl.store(plan + rank, ids, mask=first)
     tl.store(plan + N + rank, pages, mask=first)
+    tl.store(plan + 2 * N + rank, chosen_by, mask=last)
     tl.store(count_ptr + unit, n_iter)
 
 
 @triton.jit
-def _walk_step(it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE: tl.constexpr):
+def _walk_step(it, plan, N, row_tok, row_ok, table_row, shard_rank, shard_world, SPARSE: tl.constexpr):
     """Step ``it`` of a tile's walk: (global block id, its page, which rows see it). Sparse: the
-    tile's plan (ids, then pages) and each row's own selection ``row_ids``; dense: this shard's
-    blocks in order, seen by every real row."""
+    tile's plan (ids, pages, the masks of the tokens that chose them) and each row's token of the
+    tile ``row_tok``; dense: this shard's blocks in order, seen by every real row."""
     if SPARSE:
         blk = tl.load(plan + it)
         page = tl.load(plan + N + it)
-        visible = tl.sum((row_ids == blk).to(tl.int32), 1) > 0  # [M]
+        chosen_by = tl.load(plan + 2 * N + it)
+        visible = row_ok & ((chosen_by >> row_tok) & 1 != 0)  # [M]
     else:
         blk = shard_rank + it * shard_world
         page = tl.load(table_row + it)
@@ -327,16 +345,16 @@ def _walk_range(
     TMA: tl.constexpr, WHOLE: tl.constexpr,
 ):  # fmt: skip
     """Steps ``start, start + stride ...`` under ``end`` of a tile's walk, folded into its online
-    softmax. ``walk``: (plan, N, row_ids, row_ok, qpos, table_row, KV group, seq_len, shard rank,
+    softmax. ``walk``: (plan, N, row_tok, row_ok, qpos, table_row, KV group, seq_len, shard rank,
     shard world); ``kv``: the caches' descriptors (``TMA``), pointers and strides. ``WHOLE``: the
     blocks lie wholly at or before every row's query, so rows are masked, not scores."""
-    plan, N, row_ids, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world = walk
+    plan, N, row_tok, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world = walk
     k_desc, v_desc, k_ptr, v_ptr, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh = kv
     offs_s = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM)
     for it in range(start, end, stride):
         blk, page, visible = _walk_step(
-            it, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+            it, plan, N, row_tok, row_ok, table_row, shard_rank, shard_world, SPARSE
         )
         kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
         if TMA:
@@ -374,7 +392,6 @@ def _paged_attention_kernel(
     block_table_ptr,
     cu_q_ptr,
     seq_lens_ptr,
-    ids_ptr,
     out_ptr,
     lse_ptr,
     final_out_ptr,
@@ -400,8 +417,6 @@ def _paged_attention_kernel(
     stride_vs,
     stride_vh,
     stride_bt,
-    stride_it,
-    stride_ig,
     stride_os,
     stride_ot,
     stride_oh,
@@ -415,7 +430,6 @@ def _paged_attention_kernel(
     BLOCK_T: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    TOPK: tl.constexpr,
     TOPK_P: tl.constexpr,
     SPARSE: tl.constexpr,
     IEEE: tl.constexpr,
@@ -464,22 +478,17 @@ def _paged_attention_kernel(
     )  # [M, D]
 
     if SPARSE:
-        # Row view of the selection: which blocks each row's token may see.  [M, TOPK_P]
-        offs_k = tl.arange(0, TOPK_P)
-        row_ids = tl.load(
-            ids_ptr + tok[:, None] * stride_it + g * stride_ig + offs_k[None, :],
-            mask=row_ok[:, None] & (offs_k[None, :] < TOPK),
-            other=-1,
-        )
-        # The tile's union of blocks, ascending, with their pages (``_tile_plan_kernel``): the
-        # loop reads each block's id and page as two scalars.
+        # The tile's union of blocks, ascending, with their pages and the tokens that chose them
+        # (``_tile_plan_kernel``): the loop reads each as a scalar, and a row sees a block when
+        # its token's bit is set.
         N: tl.constexpr = BLOCK_T * TOPK_P
-        plan = plan_ptr + unit * (2 * N)
+        plan = plan_ptr + unit * (3 * N)
         n_iter = n_plan
     else:
         n_global = last_qpos // BLOCK_SIZE + 1
         n_iter = tl.maximum(0, (n_global - shard_rank + shard_world - 1) // shard_world)
-        row_ids, plan, N = row_ok, plan_ptr, 0  # unused: the walk is the shard's blocks in order
+        plan, N = plan_ptr, 0  # unused: the walk is the shard's blocks in order
+    row_tok = rows // HEADS_P
 
     if WHOLE:
         # Blocks below ``whole_end`` lie wholly at or before the tile's first query: every row that
@@ -504,7 +513,7 @@ def _paged_attention_kernel(
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, HEAD_DIM], tl.float32)
     table_row = block_table_ptr + b * stride_bt
-    walk = (plan, N, row_ids, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world)
+    walk = (plan, N, row_tok, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world)
     kv = (k_desc, v_desc, k_ptr, v_ptr, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh)
     if WHOLE:
         m_i, l_i, acc = _walk_range(
@@ -532,7 +541,7 @@ def _paged_attention_kernel(
     if TMA:
         if tail and (n_full - split) % num_splits == 0:
             blk, page, visible = _walk_step(
-                n_full, plan, N, row_ids, row_ok, table_row, shard_rank, shard_world, SPARSE
+                n_full, plan, N, row_tok, row_ok, table_row, shard_rank, shard_world, SPARSE
             )
             kpos = blk * BLOCK_SIZE + offs_s
             k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM).to(q.dtype)
@@ -900,11 +909,9 @@ def launch_paged_attention(
     if sparse:
         _check_block_ids(name, block_ids)
         topk = block_ids.shape[2]
-        ids_arg, stride_it, stride_ig = block_ids, block_ids.stride(0), block_ids.stride(1)
         work = block_t * topk  # most blocks one tile can visit
     else:
         topk = 1
-        ids_arg, stride_it, stride_ig = block_table, 0, 0
         work = block_table.shape[1]
     if num_splits is None:
         programs = B * tiles * H_kv
@@ -931,7 +938,7 @@ def launch_paged_attention(
     ):
         units = B * n_tiles * H_kv
         if sparse:
-            plan = torch.empty(units, 2 * tile_t * topk_p, dtype=torch.int32, device=q.device)
+            plan = torch.empty(units, 3 * tile_t * topk_p, dtype=torch.int32, device=q.device)
             count = torch.empty(units, dtype=torch.int32, device=q.device)
             _tile_plan_kernel[(B * n_tiles, H_kv)](
                 block_ids,
@@ -946,8 +953,8 @@ def launch_paged_attention(
                 n_tiles,
                 union_max,
                 block_table.stride(0),
-                stride_it,
-                stride_ig,
+                block_ids.stride(0),
+                block_ids.stride(1),
                 BLOCK_T=tile_t,
                 BLOCK_SIZE=k_cache.shape[1],
                 TOPK=topk,
@@ -964,7 +971,6 @@ def launch_paged_attention(
             block_table,
             cu_seqlens_q,
             seq_lens,
-            ids_arg,
             split_out.part_out,
             split_out.part_lse,
             out,
@@ -982,15 +988,12 @@ def launch_paged_attention(
             crowded,
             shared_tiles,
             *paged_input_strides(q, k_cache, v_cache, block_table),
-            stride_it,
-            stride_ig,
             *split_out.strides(),
             HEADS_PER_GROUP=group,
             HEADS_P=heads_p,
             BLOCK_T=tile_t,
             HEAD_DIM=D,
             BLOCK_SIZE=k_cache.shape[1],
-            TOPK=topk,
             TOPK_P=topk_p,
             SPARSE=sparse,
             IEEE=q.dtype == torch.float32,
