@@ -387,6 +387,22 @@ def test_sparse_prefill_shared_and_crowded_tiles(world, crowded, monkeypatch):
     _check_two_pass(dict(CPU, topk=6), "cpu", torch.float32, world, 2e-5, crowded, monkeypatch)
 
 
+def test_sparse_prefill_one_head_per_group(monkeypatch):
+    """One query head per KV group: the shared tiles take 32 tokens (16-token minimum tiles,
+    capped at the 32 bits of a plan's token masks), so the last token's bit is the sign bit."""
+    cfg = dict(CPU, heads=2, kv_heads=2)
+    _check_two_pass(cfg, "cpu", torch.float32, 1, 2e-5, "token_by_token", monkeypatch)
+
+
+def test_sparse_tiles_hold_at_most_32_tokens():
+    batch, q, shards, ids = build([40], [40], **CPU)
+    k_cache, v_cache, table = shards[0]
+    with pytest.raises(ValueError, match="block_t=64"):
+        sparse_triton.sparse_attention_triton(
+            q, k_cache, v_cache, table, batch.cu_seqlens_q, batch.seq_lens, ids, scale=0.2, block_t=64
+        )
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("crowded", ["token_by_token", "block_major"])
 @pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
@@ -404,7 +420,7 @@ def _check_two_pass(cfg, device, dtype, world, tol, crowded, monkeypatch):
     batch, q, shards, ids = shared_and_crowded(cfg, device, dtype, world)
     # Both kinds of first-pass tile occur (on shard 0): the rule of the launcher.
     heads_p = cfg["heads"] // cfg["kv_heads"]
-    tile = kernel._SHARED_TILE * max(1, -(-16 // heads_p))
+    tile = min(kernel._SHARED_TILE * max(1, -(-16 // heads_p)), kernel._PLAN_TOKENS)
     union_max = int(tile * cfg["topk"] * kernel._CROWDED_SHARE) // world
     unions = [
         len({int(b) for b in ids[s : s + tile, 0].flatten() if b >= 0 and b % world == 0})

@@ -286,7 +286,7 @@ def _tile_plan_kernel(
     last_qpos = tl.load(seq_lens_ptr + b) - q_end + tl.minimum(t0 + BLOCK_T, q_end) - 1
     on_shard = (cand >= 0) & ((cand - shard_rank) % shard_world == 0) & (cand <= last_qpos // BLOCK_SIZE)
     # Sorted as (id, token of the tile), the distinct ids are those unlike their left neighbour;
-    # off-shard ones sort last. (Ids stay under 2**31 / BLOCK_T: 2**27 blocks for the largest tile.)
+    # off-shard ones sort last. (Ids stay under 2**31 / BLOCK_T: 2**26 blocks for the largest tile.)
     keys = tl.sort(tl.where(on_shard, cand * BLOCK_T + flat // TOPK_P, 2147483647))
     planned = keys != 2147483647
     ids = tl.where(planned, keys // BLOCK_T, 2147483647)
@@ -622,6 +622,9 @@ _WHOLE_TABLE_BLOCKS = 64
 # 37.3-37.4 with 8-token tiles (share 1/3, two stages), level with independent queries; two
 # stages, 2-token tiles or a share of 1/3 were slower, 2/3 level.
 _SHARED_TILE = 4
+# A tile plan marks the tokens that chose each block with the bits of one int32: sparse tiles hold
+# at most this many query tokens.
+_PLAN_TOKENS = 32
 _CROWDED_SHARE = 1 / 2
 _SHARED_STAGES = 1
 _ADAPTIVE_MIN_TOKENS = 64
@@ -905,6 +908,10 @@ def launch_paged_attention(
         rows = 16 if sparse else 128
         block_t = max(1, min(next_pow2(longest), rows // heads_p))
     block_t = max(block_t, triton.cdiv(16, heads_p))  # tl.dot needs M >= 16
+    if sparse and block_t > _PLAN_TOKENS:
+        raise ValueError(
+            f"{name}: sparse tiles hold at most {_PLAN_TOKENS} query tokens, got block_t={block_t}"
+        )
     tiles = triton.cdiv(longest, block_t)
     if sparse:
         _check_block_ids(name, block_ids)
@@ -1010,7 +1017,7 @@ def launch_paged_attention(
         launch(block_t, tiles, 0, lse, 0, 1, 1)
         split_out.merge()
         return out, lse
-    shared_t = _SHARED_TILE * block_t
+    shared_t = min(_SHARED_TILE * block_t, _PLAN_TOKENS)
     shared_tiles = triton.cdiv(longest, shared_t)
     crowded = torch.empty(B * shared_tiles * H_kv, dtype=torch.int8, device=q.device)
     # Sharing pays while the union is under _CROWDED_SHARE of the tile's selections (on this
