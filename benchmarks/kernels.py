@@ -662,27 +662,23 @@ def sweep_whole_steps() -> None:
     """Prefill tiles walking their whole blocks first with rows masked (``_WHOLE_STEPS``) against
     every step masked score by score, alternating: the 128K prefill's attention with both kinds of
     query, and a dense 8K-token chunk over 32K and 128K."""
-
-    def ab(tag: str, fn) -> None:
-        def measure(on):
-            sparse_triton._WHOLE_STEPS = on
-            return event_time_ms(fn)
-
-        with restoring(sparse_triton, "_WHOLE_STEPS"):
-            times = alternating((True, False), measure, 3)
-        for on, ts in times.items():
-            how = "whole blocks first" if on else "every step masked by score"
-            print(f"{tag}, {how}: " + " ".join(f"{t:.2f}" for t in ts) + " ms", flush=True)
-
+    how = ("whole blocks first", "every step masked by score")
     L, n = 131072, 8192
     for smooth in (True, False):
         _, attention_only, _ = chunked_prefill(paged_problem(1, L, L, torch.bfloat16, smooth=smooth), n)
-        ab(f"L={L} smooth={smooth} attention", attention_only)
+        _flag_ab(f"L={L} smooth={smooth} attention", "_WHOLE_STEPS", how, attention_only, event_time_ms, "ms")
         del attention_only
         torch.cuda.empty_cache()
     for L in (32768, 131072):
         p = paged_problem(1, L, n, torch.bfloat16)
-        ab(f"dense chunk of {n} over L={L}", lambda p=p: dense_chunk(p, n))
+        _flag_ab(
+            f"dense chunk of {n} over L={L}",
+            "_WHOLE_STEPS",
+            how,
+            lambda p=p: dense_chunk(p, n),
+            event_time_ms,
+            "ms",
+        )
         del p
         torch.cuda.empty_cache()
 
@@ -690,19 +686,26 @@ def sweep_whole_steps() -> None:
 def _tma_ab(tag: str, fn, time_fn, unit: str, stage_counts=(None, 2, 3)) -> None:
     """``fn(stages)`` timed with K/V by TMA and by pointer loads at each of ``stage_counts`` (None:
     the launcher's choice), the variants alternating over three rounds."""
+    _flag_ab(tag, "_TMA", ("TMA", "pointer loads"), fn, time_fn, unit, stage_counts)
+
+
+def _flag_ab(tag: str, flag: str, how: tuple[str, str], fn, time_fn, unit: str, stage_counts=None) -> None:
+    """``fn`` timed with the kernel switch ``sparse_triton.<flag>`` on and off (``how``: what each
+    means), the variants alternating over three rounds. With ``stage_counts``, ``fn(stages)`` at
+    each count (None: the launcher's choice)."""
 
     def measure(variant):
-        sparse_triton._TMA, stages = variant
-        return time_fn(lambda: fn(stages))
+        on, stages = variant
+        setattr(sparse_triton, flag, on)
+        return time_fn(fn if stage_counts is None else lambda: fn(stages))
 
-    with restoring(sparse_triton, "_TMA"):
-        times = alternating([(tma, st) for st in stage_counts for tma in (True, False)], measure, 3)
-    for (tma, st), ts in times.items():
-        how = "TMA" if tma else "pointer loads"
-        print(
-            f"{tag}, {how}, stages={st or 'default'}: " + " ".join(f"{t:.2f}" for t in ts) + f" {unit}",
-            flush=True,
-        )
+    with restoring(sparse_triton, flag):
+        times = alternating([(on, st) for st in stage_counts or (None,) for on in (True, False)], measure, 3)
+    for (on, st), ts in times.items():
+        label = how[0] if on else how[1]
+        if stage_counts is not None:
+            label += f", stages={st or 'default'}"
+        print(f"{tag}, {label}: " + " ".join(f"{t:.2f}" for t in ts) + f" {unit}", flush=True)
 
 
 def sweep_prefill(smooth: bool) -> None:
