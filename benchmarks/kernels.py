@@ -513,6 +513,8 @@ def sweep(part: str) -> None:
             sweep_tma(smooth)
     if part in ("all", "whole-steps"):
         sweep_whole_steps()
+    if part in ("all", "index-tma"):
+        sweep_index_tma()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -689,17 +691,19 @@ def _tma_ab(tag: str, fn, time_fn, unit: str, stage_counts=(None, 2, 3)) -> None
     _flag_ab(tag, "_TMA", ("TMA", "pointer loads"), fn, time_fn, unit, stage_counts)
 
 
-def _flag_ab(tag: str, flag: str, how: tuple[str, str], fn, time_fn, unit: str, stage_counts=None) -> None:
-    """``fn`` timed with the kernel switch ``sparse_triton.<flag>`` on and off (``how``: what each
+def _flag_ab(
+    tag: str, flag: str, how: tuple[str, str], fn, time_fn, unit: str, stage_counts=None, module=sparse_triton
+) -> None:
+    """``fn`` timed with the kernel switch ``module.<flag>`` on and off (``how``: what each
     means), the variants alternating over three rounds. With ``stage_counts``, ``fn(stages)`` at
     each count (None: the launcher's choice)."""
 
     def measure(variant):
         on, stages = variant
-        setattr(sparse_triton, flag, on)
+        setattr(module, flag, on)
         return time_fn(fn if stage_counts is None else lambda: fn(stages))
 
-    with restoring(sparse_triton, flag):
+    with restoring(module, flag):
         times = alternating([(on, st) for st in stage_counts or (None,) for on in (True, False)], measure, 3)
     for (on, st), ts in times.items():
         label = how[0] if on else how[1]
@@ -851,6 +855,25 @@ def sweep_prefill_index() -> None:
             )
         del p
         torch.cuda.empty_cache()
+
+
+def sweep_index_tma() -> None:
+    """The prefill index with its keys by TMA against pointer loads, alternating: the last 8K-token
+    chunk of 128K and 1M tokens (bf16 and fp8 keys), and the whole 128K prefill's index."""
+    from msa.kernels.indexer import triton as indexer_triton
+
+    how = ("TMA", "pointer loads")
+    for L in (131072, 1048576):
+        for dt in (torch.bfloat16, torch.float8_e4m3fn):
+            p = paged_problem(1, L, 8192, dt)
+            a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+            fn = lambda a=a: select_blocks_triton(*a, topk=TOPK, max_q_len=8192)  # noqa: E731
+            tag = f"index of the last 8K chunk of L={L} {str(dt)[6:]}"
+            _flag_ab(tag, "_TMA", how, fn, event_time_ms, "ms", module=indexer_triton)
+            del p, a, fn
+            torch.cuda.empty_cache()
+    index_only, _, _ = chunked_prefill(paged_problem(1, 131072, 131072, torch.bfloat16), 8192)
+    _flag_ab("index of a 128K prefill", "_TMA", how, index_only, event_time_ms, "ms", module=indexer_triton)
 
 
 def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
@@ -1189,6 +1212,7 @@ def main() -> None:
             "shared-tile",
             "tma",
             "whole-steps",
+            "index-tma",
             "index-stages",
             "read-floor",
             "profile",
@@ -1199,6 +1223,7 @@ def main() -> None:
         "split; shared-tile: the chunked prefill's attention per setting of its shared first pass; tma: "
         "K/V by TMA against pointer loads in the other prefill passes and dense layers; whole-steps: "
         "prefill tiles walking whole blocks first with rows masked, against every step masked by score; "
+        "index-tma: the prefill index's keys by TMA against pointer loads; "
         "index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
         "a kernel that only reads its index keys; profile: the batch-1 decode chain's timeline, the 128K "
         "prefill's kernels and each kernel's registers and shared memory)",

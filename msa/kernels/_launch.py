@@ -7,6 +7,7 @@ import os
 
 import torch
 import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 def next_pow2(n: int) -> int:
@@ -74,6 +75,21 @@ def compiled_hopper(device: torch.device) -> bool:
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def block_descriptor(cache: torch.Tensor) -> TensorDescriptor | None:
+    """TMA descriptor of one block of a paged cache ``[pages, block, D]`` or ``[pages, block,
+    H_kv, D]`` (box ``[1, block, D]``, ``[1, block, 1, D]``), or None where TMA cannot read it:
+    before Hopper, a base not 16-byte aligned, a stride not a multiple of 16 bytes, or a block or
+    head dim over 256 (a TMA box's limit). The interpreter takes them too (CI runs that path)."""
+    if not (interpreting() or compiled_hopper(cache.device)):
+        return None
+    item = cache.element_size()
+    bs, d = cache.shape[1], cache.shape[-1]
+    if cache.data_ptr() % 16 or any(st * item % 16 for st in cache.stride()[:-1]) or max(bs, d) > 256:
+        return None
+    box = [1, bs] + [1] * (cache.dim() - 3) + [d]
+    return TensorDescriptor(cache, list(cache.shape), list(cache.stride()), box)
 
 
 _TICKETS: dict[torch.device, torch.Tensor] = {}

@@ -126,6 +126,29 @@ def test_select_blocks_matches_reference(case, world, ties, monkeypatch):
     run_case(case, world, ties, CPU, torch.float32, "cpu", True, monkeypatch)
 
 
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", ["prefill_chunk", "prefill_mixed"])
+def test_prefill_scoring_with_pointer_loads(case, world, monkeypatch):
+    """Where TMA is off (before Hopper, or a cache it cannot describe) prefill tiles load their
+    index keys by pointers, masked past each sequence's end: the same selection."""
+    from msa.kernels.indexer import triton as indexer_triton
+
+    monkeypatch.setattr(indexer_triton, "_TMA", False)
+    run_case(case, world, False, CPU, torch.float32, "cpu", True, monkeypatch)
+
+
+def test_index_cache_descriptor_covers_one_block(monkeypatch):
+    """The index-key cache ``[pages, block, D]`` is described one (page) block at a time; a
+    cache whose rows are not 16-byte aligned gets no descriptor."""
+    from msa.kernels._launch import block_descriptor
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # descriptors without a Hopper GPU
+    cache = torch.zeros(5, 16, 32)
+    desc = block_descriptor(cache)
+    assert desc.block_shape == [1, 16, 32] and list(desc.shape) == [5, 16, 32]
+    assert block_descriptor(torch.zeros(5, 16, 33)[..., :32]) is None  # rows of 132 bytes
+
+
 @pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("merge_slice", [None, 8], ids=["one_merge", "sliced_merge"])
 @pytest.mark.parametrize("chunk", [2, 16])

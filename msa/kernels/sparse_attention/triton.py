@@ -21,10 +21,9 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from msa.kernels._launch import (
+    block_descriptor,
     check_int32,
     check_last_dim_contiguous,
-    compiled_hopper,
-    interpreting,
     max_query_len,
     next_pow2,
     num_sms,
@@ -660,20 +659,14 @@ _WHOLE_STEPS = True
 def _tma_descriptors(
     k_cache: torch.Tensor, v_cache: torch.Tensor
 ) -> tuple[TensorDescriptor, TensorDescriptor] | tuple[None, None]:
-    """Descriptors of one (page, KV head) block of each cache ``[pages, block, H_kv, D]``, or
-    (None, None) where TMA is off or cannot read them: before Hopper, a base not 16-byte aligned, a
-    stride not a multiple of 16 bytes, or a block or head dim over 256 (a TMA box's limit). The
-    interpreter takes them too (CI runs that path)."""
-    if not _TMA or not (interpreting() or compiled_hopper(k_cache.device)):
+    """Descriptors of one (page, KV head) block of each cache ``[pages, block, H_kv, D]``
+    (``block_descriptor``), or (None, None) where TMA is off or cannot read both."""
+    if not _TMA:
         return None, None
-    descs = []
-    for cache in (k_cache, v_cache):
-        item = cache.element_size()
-        _, bs, _, d = cache.shape
-        if cache.data_ptr() % 16 or any(st * item % 16 for st in cache.stride()[:-1]) or max(bs, d) > 256:
-            return None, None
-        descs.append(TensorDescriptor(cache, list(cache.shape), list(cache.stride()), [1, bs, 1, d]))
-    return descs[0], descs[1]
+    k_desc, v_desc = block_descriptor(k_cache), block_descriptor(v_cache)
+    if k_desc is None or v_desc is None:
+        return None, None
+    return k_desc, v_desc
 
 
 def _dense_decode_splits(blocks: int, units: int, sms: int) -> int:
