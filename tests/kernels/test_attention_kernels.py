@@ -172,34 +172,46 @@ def _block_major(monkeypatch, cfg, dtype, passes):
         monkeypatch.setattr(block_major, "MAX_PARTIAL_BYTES", 5 * per_token)
 
 
-def test_block_major_plan_inverts_the_selection():
-    """The plan lists every on-shard (token, group, slot) entry once, grouped by (sequence, group,
-    local block) in token order, in tiles of at most ``tile_tokens`` entries of one block."""
+@pytest.mark.parametrize("kept", [False, True], ids=["every_pair", "kept_pairs"])
+def test_block_major_plan_inverts_the_selection(kept, monkeypatch):
+    """The plan lists every on-shard (token, group, slot) entry once (of kept pairs only, given
+    ``keep``), grouped by (sequence, group, local block), segments ascending, in tiles of at most
+    ``tile_tokens`` entries of one block; the tile count is ``tile_end[-1]``."""
     from msa.kernels.sparse_attention.block_major import plan_block_major
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     g = torch.Generator().manual_seed(3)
     T, G, K, W, world, rank, tile = 23, 2, 3, 6, 2, 1, 4
     ids = torch.randint(-1, 2 * W, (T, G, K), generator=g, dtype=torch.int32)
+    ids[:12, 0, 0] = 3  # one block chosen by many tokens: a segment of several tiles
     token_seq = torch.tensor([0] * 9 + [1] * 14, dtype=torch.int32)
-    order, tile_seg, tile_first, seg_end = plan_block_major(
-        ids, token_seq, n_seqs=2, table_width=W, shard_rank=rank, shard_world=world, tile_tokens=tile
-    )
+    keep = torch.rand(T, G, generator=g) < 0.6 if kept else None
+    order, tile_seg, tile_first, seg_end, tile_end = plan_block_major(
+        ids, token_seq, n_seqs=2, table_width=W, shard_rank=rank, shard_world=world, tile_tokens=tile,
+        keep=keep,
+    )  # fmt: skip
     expect = {}
     for t in range(T):
         for gr in range(G):
             for s in range(K):
                 blk = int(ids[t, gr, s])
-                if blk >= 0 and blk % world == rank:
+                if blk >= 0 and blk % world == rank and (keep is None or keep[t, gr]):
                     seg = (int(token_seq[t]) * G + gr) * W + (blk - rank) // world
                     expect.setdefault(seg, []).append((t * G + gr) * K + s)
-    got = {}
-    for i, seg in enumerate(tile_seg.tolist()):
-        if seg < 0:
-            continue
+    assert max(len(v) for v in expect.values()) > tile  # a segment of several tiles
+    n_tiles = int(tile_end[-1])
+    assert n_tiles == sum(-(-len(v) // tile) for v in expect.values()) and n_tiles <= tile_seg.numel()
+    got, segs = {}, []
+    for i in range(n_tiles):
+        seg = int(tile_seg[i])
         first, end = int(tile_first[i]), min(int(seg_end[seg]), int(tile_first[i]) + tile)
         assert 0 < end - first <= tile
         got.setdefault(seg, []).extend(order[first:end].tolist())
-    assert got == expect
+        segs.append(seg)
+    assert segs == sorted(segs)
+    assert {seg: sorted(v) for seg, v in got.items()} == expect
+    placed = order[: int(seg_end[-1])]
+    assert sorted(placed.tolist()) == sorted(e for v in expect.values() for e in v)
 
 
 @pytest.mark.parametrize("crowding", [False, True], ids=["one_pass", "first_of_two"])
@@ -207,7 +219,8 @@ def test_tile_plan_lists_each_tiles_union(crowding):
     """Each (tile, group) plan holds the distinct on-shard block ids of its tokens' selections
     that its last token can see, ascending, with their pages and which of the tile's tokens chose
     each (bit t for its token t); with crowding, a union over the
-    limit is flagged and left unplanned (count -1), one at or under it flagged 0 and planned. A
+    limit is flagged and left unplanned (count -1), one at or under it flagged 0 and planned, and
+    each token gets its tile's flag per group (``keep``) and its sequence (``token_seq``). A
     tile past its sequence's end (a launch sized by the longest) plans nothing (count 0)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(5)
@@ -223,12 +236,18 @@ def test_tile_plan_lists_each_tiles_union(crowding):
     plan = torch.full((units, 3 * n), -7, dtype=torch.int32)
     count = torch.full((units,), -7, dtype=torch.int32)
     crowded = torch.full((units,), -7, dtype=torch.int8)
-    args = [x.to(device) for x in (ids, block_table, cu, seq_lens, plan, count, crowded)]
+    keep = torch.full((T, G), -7, dtype=torch.int8)
+    token_seq = torch.full((T,), -7, dtype=torch.int32)
+    args = [x.to(device) for x in (ids, block_table, cu, seq_lens, plan, count, crowded, keep, token_seq)]
     sparse_triton._tile_plan_kernel[(2 * tiles, G)](
         *args, rank, world, tiles, union_max, W, ids.stride(0), ids.stride(1),
         BLOCK_T=tile_t, BLOCK_SIZE=bs, TOPK=K, TOPK_P=4, CROWDING=crowding,
     )  # fmt: skip
-    plan, count, crowded = (x.cpu() for x in args[4:])
+    plan, count, crowded, keep, token_seq = (x.cpu() for x in args[4:])
+    if crowding:
+        assert token_seq.tolist() == [0] * 13 + [1] * 17
+    else:  # written by the first of two passes only
+        assert (keep == -7).all() and (token_seq == -7).all()
     seen_small = seen_crowded = seen_past_end = seen_unseeable = seen_shared = False
     for b in range(2):
         for tile in range(tiles):
@@ -247,10 +266,12 @@ def test_tile_plan_lists_each_tiles_union(crowding):
                 if crowding and len(union) > union_max:
                     seen_crowded = True
                     assert (int(crowded[unit]), int(count[unit])) == (1, -1)
+                    assert keep[t0:end, gr].tolist() == [1] * (end - t0)
                     continue
                 seen_small = seen_small or crowding
                 if crowding:
                     assert int(crowded[unit]) == 0
+                    assert keep[t0:end, gr].tolist() == [0] * (end - t0)
                 assert int(count[unit]) == len(union)
                 assert plan[unit, : len(union)].tolist() == union
                 pages = [int(block_table[b, (x - rank) // world]) for x in union]

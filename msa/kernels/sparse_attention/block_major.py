@@ -3,8 +3,8 @@
 The query-tile kernel (``triton.py``) reads K/V per tile of query tokens. When neighbouring tokens
 select unrelated blocks (a long chunk over a long prefix), every token pays the read of its own
 ``topk`` blocks (16 x 64 KB per KV group for M3), and those reads, mostly from L2, bound it. Here
-the selection is inverted instead: entries (token, KV group, slot) are sorted by (sequence, group,
-block) on the device (a stable sort, no host sync), and one program takes one block and up to
+the selection is inverted instead: entries (token, KV group, slot) are grouped by (sequence, group,
+block) on the device (a counting sort, no host sync), and one program takes one block and up to
 ``tile_tokens`` of the tokens that selected it. It reads the block's K/V once and walks its tokens
 ``block_t`` at a time (rows = tokens x heads of the group), so what moves per (token, block) is
 the token's query rows and its partial result (4 KB each for M3) rather than 64 KB of K/V. Each
@@ -29,7 +29,10 @@ from msa.kernels.sparse_attention.softmax import LOG2E, softmax_tile
 MAX_PARTIAL_BYTES = 5 << 29
 
 
-@triton.jit(do_not_specialize=["n_groups", "table_width", "t0", "stride_bt", "stride_os", "stride_ls"])
+_SPARE_ARGS = ["n_groups", "table_width", "n_seg", "t0", "stride_bt", "stride_os", "stride_ls"]
+
+
+@triton.jit(do_not_specialize=_SPARE_ARGS)
 def _block_major_kernel(
     q_ptr,
     k_ptr,
@@ -41,6 +44,7 @@ def _block_major_kernel(
     tile_seg_ptr,
     tile_first_ptr,
     seg_end_ptr,
+    tile_end_ptr,
     part_out_ptr,
     part_lse_ptr,
     qk_scale,
@@ -48,6 +52,7 @@ def _block_major_kernel(
     shard_world,
     n_groups,
     table_width,
+    n_seg,
     t0,
     stride_qt,
     stride_qh,
@@ -72,12 +77,13 @@ def _block_major_kernel(
     TOPK: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    """Program = one tile of a segment: up to TILE_TOKENS sorted entries that selected block
+    """Program = one tile of a segment: up to TILE_TOKENS planned entries that selected block
     ``local`` of sequence ``b`` in KV group ``g`` (segment id ``(b * n_groups + g) * table_width +
-    local``); -1 marks a spare program of the grid's upper bound."""
-    seg = tl.load(tile_seg_ptr + tl.program_id(0))
-    if seg < 0:
+    local``); programs past the plan's tile count (``tile_end[n_seg - 1]``) are spares of the
+    grid's upper bound."""
+    if tl.program_id(0) >= tl.load(tile_end_ptr + n_seg - 1):
         return
+    seg = tl.load(tile_seg_ptr + tl.program_id(0))
     first = tl.load(tile_first_ptr + tl.program_id(0))
     end = tl.minimum(tl.load(seg_end_ptr + seg), first + TILE_TOKENS)
     local = seg % table_width
@@ -152,7 +158,78 @@ def _queries(q_ptr, tok, head, ok, stride_qt, stride_qh, offs_d):
 def token_sequences(cu_seqlens_q: torch.Tensor, T: int) -> torch.Tensor:
     """The sequence of each of the ``T`` packed query tokens, ``[T]`` int32."""
     tokens = torch.arange(T, device=cu_seqlens_q.device, dtype=cu_seqlens_q.dtype)
-    return torch.searchsorted(cu_seqlens_q[1:], tokens, right=True).int()
+    return torch.searchsorted(cu_seqlens_q[1:], tokens, right=True, out_int32=True)
+
+
+@triton.jit
+def _entry_segments(ids_ptr, token_seq_ptr, keep_ptr, e, E, shard_rank, shard_world, table_width, G, K, KEEP):
+    """Segment ``(seq * G + g) * table_width + local block`` of entries ``e`` (token, group,
+    slot), -1 for one off this shard, unused, past ``E`` or (``KEEP``) of a pair not kept."""
+    ok = e < E
+    blk = tl.load(ids_ptr + e, mask=ok, other=-1)
+    mine = ok & (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
+    if KEEP:
+        mine = mine & (tl.load(keep_ptr + e // K, mask=ok, other=0) != 0)
+    seq = tl.load(token_seq_ptr + e // (G * K), mask=ok, other=0)
+    seg = (seq * G + (e // K) % G) * table_width + (blk - shard_rank) // shard_world
+    return tl.where(mine, seg, -1)
+
+
+@triton.jit(do_not_specialize=["E", "table_width"])
+def _rank_entries_kernel(
+    ids_ptr, token_seq_ptr, keep_ptr, counts_ptr, rank_ptr, E, shard_rank, shard_world, table_width,
+    G: tl.constexpr, K: tl.constexpr, KEEP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Count each segment's entries; each entry's rank among them (the order of the atomic
+    increments, -1 for no segment)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seg = _entry_segments(
+        ids_ptr, token_seq_ptr, keep_ptr, e, E, shard_rank, shard_world, table_width, G, K, KEEP
+    )
+    rank = tl.atomic_add(counts_ptr + seg, 1, mask=seg >= 0, sem="relaxed")
+    tl.store(rank_ptr + e, tl.where(seg >= 0, rank, -1), mask=e < E)
+
+
+@triton.jit(do_not_specialize=["n_seg"])
+def _scan_segments_kernel(
+    counts_ptr, seg_end_ptr, tile_end_ptr, n_seg, TILE_TOKENS: tl.constexpr, BLOCK: tl.constexpr
+):
+    """One program: each segment's end in the order (inclusive scan of the counts) and the end of
+    its tiles (inclusive scan of ``ceil(count / TILE_TOKENS)``)."""
+    entries = 0
+    tiles = 0
+    for s0 in range(0, n_seg, BLOCK):
+        s = s0 + tl.arange(0, BLOCK)
+        count = tl.load(counts_ptr + s, mask=s < n_seg, other=0)
+        seg_tiles = (count + TILE_TOKENS - 1) // TILE_TOKENS
+        tl.store(seg_end_ptr + s, entries + tl.cumsum(count, 0), mask=s < n_seg)
+        tl.store(tile_end_ptr + s, tiles + tl.cumsum(seg_tiles, 0), mask=s < n_seg)
+        entries += tl.sum(count, 0)
+        tiles += tl.sum(seg_tiles, 0)
+
+
+@triton.jit(do_not_specialize=["E", "table_width"])
+def _place_entries_kernel(
+    ids_ptr, token_seq_ptr, keep_ptr, counts_ptr, rank_ptr, seg_end_ptr, tile_end_ptr, order_ptr,
+    tile_seg_ptr, tile_first_ptr, E, shard_rank, shard_world, table_width,
+    G: tl.constexpr, K: tl.constexpr, KEEP: tl.constexpr, TILE_TOKENS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Each entry to its place in the order (its segment's start plus its rank); the first entry
+    of every tile writes the tile's segment and first place."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    seg = _entry_segments(
+        ids_ptr, token_seq_ptr, keep_ptr, e, E, shard_rank, shard_world, table_width, G, K, KEEP
+    )
+    mine = seg >= 0
+    rank = tl.load(rank_ptr + e, mask=mine, other=0)
+    count = tl.load(counts_ptr + seg, mask=mine, other=0)
+    place = tl.load(seg_end_ptr + seg, mask=mine, other=0) - count + rank
+    tl.store(order_ptr + place, e, mask=mine)
+    tile = tl.load(tile_end_ptr + seg, mask=mine, other=0) - (count + TILE_TOKENS - 1) // TILE_TOKENS
+    tile += rank // TILE_TOKENS
+    lead = mine & (rank % TILE_TOKENS == 0)
+    tl.store(tile_seg_ptr + tile, seg, mask=lead)
+    tl.store(tile_first_ptr + tile, place, mask=lead)
 
 
 def plan_block_major(
@@ -165,44 +242,50 @@ def plan_block_major(
     shard_world: int,
     tile_tokens: int,
     keep: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Invert a selection ``block_ids [T, G, K]`` (global ids, -1 unused) of tokens whose sequences
     are ``token_seq [T]``: entries ``(t * G + g) * K + slot`` on this shard (and, given ``keep
-    [T, G]`` bool, of kept (token, group) pairs only), sorted stably by segment ``(seq * G + g) *
-    table_width + local block``, cut into tiles of at most ``tile_tokens`` entries of one segment.
+    [T, G]`` (nonzero: kept), of kept (token, group) pairs only), grouped by segment ``(seq * G +
+    g) * table_width + local block`` (segments ascending, entries of one segment in no set
+    order), cut into tiles of at most ``tile_tokens`` entries of one segment.
 
-    Returns (order ``[E]`` entry ids in segment order, tile_seg ``[n]`` segment of each tile or -1
-    for a spare one, tile_first ``[n]`` its first position in ``order``, seg_end ``[S]`` end of
-    each segment in ``order``), all int32. No host sync: the number of tiles is an upper bound,
-    ``E // tile_tokens`` full tiles plus one partial tile per segment."""
-    _, G, K = block_ids.shape
+    A counting sort in three launches, with no host sync: count and rank each segment's entries
+    (atomics), scan the counts, place the entries. Returns (order ``[E]`` entry ids in segment
+    order, tile_seg ``[n]`` segment of each tile, tile_first ``[n]`` its first place in ``order``,
+    seg_end ``[S]`` end of each segment in ``order``, tile_end ``[S]`` end of each segment's tiles,
+    so ``tile_end[-1]`` tiles are real), all int32. ``n`` is an upper bound of the tile count,
+    ``E // tile_tokens`` full tiles plus one partial tile per segment; the rest are spare."""
+    T, G, K = block_ids.shape
     dev, i32 = block_ids.device, torch.int32
-    ids = block_ids.reshape(-1)
-    E = ids.numel()
+    E = T * G * K
     n_seg = n_seqs * G * table_width
     if max(E, n_seg) >= 1 << 31:
         raise ValueError(f"plan_block_major: {E} entries over {n_seg} segments overflow int32")
-    # int32 throughout: half the bytes of int64 per op, and half the radix passes of the sort.
-    e = torch.arange(E, device=dev, dtype=i32)
-    seq = token_seq.index_select(0, e // (G * K))
-    group = (e // K) % G
-    mine = (ids >= 0) & ((ids - shard_rank) % shard_world == 0)
-    if keep is not None:
-        mine &= keep.reshape(-1).index_select(0, e // K)
-    key = torch.where(mine, (seq * G + group) * table_width + (ids - shard_rank) // shard_world, n_seg)
-    key, order = torch.sort(key, stable=True)
-    segs = torch.arange(n_seg, device=dev, dtype=i32)
-    seg_end = torch.searchsorted(key, segs, right=True, out_int32=True)
-    counts = seg_end - torch.searchsorted(key, segs, out_int32=True)
-    tiles = (counts + tile_tokens - 1) // tile_tokens
-    tile_end = tiles.cumsum(0, dtype=i32)
-    tile = torch.arange(max(1, E // tile_tokens + min(n_seg, E)), device=dev, dtype=i32)
-    tile_seg = torch.searchsorted(tile_end, tile, right=True, out_int32=True)
-    s = tile_seg.clamp(max=n_seg - 1)
-    seg_start, tile_start = seg_end - counts, tile_end - tiles
-    tile_first = seg_start.index_select(0, s) + (tile - tile_start.index_select(0, s)) * tile_tokens
-    tile_seg = torch.where(tile_seg < n_seg, tile_seg, -1)
-    return order.int(), tile_seg, tile_first, seg_end
+    ids = block_ids.contiguous()
+    keep_arg = ids if keep is None else keep.contiguous()
+    counts = torch.zeros(n_seg, dtype=i32, device=dev)
+    rank = torch.empty(E, dtype=i32, device=dev)
+    seg_end = torch.empty(n_seg, dtype=i32, device=dev)
+    tile_end = torch.empty(n_seg, dtype=i32, device=dev)
+    order = torch.empty(E, dtype=i32, device=dev)
+    n_tiles = max(1, E // tile_tokens + min(n_seg, E))
+    tile_seg = torch.empty(n_tiles, dtype=i32, device=dev)
+    tile_first = torch.empty(n_tiles, dtype=i32, device=dev)
+    block = 1024
+    common = dict(G=G, K=K, KEEP=keep is not None, BLOCK=block)
+    grid = (triton.cdiv(E, block),)
+    shard = (shard_rank, shard_world, table_width)
+    _rank_entries_kernel[grid](ids, token_seq, keep_arg, counts, rank, E, *shard, **common)
+    # One program scans every segment: a few steps for one long sequence (32K segments at 1M
+    # tokens), more for a batch of many sequences with wide tables.
+    _scan_segments_kernel[(1,)](
+        counts, seg_end, tile_end, n_seg, TILE_TOKENS=tile_tokens, BLOCK=4096, num_warps=8
+    )
+    _place_entries_kernel[grid](
+        ids, token_seq, keep_arg, counts, rank, seg_end, tile_end, order, tile_seg, tile_first, E, *shard,
+        TILE_TOKENS=tile_tokens, **common,
+    )  # fmt: skip
+    return order, tile_seg, tile_first, seg_end, tile_end
 
 
 def block_major_attention(
@@ -252,7 +335,7 @@ def block_major_attention(
     for t0 in range(0, T, step):
         n = min(step, T - t0)
         part_lse.fill_(float("-inf"))  # slots no program visits weigh 0 in the merge
-        order, tile_seg, tile_first, seg_end = plan_block_major(
+        order, tile_seg, tile_first, seg_end, tile_end = plan_block_major(
             ids[t0 : t0 + n],
             token_seq[t0 : t0 + n],
             n_seqs=seq_lens.shape[0],
@@ -273,6 +356,7 @@ def block_major_attention(
             tile_seg,
             tile_first,
             seg_end,
+            tile_end,
             part_out,
             part_lse,
             scale * LOG2E,
@@ -280,6 +364,7 @@ def block_major_attention(
             shard_world,
             G,
             block_table.shape[1],
+            seg_end.numel(),
             t0,
             *paged_input_strides(q, k_cache, v_cache, block_table),
             *part_out.stride()[:3],

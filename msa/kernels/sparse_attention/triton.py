@@ -33,7 +33,7 @@ from msa.kernels._launch import (
     tickets,
 )
 from msa.kernels.merge.triton import MAX_LATENCY_BOUND_PARTS, finish_merge, merge_states_into, merge_weights
-from msa.kernels.sparse_attention.block_major import block_major_attention, token_sequences
+from msa.kernels.sparse_attention.block_major import block_major_attention
 from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, online_softmax_step, softmax_tile
 
 
@@ -243,6 +243,8 @@ def _tile_plan_kernel(
     plan_ptr,
     count_ptr,
     crowded_ptr,
+    keep_ptr,
+    token_seq_ptr,
     shard_rank,
     shard_world,
     tiles_per_seq,
@@ -262,7 +264,9 @@ def _tile_plan_kernel(
     tile's token t; N = BLOCK_T x TOPK_P) and its size into ``count``
     (0 for a tile past its sequence's end). With ``CROWDING`` (the first of two passes) a union
     over ``union_max`` blocks is not planned: ``crowded`` gets 1 and ``count`` -1, and the
-    attention kernel's program for the tile returns at once. One warp of few registers (many
+    attention kernel's program for the tile returns at once; the flag also goes to ``keep [T, G]``
+    for each of the tile's tokens, and each token's sequence to ``token_seq [T]`` (what the
+    block-major pass takes). One warp of few registers (many
     programs to an SM) sorts the tile's ids, so the attention kernel (few programs to an SM)
     spends none of its time on this, nor on a crowded tile."""
     pid = tl.program_id(0)
@@ -302,6 +306,10 @@ def _tile_plan_kernel(
     if CROWDING:
         crowded = n_iter > union_max
         tl.store(crowded_ptr + unit, crowded.to(tl.int8))
+        toks = t0 + tl.arange(0, BLOCK_T)
+        tl.store(keep_ptr + toks * tl.num_programs(1) + g, crowded.to(tl.int8), mask=toks < q_end)
+        if g == 0:
+            tl.store(token_seq_ptr + toks, b, mask=toks < q_end)
         if crowded:
             tl.store(count_ptr + unit, -1)
             return
@@ -628,8 +636,8 @@ _CROWDED_SHARE = 1 / 2
 _SHARED_STAGES = 1
 _ADAPTIVE_MIN_TOKENS = 64
 # In query runs at least this long the crowded tokens of sparse prefill go block-major
-# (``block_major.py``): its plan (a sort of the selection) costs a few small launches, which a
-# long chunk's attention hides.
+# (``block_major.py``): its plan (a counting sort of the selection) costs a few small launches,
+# which a long chunk's attention hides.
 _BLOCK_MAJOR_MIN_TOKENS = 1024
 # Prefill and dense-layer tiles read K/V blocks by TMA (Hopper's tensor memory accelerator) where
 # the caches allow it: a block goes to shared memory in one copy, with no address tensor or
@@ -935,6 +943,8 @@ def launch_paged_attention(
         union_max: int,
         shared_t: int,
         shared_tiles: int,
+        keep: torch.Tensor | None = None,
+        token_seq: torch.Tensor | None = None,
     ):
         units = B * n_tiles * H_kv
         if sparse:
@@ -948,6 +958,8 @@ def launch_paged_attention(
                 plan,
                 count,
                 crowded,
+                crowded if keep is None else keep,
+                crowded if token_seq is None else token_seq,
                 shard_rank,
                 shard_world,
                 n_tiles,
@@ -1016,12 +1028,10 @@ def launch_paged_attention(
     # Sharing pays while the union is under _CROWDED_SHARE of the tile's selections (on this
     # shard): a pass over one block with the whole tile's rows costs a few single-token passes.
     union_max = int(shared_t * topk * _CROWDED_SHARE) // shard_world
-    launch(shared_t, shared_tiles, 1, crowded, union_max, shared_t, shared_tiles)
+    keep = torch.empty(T, H_kv, dtype=torch.int8, device=q.device)
+    seq = torch.empty(T, dtype=torch.int32, device=q.device)
+    launch(shared_t, shared_tiles, 1, crowded, union_max, shared_t, shared_tiles, keep, seq)
     if by_block is None and longest >= _BLOCK_MAJOR_MIN_TOKENS:
-        seq = token_sequences(cu_seqlens_q, T)
-        seq_i = seq.long()
-        tile = (torch.arange(T, device=q.device) - cu_seqlens_q[seq_i]) // shared_t
-        keep = crowded.view(B * shared_tiles, H_kv)[seq_i * shared_tiles + tile].bool()
         block_major_attention(
             q, k_cache, v_cache, block_table, cu_seqlens_q, seq_lens, block_ids, out, lse,
             scale=scale, shard_rank=shard_rank, shard_world=shard_world, keep=keep, token_seq=seq,
