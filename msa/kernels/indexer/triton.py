@@ -418,8 +418,9 @@ def launch_chunk_scores(
     out_strides = (ids.stride(0), ids.stride(1), scores.stride(0), scores.stride(1)) if select else (0,) * 4
     early = pdl(index_q.device)
     # Prefill tiles score one block per step, bound by the matmuls: keys by TMA, with no address
-    # tensors (the last 8K-token chunk of 128K: 2.3 against 2.7 ms on an H200, `--sweep
-    # index-tma`). Decode and MTP tiles (few rows, bound by bytes) keep their pointer loads.
+    # tensors (a 128K prefill's index: 20.8-21.0 against 23.5-23.8 ms with pointer loads on an
+    # H200, benchmarks/results/kernels-sweep-index-tma-NVIDIA-H200.txt). Decode and MTP tiles
+    # (few rows, bound by bytes) keep their pointer loads.
     k_desc = block_descriptor(index_k_cache) if _TMA and rows > 32 and nb == 1 else None
     _score_chunk_topk_kernel[(B * tiles, n_chunks)](
         index_q,
