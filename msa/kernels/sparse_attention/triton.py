@@ -352,43 +352,56 @@ def _walk_range(
     TMA: tl.constexpr, WHOLE: tl.constexpr,
 ):  # fmt: skip
     """Steps ``start, start + stride ...`` under ``end`` of a tile's walk, folded into its online
-    softmax. ``walk``: (plan, N, row_tok, row_ok, qpos, table_row, KV group, seq_len, shard rank,
-    shard world); ``kv``: the caches' descriptors (``TMA``), pointers and strides. ``WHOLE``: the
-    blocks lie wholly at or before every row's query, so rows are masked, not scores."""
+    softmax (``_walk_block``)."""
+    for it in range(start, end, stride):
+        m_i, l_i, acc = _walk_block(
+            it, q, m_i, l_i, acc, qk_scale, walk, kv, BLOCK_SIZE, HEAD_DIM, SPARSE, IEEE, TMA, WHOLE, False
+        )
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _walk_block(
+    it, q, m_i, l_i, acc, qk_scale, walk, kv,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, SPARSE: tl.constexpr, IEEE: tl.constexpr,
+    TMA: tl.constexpr, WHOLE: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    """Step ``it`` of a tile's walk folded into its online softmax. ``walk``: (plan, N, row_tok,
+    row_ok, qpos, table_row, KV group, seq_len, shard rank, shard world); ``kv``: the caches'
+    descriptors (``TMA``), pointers and strides. ``WHOLE``: the block lies wholly at or before
+    every row's query, so rows are masked, not scores. ``TAIL`` (TMA): the block may be the
+    sequence's partial last one, whose rows past seq_len come in holding anything; they are zeroed
+    in V (0 x NaN in P @ V would poison the row)."""
     plan, N, row_tok, row_ok, qpos, table_row, g, seq_len, shard_rank, shard_world = walk
     k_desc, v_desc, k_ptr, v_ptr, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh = kv
     offs_s = tl.arange(0, BLOCK_SIZE)
     offs_d = tl.arange(0, HEAD_DIM)
-    for it in range(start, end, stride):
-        blk, page, visible = _walk_step(
-            it, plan, N, row_tok, row_ok, table_row, shard_rank, shard_world, SPARSE
+    blk, page, visible = _walk_step(it, plan, N, row_tok, row_ok, table_row, shard_rank, shard_world, SPARSE)
+    kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
+    if TMA:
+        k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM)
+        v = _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM)
+        if TAIL:
+            v = tl.where((kpos < seq_len)[:, None], v, 0.0)
+    else:
+        written = kpos < seq_len
+        page = page.to(tl.int64)
+        k = tl.load(
+            k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
+            mask=written[:, None],
+            other=0.0,
+        )  # [BLOCK_SIZE, D]
+        # V is requested with K so both reads are in flight together.
+        v = tl.load(
+            v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
+            mask=written[:, None],
+            other=0.0,
         )
-        kpos = blk * BLOCK_SIZE + offs_s  # [BLOCK_SIZE]
-        if TMA:
-            k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM)
-            v = _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM)
-        else:
-            written = kpos < seq_len
-            page = page.to(tl.int64)
-            k = tl.load(
-                k_ptr + page * stride_kp + offs_s[:, None] * stride_ks + g * stride_kh + offs_d[None, :],
-                mask=written[:, None],
-                other=0.0,
-            )  # [BLOCK_SIZE, D]
-            # V is requested with K so both reads are in flight together.
-            v = tl.load(
-                v_ptr + page * stride_vp + offs_s[:, None] * stride_vs + g * stride_vh + offs_d[None, :],
-                mask=written[:, None],
-                other=0.0,
-            )
-        if WHOLE:
-            allowed = visible
-        else:
-            allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
-        m_i, l_i, acc = online_softmax_step(
-            q, k.to(q.dtype), v, allowed, m_i, l_i, acc, qk_scale, IEEE, WHOLE
-        )
-    return m_i, l_i, acc
+    if WHOLE:
+        allowed = visible
+    else:
+        allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
+    return online_softmax_step(q, k.to(q.dtype), v, allowed, m_i, l_i, acc, qk_scale, IEEE, WHOLE)
 
 
 @triton.jit(do_not_specialize=["tiles_per_seq", "shared_tiles_per_seq", "stride_bt", "stride_ls"])
@@ -477,7 +490,6 @@ def _paged_attention_kernel(
     qpos = first_pos + tok - q_start  # [M]
     last_qpos = first_pos + tl.minimum(t0 + BLOCK_T, q_end) - 1 - q_start  # the tile's last query
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_s = tl.arange(0, BLOCK_SIZE)
     q = tl.load(
         q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
         mask=row_ok[:, None],
@@ -547,14 +559,23 @@ def _paged_attention_kernel(
     )  # fmt: skip
     if TMA:
         if tail and (n_full - split) % num_splits == 0:
-            blk, page, visible = _walk_step(
-                n_full, plan, N, row_tok, row_ok, table_row, shard_rank, shard_world, SPARSE
+            m_i, l_i, acc = _walk_block(
+                n_full,
+                q,
+                m_i,
+                l_i,
+                acc,
+                qk_scale,
+                walk,
+                kv,
+                BLOCK_SIZE,
+                HEAD_DIM,
+                SPARSE,
+                IEEE,
+                TMA,
+                False,
+                True,
             )
-            kpos = blk * BLOCK_SIZE + offs_s
-            k = _tma_block(k_desc, page, g, BLOCK_SIZE, HEAD_DIM).to(q.dtype)
-            v = tl.where((kpos < seq_len)[:, None], _tma_block(v_desc, page, g, BLOCK_SIZE, HEAD_DIM), 0.0)
-            allowed = visible[:, None] & (kpos[None, :] <= qpos[:, None])
-            m_i, l_i, acc = online_softmax_step(q, k, v, allowed, m_i, l_i, acc, qk_scale, IEEE)
 
     out, lse = normalize_softmax(acc, m_i, l_i)
     tl.store(
