@@ -29,10 +29,9 @@ from msa.kernels.sparse_attention.softmax import LOG2E, softmax_tile
 MAX_PARTIAL_BYTES = 5 << 29
 
 
-_SPARE_ARGS = ["n_groups", "table_width", "n_seg", "t0", "stride_bt", "stride_os", "stride_ls"]
-
-
-@triton.jit(do_not_specialize=_SPARE_ARGS)
+@triton.jit(
+    do_not_specialize=["n_groups", "table_width", "n_seg", "t0", "stride_bt", "stride_os", "stride_ls"]
+)
 def _block_major_kernel(
     q_ptr,
     k_ptr,
