@@ -10,24 +10,26 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b``, in full fp32 precision where ``IEEE`` (fp32 inputs), else on the tensor cores' own."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def softmax_tile(q, k, v, allowed, qk_scale, IEEE: tl.constexpr):
     """Attention of the rows of ``q [M, D]`` over one tile of keys ``k, v [N, D]`` where
     ``allowed [M, N]`` (None: everywhere): (out ``[M, D]`` fp32, lse ``[M]`` natural log; zeros and
     -inf for a row that sees no key). ``qk_scale`` includes log2(e)."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = _dot(q, tl.trans(k), IEEE)
     if allowed is not None:
         s = tl.where(allowed, s, float("-inf"))
     m = tl.max(s, 1) * qk_scale  # log2 units; the scale (positive) goes into one multiply-add below
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = tl.sum(p, 1)
-    if IEEE:
-        acc = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v)
+    acc = _dot(p.to(v.dtype), v, IEEE)
     return normalize_softmax(acc, m_safe, l_i)
 
 
@@ -39,10 +41,7 @@ def online_softmax_step(
     ``acc [M, D]`` (log2 units) after the rows of ``q`` attend to ``k, v [N, D]`` where ``allowed
     [M, N]``. ``WHOLE``: ``allowed [M]`` instead, for rows that see every key of the tile or none
     of them; no score is then masked one by one (a row that sees none subtracts +inf)."""
-    if IEEE:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+    s = _dot(q, tl.trans(k), IEEE)
     # The scale goes into the max (it is positive) and into one multiply-add with the max.
     if WHOLE:
         m_new = tl.maximum(m_i, tl.where(allowed, tl.max(s, 1) * qk_scale, float("-inf")))
@@ -56,10 +55,7 @@ def online_softmax_step(
     else:
         p = tl.exp2(s * qk_scale - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    if IEEE:
-        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(v.dtype), v)
+    pv = _dot(p.to(v.dtype), v, IEEE)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 

@@ -560,22 +560,9 @@ def _paged_attention_kernel(
     if TMA:
         if tail and (n_full - split) % num_splits == 0:
             m_i, l_i, acc = _walk_block(
-                n_full,
-                q,
-                m_i,
-                l_i,
-                acc,
-                qk_scale,
-                walk,
-                kv,
-                BLOCK_SIZE,
-                HEAD_DIM,
-                SPARSE,
-                IEEE,
-                TMA,
-                False,
-                True,
-            )
+                n_full, q, m_i, l_i, acc, qk_scale, walk, kv, BLOCK_SIZE, HEAD_DIM, SPARSE, IEEE, TMA,
+                False, True,
+            )  # fmt: skip
 
     out, lse = normalize_softmax(acc, m_i, l_i)
     tl.store(
