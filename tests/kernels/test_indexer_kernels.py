@@ -178,6 +178,19 @@ def test_decode_selection_in_the_scoring_launch_matches_reference(case, ties, fu
             check_same_selection(ids, scores, ref_ids, ref_scores, True)
 
 
+@pytest.mark.parametrize("topk", [3, 5])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_select", "merge_launch"])
+@pytest.mark.parametrize("case", ["decode_mixed", "mtp", "prefill_chunk"])
+def test_select_blocks_with_a_top_k_not_a_power_of_two(case, fused, topk):
+    """The kernels keep top-k picks in a power-of-two row: only the first ``topk`` are written
+    and they take the first ``topk`` slots in ascending order."""
+    seq_lens, q_lens = CASES[case]
+    batch, iq, shards = build(seq_lens, q_lens, **CPU)
+    ref_ids, ref_scores = select(iq, shards[0], batch, topk, 0, 1, "reference")
+    ids, scores = select(iq, shards[0], batch, topk, 0, 1, "tuned", chunk_blocks=2, fused_select=fused)
+    check_same_selection(ids, scores, ref_ids, ref_scores, True)
+
+
 GPU = dict(groups=4, dim=128, block=128, topk=16)
 GPU_CASES = {
     "decode_b1_one_block": ([77], [1]),

@@ -249,7 +249,9 @@ def _store_selection(chosen, ids_ptrs, scores_ptrs, row_ok, TOPK: tl.constexpr, 
     """Write each row's picks ``chosen [R, TOPK_P]`` (best first) in ascending block order, empty
     last, at ``ids_ptrs``/``scores_ptrs [R]``."""
     picks = tl.arange(0, TOPK_P)
-    valid = (chosen >> 32) > _NEG_INF_ORDER
+    # Only the first TOPK picks count (TOPK_P > TOPK when TOPK is not a power of two); the rest
+    # rank last with the empty ones, so the kept picks take slots 0 ... TOPK - 1.
+    valid = ((chosen >> 32) > _NEG_INF_ORDER) & (picks < TOPK)[None, :]
     blk = tl.where(valid, _key_block(chosen), 2147483647)
     score = tl.where(valid, _key_score(chosen), float("-inf"))
     # The rank of each pick among its row's picks.
