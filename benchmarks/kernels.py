@@ -37,7 +37,7 @@ from msa.kernels.merge.triton import merge_attention_states_triton  # noqa: E402
 from msa.kernels.sparse_attention import triton as sparse_triton  # noqa: E402
 from msa.kernels.sparse_attention.block_major import block_major_attention, plan_block_major  # noqa: E402
 from msa.kernels.sparse_attention.reference import paged_attention_reference  # noqa: E402
-from msa.kernels.sparse_attention.triton import sparse_attention_triton  # noqa: E402
+from msa.kernels.sparse_attention.triton import select_and_attend_triton, sparse_attention_triton  # noqa: E402
 
 HEADS, KV_HEADS, DIM, BLOCK, TOPK = 64, 4, 128, 128, 16
 SCALE = 1 / math.sqrt(DIM)
@@ -184,18 +184,18 @@ def paged_problem(
 
 
 def msa_step(p: dict):
-    """What an MSA layer runs: the selection and sparse attention, or, while every visible block
-    would be selected, dense attention (the same result)."""
+    """What an MSA layer runs: the selection and sparse attention (``select_and_attend``), or,
+    while every visible block would be selected, dense attention (the same result). Returns (out,
+    lse, block ids or None)."""
     if not selection_needed(p["L"], BLOCK, TOPK):
-        return paged_attention_triton(
+        out, lse = paged_attention_triton(
             p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=p["q_len"]
         )
-    ids, _ = select_blocks_triton(
-        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=p["q_len"]
-    )
-    return sparse_attention_triton(
-        p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=p["q_len"]
-    )
+        return out, lse, None
+    return select_and_attend_triton(
+        p["q"], p["k"], p["v"], p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, scale=SCALE,
+        max_q_len=p["q_len"],
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------- correctness gates
@@ -231,6 +231,17 @@ def check_kernels() -> dict:
         ro, rlse = paged_attention_reference(*args, ids if sparse else None, scale=SCALE)
         err = rel_err(o, ro)
         out[name] = dict(ok=err < 1e-2 and not o.isnan().any() and rel_err(lse, rlse) < 1e-3, rel_err=err)
+    # A decode step as an MSA layer runs it (the attention launch takes the final top-k): a sequence
+    # of 200K tokens beside one of 3K.
+    p = paged_problem(2, 200000, 1, torch.bfloat16, seed=3)
+    p["seq_lens"][1] = 3001
+    o, lse, ids = msa_step(p)
+    rids, _ = select_blocks_reference(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
+    args = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    ro, rlse = paged_attention_reference(*args, ids, scale=SCALE)
+    same, err = float((ids == rids).float().mean()), rel_err(o, ro)
+    ok = same > 0.95 and err < 1e-2 and not o.isnan().any() and rel_err(lse, rlse) < 1e-3
+    out["msa_decode"] = dict(ok=ok, id_agreement=same, rel_err=err)
     outs = torch.randn(4, 64, HEADS, DIM, device=DEV, dtype=torch.bfloat16)
     lses = torch.randn(4, 64, HEADS, device=DEV)
     lses[1] = float("-inf")
@@ -295,7 +306,7 @@ def decode_row(B: int, L: int, bw: float, checks: dict, fp8: bool) -> dict:
                 p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1
             )
         )
-    if index_ok and attn_ok:
+    if index_ok and attn_ok and checks["msa_decode"]["ok"]:
         row["msa_us"] = graph_time_us(lambda: msa_step(p))
     n_blocks = min(TOPK, triton.cdiv(L, BLOCK))
     floor_bytes = B * (L * DIM * p["ik"].element_size() + KV_HEADS * n_blocks * BLOCK * DIM * 2 * 2)
@@ -515,6 +526,18 @@ def sweep(part: str) -> None:
         sweep_whole_steps()
     if part in ("all", "index-tma"):
         sweep_index_tma()
+    if part in ("all", "decode-select"):
+        for L, B in (
+            (32768, 1),
+            (131072, 1),
+            (524288, 1),
+            (1048576, 1),
+            (131072, 4),
+            (131072, 8),
+            (1048576, 8),
+        ):
+            sweep_decode_select(L, B)
+            torch.cuda.empty_cache()
     if part in ("all", "merge"):
         for L, B in ((2048, 1), (2048, 4), (2048, 8), (8192, 1), (8192, 8), (131072, 1), (131072, 4)):
             sweep_merge(L, B)
@@ -923,6 +946,33 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
         print(f"{tag} SDPA {best}: {d:.1f} us", flush=True)
 
 
+def sweep_decode_select(L: int, B: int) -> None:
+    """The MSA decode step with its final top-k taken by the attention launch (from the scoring's
+    candidates up to a limit per head, past it from the merge launch's slices' picks) against the
+    merge launch taking it (limit 0), the variants alternating over three rounds."""
+    p = paged_problem(B, L, 1, torch.bfloat16)
+    ref = msa_step(p)
+    with restoring(sparse_triton, "_ATTENTION_SELECT_MAX"):
+        for limit in SELECT_LIMITS:
+            sparse_triton._ATTENTION_SELECT_MAX = limit
+            out, _, ids = msa_step(p)
+            assert torch.equal(ids, ref[2]), f"selection changed with limit {limit}"
+
+        def measure(limit):
+            sparse_triton._ATTENTION_SELECT_MAX = limit
+            return graph_time_us(lambda: msa_step(p))
+
+        times = alternating(SELECT_LIMITS, measure, 3)
+    for limit, ts in times.items():
+        how = f"attention launch from up to {limit} candidates" if limit else "merge launch"
+        print(
+            f"L={L} B={B} final top-k by the {how}: " + " ".join(f"{t:.1f}" for t in ts) + " us", flush=True
+        )
+
+
+SELECT_LIMITS = (0, 256, 1024, 4096)
+
+
 def sweep_dense_decode(L: int, B: int) -> None:
     """Dense paged decode (the dense layers): the split-per-block kernel where its grid allows,
     and the loop kernel over split counts, warps and stages, beside the fastest SDPA."""
@@ -1209,6 +1259,7 @@ def main() -> None:
             "block-major",
             "dense-decode",
             "merge",
+            "decode-select",
             "shared-tile",
             "tma",
             "whole-steps",
@@ -1220,10 +1271,11 @@ def main() -> None:
         help="tuning sweep only (select: block selection, decode and prefill; prefill-index: the "
         "prefill index alone; block-major: the block-major prefill kernel; dense-decode: the dense "
         "layers' decode kernels; merge: split-K partials merged by a launch of their own or by the last "
-        "split; shared-tile: the chunked prefill's attention per setting of its shared first pass; tma: "
-        "K/V by TMA against pointer loads in the other prefill passes and dense layers; whole-steps: "
-        "prefill tiles walking whole blocks first with rows masked, against every step masked by score; "
-        "index-tma: the prefill index's keys by TMA against pointer loads; "
+        "split; decode-select: the decode step's final top-k taken by the attention launch against the "
+        "merge launch; shared-tile: the chunked prefill's attention per setting of its shared first "
+        "pass; tma: K/V by TMA against pointer loads in the other prefill passes and dense layers; "
+        "whole-steps: prefill tiles walking whole blocks first with rows masked, against every step "
+        "masked by score; index-tma: the prefill index's keys by TMA against pointer loads; "
         "index-stages: the decode index's steps in flight; read-floor: batch-1 decode at 1M against "
         "a kernel that only reads its index keys; profile: the batch-1 decode chain's timeline, the 128K "
         "prefill's kernels and each kernel's registers and shared memory)",

@@ -52,6 +52,14 @@ def _check_batch(
         )
 
 
+def _check_index(name: str, index_q: torch.Tensor, index_k_cache: torch.Tensor) -> None:
+    if index_q.dim() != 3 or index_k_cache.dim() != 3 or index_q.shape[-1] != index_k_cache.shape[-1]:
+        raise ValueError(
+            f"{name}: index_q [T, G, D] and index_k_cache [pages, block, D] disagree: "
+            f"{tuple(index_q.shape)} vs {tuple(index_k_cache.shape)}"
+        )
+
+
 def select_blocks(
     index_q: torch.Tensor,
     index_k_cache: torch.Tensor,
@@ -78,11 +86,7 @@ def select_blocks(
     (the longest query run, if the caller knows it) spares the Triton path a host sync.
     """
     _check_batch("select_blocks", block_table, cu_seqlens_q, seq_lens, index_q.shape[0])
-    if index_q.dim() != 3 or index_k_cache.dim() != 3 or index_q.shape[-1] != index_k_cache.shape[-1]:
-        raise ValueError(
-            f"select_blocks: index_q [T, G, D] and index_k_cache [pages, block, D] disagree: "
-            f"{tuple(index_q.shape)} vs {tuple(index_k_cache.shape)}"
-        )
+    _check_index("select_blocks", index_q, index_k_cache)
     if use_triton(index_q, index_k_cache.shape[1], index_k_cache.shape[2]):
         from msa.kernels.indexer.triton import select_blocks_triton
 
@@ -195,6 +199,55 @@ def sparse_attention(
         shard_rank=shard_rank,
         shard_world=shard_world,
     )
+
+
+def select_and_attend(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    topk: int,
+    scale: float,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MSA layer's attention where each shard selects among its own blocks (one shard holding
+    whole sequences, or shards whose selections are not merged): ``select_blocks`` then
+    ``sparse_attention`` over that selection, one paged layout for K/V and the index keys.
+
+    Returns (out ``[T, H, D]``, lse ``[T, H]``, block ids ``[T, H_kv, topk]``) as those two return
+    them. On the Triton path a decode batch (one query per sequence) takes the final top-k inside
+    the attention launch instead of a launch of its own. Shards that need the global top-k merge
+    their candidates (``merge_block_candidates``) between the two calls instead.
+    """
+    _check_batch("select_and_attend", block_table, cu_seqlens_q, seq_lens, q.shape[0])
+    _check_attention("select_and_attend", q, k_cache, v_cache)
+    _check_index("select_and_attend", index_q, index_k_cache)
+    if index_q.shape[:2] != (q.shape[0], k_cache.shape[2]):
+        raise ValueError(
+            f"select_and_attend: index_q must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, D], "
+            f"got {tuple(index_q.shape)}"
+        )
+    shard = dict(shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
+    if use_triton(q, k_cache.shape[1], k_cache.shape[3]) and use_triton(
+        index_q, index_k_cache.shape[1], index_k_cache.shape[2]
+    ):
+        from msa.kernels.sparse_attention.triton import select_and_attend_triton
+
+        return select_and_attend_triton(
+            q, k_cache, v_cache, index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens,
+            topk=topk, scale=scale, **shard,
+        )  # fmt: skip
+    tables = (block_table, cu_seqlens_q, seq_lens)
+    ids, _ = select_blocks(index_q, index_k_cache, *tables, topk=topk, **shard)
+    out, lse = sparse_attention(q, k_cache, v_cache, *tables, ids, scale=scale, **shard)
+    return out, lse, ids
 
 
 def paged_attention(

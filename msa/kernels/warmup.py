@@ -17,6 +17,7 @@ from msa.kernels._launch import num_sms
 from msa.kernels.api import (
     merge_attention_states,
     paged_attention,
+    select_and_attend,
     select_blocks,
     selection_needed,
     sparse_attention,
@@ -104,8 +105,22 @@ def warm_up_attention(
             iq = torch.zeros(
                 b * q_len, index_heads, index_k_cache.shape[2], dtype=k_cache.dtype, device=device
             )
-            ids, _ = select_blocks(iq, index_k_cache, *tables, topk=topk, max_q_len=q_len, **shard)
-            sparse_attention(q, k_cache, v_cache, *tables, ids, scale=1.0, max_q_len=q_len, **shard)
+            if shard_world == 1:  # the layer selects and attends in one call
+                select_and_attend(
+                    q,
+                    k_cache,
+                    v_cache,
+                    iq,
+                    index_k_cache,
+                    *tables,
+                    topk=topk,
+                    scale=1.0,
+                    max_q_len=q_len,
+                    **shard,
+                )
+            else:  # sequence shards merge their candidates between the two calls
+                ids, _ = select_blocks(iq, index_k_cache, *tables, topk=topk, max_q_len=q_len, **shard)
+                sparse_attention(q, k_cache, v_cache, *tables, ids, scale=1.0, max_q_len=q_len, **shard)
     if shard_world > 1:  # the sequence shards' partial outputs are merged by log-sum-exp
         outs = torch.zeros(shard_world, 1, num_heads, D, dtype=k_cache.dtype, device=device)
         merge_attention_states(outs, torch.zeros(outs.shape[:3], device=device))

@@ -19,6 +19,7 @@ from msa.kernels import (
     merge_attention_states,
     merge_block_candidates,
     paged_attention,
+    select_and_attend,
     select_blocks,
     selection_needed,
     sparse_attention,
@@ -149,6 +150,12 @@ class Attention(nn.Module):
         shard = {"shard_rank": b.shard_rank, "shard_world": b.shard_world}
         block_ids = None
         if index_q is not None and selection_needed(b.max_seq_len, b.block_size, self.topk):
+            if not differentiable and b.context_parallel is None:
+                # Each shard's own selection: the kernels take it and attend in one call.
+                return select_and_attend(
+                    q, view.k, view.v, index_q.detach(), view.index_k.detach(), *view.tables, topk=self.topk,
+                    scale=self.scale, max_q_len=b.max_q_len, **shard,
+                )  # fmt: skip
             with torch.no_grad():
                 block_ids = self.select(index_q, view)
         if differentiable:

@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msa.kernels import merge_attention_states, paged_attention, select_blocks, sparse_attention
+from msa.kernels import (
+    merge_attention_states,
+    paged_attention,
+    select_and_attend,
+    select_blocks,
+    sparse_attention,
+)
+from msa.kernels.indexer import triton as indexer_triton
 from msa.kernels.indexer.reference import select_blocks_reference
 from msa.kernels.sparse_attention import triton as sparse_triton
 from msa.kernels.sparse_attention.reference import paged_attention_reference
@@ -491,6 +498,97 @@ def test_block_major_prefill_is_deterministic_gpu():
 
 
 SPLIT_CASES = ["decode_b1_one_block", "decode_mixed", "decode_few_blocks", "prefill_chunk"]
+
+
+# (seq_lens, q_lens) of whole MSA layers: decode over one block, mixed lengths, a table long enough
+# for the merge launch to cut its candidates into several slices; MTP takes the two calls apart.
+LAYER_CASES = {
+    "decode_b1_one_block": ([9], [1]),
+    "decode_mixed": ([37, 100, 16, 64], [1, 1, 1, 1]),
+    "decode_long": ([500, 37], [1, 1]),
+    "mtp": ([70, 45], [3, 4]),
+}
+GPU_LAYER_CASES = {
+    "decode_b1_one_block": ([77], [1]),
+    "decode_mixed": ([5000, 130, 128, 3001], [1, 1, 1, 1]),
+    "decode_long": ([70000, 3001], [1, 1]),
+    "mtp": ([4100, 2900], [4, 16]),
+}
+
+
+def layer_inputs(seq_lens, q_lens, cfg, dtype, device, world, seed=0):
+    """``build``'s batch, q and K/V shards plus index queries and index keys paged like K/V (one
+    block table per shard serves both, as in the model's cache)."""
+    batch, q, shards, _ = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=world, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    iq = torch.randn(batch.total_q, cfg["kv_heads"], cfg["dim"], generator=g).to(device, dtype)
+    ik = [torch.randn(n, cfg["dim"], generator=g).to(device, dtype) for n in seq_lens]
+    layers = []
+    for rank, (k_cache, v_cache, table) in enumerate(shards):
+        gen = torch.Generator().manual_seed(seed + 1 + rank)
+        ik_cache, ik_table = paginate(ik, cfg["block"], rank, world, generator=gen)
+        assert torch.equal(ik_table, table)
+        layers.append((k_cache, v_cache, ik_cache, table))
+    return batch, q, iq, layers
+
+
+def check_select_and_attend(seq_lens, q_lens, cfg, dtype, device, world, tol, exact):
+    """select_and_attend on each shard (twice: nothing is left behind for the next call) against
+    the reference selection of that shard (``exact``: the same ids; else, rounding apart, nearly
+    all) and the reference attention over the blocks it selected."""
+    batch, q, iq, layers = layer_inputs(seq_lens, q_lens, cfg, dtype, device, world)
+    scale = 1 / math.sqrt(cfg["dim"])
+    tables = (batch.cu_seqlens_q, batch.seq_lens)
+    for rank, (k_cache, v_cache, ik_cache, table) in enumerate(layers):
+        shard = dict(shard_rank=rank, shard_world=world)
+        ref_ids, _ = select_blocks_reference(
+            iq.float().cpu(),
+            ik_cache.float().cpu(),
+            table.cpu(),
+            *(t.cpu() for t in tables),
+            topk=cfg["topk"],
+            **shard,
+        )
+        for _ in range(2):
+            out, lse, ids = select_and_attend(
+                q, k_cache, v_cache, iq, ik_cache, table, *tables, topk=cfg["topk"], scale=scale, **shard
+            )
+            if exact:
+                assert torch.equal(ids.cpu(), ref_ids)
+            else:
+                assert torch.equal(ids.cpu() < 0, ref_ids < 0)
+                assert (ids.cpu() == ref_ids).float().mean() > 0.95
+            ref_out, ref_lse = paged_attention_reference(
+                q, k_cache, v_cache, table, *tables, ids, scale=scale, **shard
+            )
+            check_close(out, lse, ref_out, ref_lse, tol)
+
+
+@pytest.fixture(params=["scoring_launch", "attention_launch", "slices_then_attention"])
+def decode_selection(request, monkeypatch):
+    """Where a decode step's final top-k is taken: by the scoring launch's last programs, by the
+    attention launch from the scoring's candidates, or by the attention launch from the picks of
+    the merge launch's slices."""
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    if request.param != "scoring_launch":
+        monkeypatch.setattr(indexer_triton, "FUSED_SELECT_MAX", 0)
+    if request.param == "slices_then_attention":
+        monkeypatch.setattr(sparse_triton, "_ATTENTION_SELECT_MAX", 2)
+        monkeypatch.setattr(indexer_triton, "MERGE_SLICE", 8)
+    return request.param
+
+
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_select_and_attend_matches_reference(case, world, decode_selection):
+    check_select_and_attend(*LAYER_CASES[case], CPU, torch.float32, "cpu", world, 2e-5, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
+@pytest.mark.parametrize("case", list(GPU_LAYER_CASES))
+def test_select_and_attend_matches_reference_gpu(case, world, decode_selection):
+    check_select_and_attend(*GPU_LAYER_CASES[case], GPU, torch.bfloat16, "cuda", world, 2e-2, False)
 
 
 @pytest.fixture(params=["merge_launch", "last_split"])

@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msa.kernels import paged_attention, select_blocks, selection_needed, sparse_attention
+from msa.kernels import (
+    paged_attention,
+    select_and_attend,
+    select_blocks,
+    selection_needed,
+    sparse_attention,
+)
 from msa.kernels.indexer import triton as indexer_triton
 from msa.kernels.merge import triton as merge_triton
 from msa.kernels.sparse_attention import triton as sparse_triton
@@ -78,7 +84,7 @@ def _cache(pages, block, kv_heads, dim, index_dim, dtype, device, seed=0):
 @pytest.mark.parametrize("world, max_blocks", [(1, 5), (2, 3)], ids=["unsharded", "world2"])
 def test_warm_up_runs_the_triton_kernels(world, max_blocks, monkeypatch):
     monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
-    calls = {"select": 0, "sparse": 0, "dense": 0}
+    calls = {"select": 0, "sparse": 0, "dense": 0, "select_and_attend": 0}
     import msa.kernels.warmup as warmup
 
     def counted(name, fn):
@@ -91,6 +97,7 @@ def test_warm_up_runs_the_triton_kernels(world, max_blocks, monkeypatch):
     monkeypatch.setattr(warmup, "select_blocks", counted("select", select_blocks))
     monkeypatch.setattr(warmup, "sparse_attention", counted("sparse", sparse_attention))
     monkeypatch.setattr(warmup, "paged_attention", counted("dense", paged_attention))
+    monkeypatch.setattr(warmup, "select_and_attend", counted("select_and_attend", select_and_attend))
     k, v, ik = _cache(2, 16, 2, 16, 16, torch.float32, "cpu")
     n = warm_up_attention(
         k,
@@ -111,9 +118,15 @@ def test_warm_up_runs_the_triton_kernels(world, max_blocks, monkeypatch):
     lens = {w: ((w - 1) * world + world) * 16 for _, w in shapes}
     runs = [(q, w) for q in (1, 17) for _, w in shapes if lens[w] >= q]
     assert n == calls["dense"] == len(runs) == (18 if world == 1 else 12)
-    # Selection runs where more blocks are visible than top-k keeps: global blocks > 2.
+    # Selection runs where more blocks are visible than top-k keeps: global blocks > 2. One shard
+    # selects and attends in one call (as the model does); sequence shards call the two apart
+    # (their candidates are merged in between).
     selecting = sum(selection_needed(lens[w], 16, 2) for _, w in runs)
-    assert calls["select"] == calls["sparse"] == selecting > 0
+    assert selecting > 0
+    if world == 1:
+        assert calls["select_and_attend"] == selecting and calls["select"] == calls["sparse"] == 0
+    else:
+        assert calls["select"] == calls["sparse"] == selecting and calls["select_and_attend"] == 0
     # Page 0 of the cache is only read.
     k2, v2, ik2 = _cache(2, 16, 2, 16, 16, torch.float32, "cpu")
     assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(ik, ik2)
@@ -134,10 +147,14 @@ def _step(k, v, ik, b, q_len, width, world, rank):
     lens = torch.full((b,), seq_len, dtype=torch.int32, device=dev)
     q = torch.zeros(b * q_len, 64, 128, dtype=torch.bfloat16, device=dev)
     paged_attention(q, k, v, table, cu, lens, scale=1.0, max_q_len=q_len, **shard)
-    if selection_needed(seq_len, 128, 16):
-        iq = torch.zeros(b * q_len, 4, 128, dtype=torch.bfloat16, device=dev)
-        ids, _ = select_blocks(iq, ik, table, cu, lens, topk=16, max_q_len=q_len, **shard)
-        sparse_attention(q, k, v, table, cu, lens, ids, scale=1.0, max_q_len=q_len, **shard)
+    if not selection_needed(seq_len, 128, 16):
+        return
+    iq = torch.zeros(b * q_len, 4, 128, dtype=torch.bfloat16, device=dev)
+    if world == 1:  # as the model calls them: see test_warm_up_runs_the_triton_kernels
+        select_and_attend(q, k, v, iq, ik, table, cu, lens, topk=16, scale=1.0, max_q_len=q_len, **shard)
+        return
+    ids, _ = select_blocks(iq, ik, table, cu, lens, topk=16, max_q_len=q_len, **shard)
+    sparse_attention(q, k, v, table, cu, lens, ids, scale=1.0, max_q_len=q_len, **shard)
 
 
 @pytest.mark.gpu

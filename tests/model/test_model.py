@@ -153,13 +153,13 @@ def test_selection_is_really_sparse(model):
     """With 4-token blocks and top-4, a 60-token prompt must leave some visible blocks out."""
     attn = model.model.layers[1].self_attn
     captured = []
-    original = attn.select
-    attn.select = lambda *a: captured.append(original(*a)) or captured[-1]
+    original = attn._attend  # returns (out, lse, the selected blocks)
+    attn._attend = lambda *a: captured.append(original(*a)) or captured[-1]
     try:
         full_logits(model, [list(range(60))])
     finally:
-        del attn.select
-    ids = captured[0]
+        del attn._attend
+    ids = captured[0][2]
     visible = torch.arange(60) // 4 + 1
     assert bool((visible > 4).any())
     assert torch.equal((ids >= 0).sum(-1).amin(-1), torch.clamp(visible, max=4))

@@ -264,6 +264,35 @@ def _store_selection(chosen, ids_ptrs, scores_ptrs, row_ok, TOPK: tl.constexpr, 
     tl.store(scores_ptrs[:, None] + slot, score, mask=keep)
 
 
+@triton.jit
+def take_selection(
+    cand_ptr,
+    n_cand,
+    slots,
+    ids_ptr,
+    scores_ptr,
+    write,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    CAND_P: tl.constexpr,
+):
+    """The exact top-``TOPK`` of one (token, head)'s ``n_cand`` (<= ``CAND_P``) candidate keys at
+    ``cand_ptr``: the block ids of picks number ``slots`` (best first; -1 past the valid picks).
+    Where ``write``, it also stores the whole selection at ``ids_ptr``/``scores_ptr`` as
+    ``select_blocks`` returns it (ascending). Lets a kernel that consumes the selection take the
+    final top-k itself instead of waiting on a merge launch."""
+    every = tl.arange(0, CAND_P)
+    keys = tl.load(cand_ptr + every, mask=every < n_cand, other=_KEY_FLOOR)
+    best = _take_top(keys[None, :], TOPK, TOPK_P)  # [1, TOPK_P]
+    if write:
+        one = tl.arange(0, 1)
+        _store_selection(best, ids_ptr + one, scores_ptr + one, one == 0, TOPK, TOPK_P)
+    picks = tl.arange(0, TOPK_P)
+    key = tl.sum(tl.where(picks[None, :] == slots[:, None], best, 0), 1)  # [len(slots)]
+    valid = ((key >> 32) > _NEG_INF_ORDER) & (slots < TOPK)
+    return tl.where(valid, _key_block(key), -1)
+
+
 @triton.jit(do_not_specialize=["n_cand", "stride_ct", "stride_cg", "stride_pt", "stride_pg"])
 def _merge_candidates_kernel(
     cand_ptr,
@@ -284,12 +313,14 @@ def _merge_candidates_kernel(
     TOPK_P: tl.constexpr,
     SLICE: tl.constexpr,
     SLICES: tl.constexpr,
+    FINAL: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """Program (token, head, slice) takes the top-k of its slice of the candidates. With several
     slices each writes its picks to ``partial`` and the last slice to finish (atomic ticket) takes
     the top-k of all slices' picks, so a long context's thousands of candidates are cut down by
-    many programs at once instead of one."""
+    many programs at once instead of one. Without ``FINAL`` the picks are the output: the kernel
+    that reads the selection takes their top-k (``take_selection``)."""
     t = tl.program_id(0)
     g = tl.program_id(1)
     sl = tl.program_id(2)
@@ -302,12 +333,13 @@ def _merge_candidates_kernel(
     one = tl.arange(0, 1)
     out_ids = ids_ptr + t * stride_it + g * stride_ig + one
     out_scores = scores_ptr + t * stride_st + g * stride_sg + one
-    if SLICES == 1:
+    part = partial_ptr + t * stride_pt + g * stride_pg
+    if SLICES == 1 and FINAL:
         _store_selection(chosen, out_ids, out_scores, one == 0, TOPK, TOPK_P)
     else:
         picks = tl.arange(0, TOPK_P)
-        part = partial_ptr + t * stride_pt + g * stride_pg
         tl.store(part + sl * TOPK_P + picks[None, :] + one[:, None], chosen)
+    if SLICES > 1 and FINAL:
         tl.debug_barrier()  # the picks are stored before the ticket is taken
         ticket_ptr = tickets_ptr + t * tl.num_programs(1) + g
         ticket = tl.atomic_add(ticket_ptr, 1, sem="acq_rel")
@@ -475,12 +507,16 @@ def launch_chunk_scores(
 
 
 def launch_candidate_merge(
-    cand: torch.Tensor, topk: int, num_warps: int | None = None, slice_size: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``."""
+    cand: torch.Tensor,
+    topk: int,
+    num_warps: int | None = None,
+    slice_size: int | None = None,
+    final: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``.
+    Not ``final``: only the slices' picks, keys ``[T, G, slices * next_pow2(topk)]`` whose top-k
+    is the selection, for a kernel that takes it itself (``take_selection``)."""
     T, G = cand.shape[:2]
-    ids = torch.empty(T, G, topk, dtype=torch.int32, device=cand.device)
-    scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
     n_cand = cand.shape[2] * cand.shape[3]
     topk_p = next_pow2(topk)
     # Slices of MERGE_SLICE candidates, unless that leaves the final merge with more picks than
@@ -491,13 +527,20 @@ def launch_candidate_merge(
         slice_size, slices = max(next_pow2(n_cand), topk_p), 1
     slices = next_pow2(slices)
     partial = (
-        torch.empty(T, G, slices * topk_p, dtype=torch.int64, device=cand.device) if slices > 1 else cand
+        torch.empty(T, G, slices * topk_p, dtype=torch.int64, device=cand.device)
+        if slices > 1 or not final
+        else cand
     )
+    if final:
+        ids = torch.empty(T, G, topk, dtype=torch.int32, device=cand.device)
+        scores = torch.empty(T, G, topk, dtype=torch.float32, device=cand.device)
+    else:  # unused; fixed strides, so their values do not pick a specialization
+        ids = scores = partial
     early = pdl(cand.device)
     _merge_candidates_kernel[(T, G, slices)](
         cand,
         partial,
-        tickets(cand.device, T * G) if slices > 1 else ids,
+        tickets(cand.device, T * G) if slices > 1 and final else ids,
         ids,
         scores,
         n_cand,
@@ -513,11 +556,12 @@ def launch_candidate_merge(
         TOPK_P=topk_p,
         SLICE=slice_size,
         SLICES=slices,
+        FINAL=final,
         PDL=early,
         num_warps=num_warps or (1 if slice_size <= 256 else 4),  # one warp: reductions without barriers
         launch_pdl=early,
     )
-    return ids, scores
+    return (ids, scores) if final else partial
 
 
 def select_blocks_triton(
@@ -550,20 +594,10 @@ def select_blocks_triton(
     launch) and ``merge_slice`` (candidates per merge program) override the heuristics.
     """
     name = "select_blocks"
-    if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
-    if index_k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn):
-        raise ValueError(
-            f"{name}: index_k_cache must be fp32, bf16, fp16 or float8_e4m3fn, got {index_k_cache.dtype}"
-        )
-    check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
-    check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
-    if not 0 <= shard_rank < shard_world:
-        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    check_selection_inputs(
+        name, index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, shard_rank, shard_world
+    )
     T, G, D = index_q.shape
-    bs = index_k_cache.shape[1]
-    if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):
-        raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")
     longest = max_query_len(cu_seqlens_q, max_q_len)
     if T == 0 or longest == 0 or topk == 0:
         return (
@@ -590,3 +624,30 @@ def select_blocks_triton(
     if selection is not None:
         return selection
     return launch_candidate_merge(cand, topk, slice_size=merge_slice)
+
+
+def check_selection_inputs(
+    name: str,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    shard_rank: int,
+    shard_world: int,
+) -> None:
+    """What the Triton selection needs of its inputs; a ValueError naming the first that fails."""
+    if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
+    if index_k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        raise ValueError(
+            f"{name}: index_k_cache must be fp32, bf16, fp16 or float8_e4m3fn, got {index_k_cache.dtype}"
+        )
+    check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
+    check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    if not 0 <= shard_rank < shard_world:
+        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    T, G, D = index_q.shape
+    bs = index_k_cache.shape[1]
+    if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):
+        raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")

@@ -32,6 +32,13 @@ from msa.kernels._launch import (
     splits_bucket,
     tickets,
 )
+from msa.kernels.indexer.triton import (
+    check_selection_inputs,
+    launch_candidate_merge,
+    launch_chunk_scores,
+    select_blocks_triton,
+    take_selection,
+)
 from msa.kernels.merge.triton import MAX_LATENCY_BOUND_PARTS, finish_merge, merge_states_into, merge_weights
 from msa.kernels.sparse_attention.block_major import block_major_attention
 from msa.kernels.sparse_attention.softmax import LOG2E, normalize_softmax, online_softmax_step, softmax_tile
@@ -83,7 +90,8 @@ def _combine_last(
         tl.store(ticket_ptr, 0)  # ready for the next launch
 
 
-@triton.jit(do_not_specialize=["n_slots", "table_width", "stride_bt", "stride_ls"])
+# The selection's strides follow the candidate count when the kernel takes the top-k itself.
+@triton.jit(do_not_specialize=["n_slots", "table_width", "stride_bt", "stride_ls", "stride_it", "stride_ig"])
 def _decode_kernel(
     q_ptr,
     k_ptr,
@@ -96,6 +104,8 @@ def _decode_kernel(
     final_out_ptr,
     final_lse_ptr,
     tickets_ptr,
+    sel_ids_ptr,
+    sel_scores_ptr,
     qk_scale,
     shard_rank,
     shard_world,
@@ -120,6 +130,10 @@ def _decode_kernel(
     stride_fot,
     stride_foh,
     stride_flt,
+    stride_sit,
+    stride_sig,
+    stride_sst,
+    stride_ssg,
     HEADS_PER_GROUP: tl.constexpr,
     ROWS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -132,11 +146,16 @@ def _decode_kernel(
     PDL: tl.constexpr,
     TABLE_P: tl.constexpr,
     LAUNCH_DEPENDENTS: tl.constexpr,
+    CAND_P: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
 ):
     """Decode (one query per sequence): program (sequence, group, split) attends over the
     ``PER_SPLIT`` blocks in slots ``split * PER_SPLIT ...`` (of the selection, or dense: of the
     shard's blocks), loading them all at once. No query offsets to read (token = sequence) and no
-    loop: the chain is ids -> pages -> K/V."""
+    loop: the chain is ids -> pages -> K/V. With ``CAND_P`` the ids are the selection's candidate
+    keys (``n_slots`` per sequence and group): each program takes their top-``TOPK`` itself and
+    split 0 writes the selection to ``sel_ids``/``sel_scores``."""
     b = tl.program_id(0)
     g = tl.program_id(1)
     split = tl.program_id(2)
@@ -157,7 +176,20 @@ def _decode_kernel(
             # A narrow block table comes whole, read beside the selection instead of after it.
             cols = tl.arange(0, TABLE_P)
             table = tl.load(row + cols, mask=cols < table_width, other=0)
-        blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < n_slots, other=-1)
+        if CAND_P > 0:
+            blk = take_selection(
+                ids_ptr + b * stride_it + g * stride_ig,
+                n_slots,
+                slot,
+                sel_ids_ptr + b * stride_sit + g * stride_sig,
+                sel_scores_ptr + b * stride_sst + g * stride_ssg,
+                split == 0,
+                TOPK,
+                TOPK_P,
+                CAND_P,
+            )
+        else:
+            blk = tl.load(ids_ptr + b * stride_it + g * stride_ig + slot, mask=slot < n_slots, other=-1)
         mine = (blk >= 0) & ((blk - shard_rank) % shard_world == 0)
         local = (blk - shard_rank) // shard_world
         if TABLE_P > 0:
@@ -624,6 +656,10 @@ _MERGE_WAVES = 2
 # at least this many blocks per split.
 _DENSE_SPLIT_BLOCKS = 4
 _MAX_SPLITS = MAX_LATENCY_BOUND_PARTS  # either split-K merge holds (or unrolls over) every split
+# A decode step's attention launch takes the final top-k of up to this many candidates per (sequence,
+# KV group) itself (``select_and_attend_triton``); more are first cut down by the merge launch's
+# slices. 0: the selection is the merge launch's.
+_ATTENTION_SELECT_MAX = 1024
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
 # paid at 64 blocks and cost time at 256).
 _WHOLE_TABLE_BLOCKS = 64
@@ -765,12 +801,20 @@ def _launch_decode(
     num_splits: int | None,
     name: str,
     num_warps: int | None,
+    candidates: torch.Tensor | None = None,
+    selection: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One query per sequence: split-K over the selected blocks (dense: over the block table), a
-    few blocks per program."""
+    few blocks per program. ``candidates`` (int64 keys ``[B, H_kv, N]``, instead of ``block_ids``)
+    are the selection's candidates: the kernel takes their top-k itself and writes it to
+    ``selection`` (ids, scores ``[B, H_kv, topk]``)."""
     B, H, D = q.shape
     H_kv = k_cache.shape[2]
-    if block_ids is not None:
+    sel_ids, sel_scores = selection if selection is not None else (out, out)  # (unused without)
+    if candidates is not None:
+        topk, n_slots, ids_arg = sel_ids.shape[2], candidates.shape[2], candidates
+        stride_it, stride_ig = candidates.stride(0), candidates.stride(1)
+    elif block_ids is not None:
         _check_block_ids(name, block_ids)
         topk, ids_arg, stride_it, stride_ig = (
             block_ids.shape[2],
@@ -778,8 +822,10 @@ def _launch_decode(
             block_ids.stride(0),
             block_ids.stride(1),
         )
+        n_slots = topk
     else:
         topk, ids_arg, stride_it, stride_ig = max(1, block_table.shape[1]), block_table, 0, 0
+        n_slots = topk
     # K and V of the blocks a program loads at once stay in registers: two 128 x 128 bf16 blocks.
     most = next_pow2(max(1, 256 // D))
     sms = num_sms(q.device)
@@ -817,27 +863,34 @@ def _launch_decode(
         out,
         lse,
         split_out.tickets,
+        sel_ids,
+        sel_scores,
         scale * LOG2E,
         shard_rank,
         shard_world,
         block_table.shape[1],
-        topk,
+        n_slots,
         *paged_input_strides(q, k_cache, v_cache, block_table),
         stride_it,
         stride_ig,
         *split_out.strides(),
+        *sel_ids.stride()[:2],
+        *sel_scores.stride()[:2],
         HEADS_PER_GROUP=H // H_kv,
         ROWS=rows,
         HEAD_DIM=D,
         BLOCK_SIZE=k_cache.shape[1],
         PER_SPLIT=per_split,
-        SPARSE=block_ids is not None,
+        SPARSE=block_ids is not None or candidates is not None,
         IEEE=q.dtype == torch.float32,
         PDL=early,
         **split_out.flags(early),
         TABLE_P=_WHOLE_TABLE_BLOCKS
-        if block_ids is not None and block_table.shape[1] <= _WHOLE_TABLE_BLOCKS
+        if (block_ids is not None or candidates is not None) and block_table.shape[1] <= _WHOLE_TABLE_BLOCKS
         else 0,
+        CAND_P=max(next_pow2(n_slots), next_pow2(topk)) if candidates is not None else 0,
+        TOPK=topk if candidates is not None else 1,
+        TOPK_P=next_pow2(topk) if candidates is not None else 1,
         # A grid within one wave has SMs to spare: more warps per program load its blocks faster.
         num_warps=num_warps or (8 if B * H_kv * splits <= sms else 4),
         launch_pdl=early,
@@ -1096,3 +1149,81 @@ def sparse_attention_triton(
         num_stages=num_stages,
         by_block=by_block,
     )
+
+
+def select_and_attend_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    topk: int,
+    scale: float,
+    shard_rank: int = 0,
+    shard_world: int = 1,
+    max_q_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MSA layer's selection and sparse attention (see ``msa.kernels.select_and_attend``):
+    (out, lse, block ids). A decode batch whose scoring leaves more candidates than its last
+    program selects from hands them to the attention launch, which takes their top-k itself
+    (past ``_ATTENTION_SELECT_MAX`` per head, the merge launch's slices' picks): the selection
+    then costs no launch of its own on the step's chain."""
+    name = "select_and_attend"
+    longest = max_query_len(cu_seqlens_q, max_q_len)
+    T, B = q.shape[0], seq_lens.shape[0]
+    shard = dict(shard_rank=shard_rank, shard_world=shard_world)
+    if not (_ATTENTION_SELECT_MAX and longest == 1 and T == B and topk > 0):
+        ids, _ = select_blocks_triton(
+            index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk, max_q_len=longest, **shard
+        )
+        out, lse = sparse_attention_triton(
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            cu_seqlens_q,
+            seq_lens,
+            ids,
+            scale=scale,
+            max_q_len=longest,
+            **shard,
+        )
+        return out, lse, ids
+    check_selection_inputs(name, index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, **shard)
+    _check_caches(name, q, k_cache, v_cache)
+    cand, selection = launch_chunk_scores(
+        index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens, topk=topk, longest=1, block_t=None,
+        chunk_blocks=None, num_stages=None, **shard,
+    )  # fmt: skip
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    attend = dict(scale=scale, num_splits=None, name=name, num_warps=None, **shard)
+    if selection is not None:  # the scoring launch's last programs selected
+        ids = selection[0]
+        _launch_decode(q, k_cache, v_cache, block_table, seq_lens, ids, out, lse, **attend)
+        return out, lse, ids
+    G = cand.shape[1]
+    if cand.shape[2] * cand.shape[3] > _ATTENTION_SELECT_MAX:
+        keys = launch_candidate_merge(cand, topk, final=False)
+    else:
+        keys = cand.view(T, G, -1)
+    ids = torch.empty(T, G, topk, dtype=torch.int32, device=q.device)
+    scores = torch.empty(T, G, topk, dtype=torch.float32, device=q.device)
+    _launch_decode(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        None,
+        out,
+        lse,
+        candidates=keys,
+        selection=(ids, scores),
+        **attend,
+    )
+    return out, lse, ids
