@@ -658,7 +658,11 @@ _DENSE_SPLIT_BLOCKS = 4
 _MAX_SPLITS = MAX_LATENCY_BOUND_PARTS  # either split-K merge holds (or unrolls over) every split
 # A decode step's attention launch takes the final top-k of up to this many candidates per (sequence,
 # KV group) itself (``select_and_attend_triton``); more are first cut down by the merge launch's
-# slices. 0: the selection is the merge launch's.
+# slices. 0: the selection is the merge launch's. Side by side on an H200 against 0
+# (benchmarks/results/kernels-sweep-decode-select-NVIDIA-H200.txt): 23.5-23.7 against 24.7-25.0 us
+# at 128K and batch 1, 16.5-16.7 against 17.5-17.7 at 32K, 78.3-78.6 against 78.9-79.1 at 1M, 51.0-51.3
+# against 52.2-52.4 at 128K and batch 4; 4096 (1M at batch 1 then takes 4096 keys per program) took
+# 80.0-80.3, 256 (128K then goes through the slices) 24.0-24.2.
 _ATTENTION_SELECT_MAX = 1024
 # Sparse decode reads a block table up to this wide whole, beside the selection (on an H100 this
 # paid at 64 blocks and cost time at 256).
