@@ -564,6 +564,33 @@ def launch_candidate_merge(
     return (ids, scores) if final else partial
 
 
+def check_selection_inputs(
+    name: str,
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    shard_rank: int,
+    shard_world: int,
+) -> None:
+    """What the Triton selection needs of its inputs; a ValueError naming the first that fails."""
+    if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
+    if index_k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn):
+        raise ValueError(
+            f"{name}: index_k_cache must be fp32, bf16, fp16 or float8_e4m3fn, got {index_k_cache.dtype}"
+        )
+    check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
+    check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
+    if not 0 <= shard_rank < shard_world:
+        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    T, G, D = index_q.shape
+    bs = index_k_cache.shape[1]
+    if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):
+        raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")
+
+
 def select_blocks_triton(
     index_q: torch.Tensor,
     index_k_cache: torch.Tensor,
@@ -624,30 +651,3 @@ def select_blocks_triton(
     if selection is not None:
         return selection
     return launch_candidate_merge(cand, topk, slice_size=merge_slice)
-
-
-def check_selection_inputs(
-    name: str,
-    index_q: torch.Tensor,
-    index_k_cache: torch.Tensor,
-    block_table: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    seq_lens: torch.Tensor,
-    shard_rank: int,
-    shard_world: int,
-) -> None:
-    """What the Triton selection needs of its inputs; a ValueError naming the first that fails."""
-    if index_q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"{name}: index_q must be fp32, bf16 or fp16, got {index_q.dtype}")
-    if index_k_cache.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn):
-        raise ValueError(
-            f"{name}: index_k_cache must be fp32, bf16, fp16 or float8_e4m3fn, got {index_k_cache.dtype}"
-        )
-    check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
-    check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
-    if not 0 <= shard_rank < shard_world:
-        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
-    T, G, D = index_q.shape
-    bs = index_k_cache.shape[1]
-    if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):
-        raise ValueError(f"{name}: index dim and block size must be powers of two >= 16, got {D}, {bs}")
