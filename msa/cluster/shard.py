@@ -229,6 +229,7 @@ class ModelShard:
             max_blocks=self.cache.num_pages,
             shard_rank=self.groups.sp_rank,
             shard_world=self.groups.sp,
+            step_tokens=self.spec.max_num_batched_tokens,
         )
         torch.cuda.synchronize()
         log.info(

@@ -4,9 +4,11 @@ A Triton kernel compiles once per combination of its compile-time parameters (ti
 and split counts, which follow the query length, the batch size and the block table's width).
 Compiling takes about a second, so the first step at a new batch size or context length would stall
 every running request that long. ``warm_up_attention`` runs each kernel at every batch size and
-table width where a parameter changes, for decode and for short query runs (speculative
-verification, the tail chunk of a chunked prefill), over page 0 of the real cache (read only: no
-key is stored), so serving meets only kernels that are already compiled.
+table width where a parameter changes, for decode, for short query runs (speculative
+verification, the tail chunk of a chunked prefill) and, given the step's token budget, for prefill
+chunks beside decodes, with selections that take the sparse prefill's second pass; over page 0 of
+the real cache (read only: no key is stored), so serving meets only kernels that are already
+compiled.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def warm_up_attention(
     shard_rank: int = 0,
     shard_world: int = 1,
     query_lens: tuple[int, ...] = QUERY_LENS,
+    step_tokens: int = 0,
 ) -> int:
     """Run an attention layer's kernels (storing keys, dense attention; with ``index_k_cache``,
     block selection and sparse attention too) for every shape of ``warmup_shapes`` with each
@@ -79,7 +82,13 @@ def warm_up_attention(
     every sequence is page 0 of ``k_cache``/``v_cache`` (``[pages, block, kv_heads, D]``) and
     ``index_k_cache`` (``[pages, block, index_dim]``), which are only read. The launches go
     through the public entry points, so they take the same decisions as the model's. Returns
-    the number of launches of the attention layer run."""
+    the number of launches of the attention layer run.
+
+    ``step_tokens`` (the engine's per-step token budget) adds the prefill chunks: runs of 128,
+    256 ... queries up to it, at the batch sizes whose runs fit in one step (the selection's
+    tiling and candidate merge follow a run's tile count), and per such length one run whose
+    tokens choose blocks apart from their neighbours' (as unrelated queries do), which takes the
+    sparse prefill's second pass (token by token or, for long runs, block-major) with its merge."""
     device, bs, D = k_cache.device, k_cache.shape[1], k_cache.shape[3]
     shard = {"shard_rank": shard_rank, "shard_world": shard_world}
     # The step's keys are stored first; a slot of -1 (another shard's token) writes nothing.
@@ -87,23 +96,31 @@ def warm_up_attention(
     for cache in (k_cache, index_k_cache) if index_k_cache is not None else (k_cache,):
         store_tokens(cache, torch.zeros(1, *cache.shape[2:], dtype=k_cache.dtype, device=device), skip)
     runs = 0
-    for q_len in query_lens:
+    chunks = [n for n in (128 << i for i in range(32)) if n <= step_tokens]
+    for q_len in (*query_lens, *chunks):
         for b, width in warmup_shapes(max_seqs, max_blocks, device):
             # Global blocks for which this shard holds `width`: its last one is this shard's.
             seq_len = ((width - 1) * shard_world + shard_rank + 1) * bs
             if seq_len < q_len:
                 continue
+            if q_len in chunks:
+                # A prefill chunk shares its step with decodes: the launch grid follows the batch
+                # size times the chunk's tiles, with the step's tokens within the budget.
+                q_lens = [min(q_len, step_tokens - b + 1)] + [1] * (b - 1)
+            else:
+                q_lens = [q_len] * b
             table = torch.zeros(b, width, dtype=torch.int32, device=device)
-            cu = torch.arange(b + 1, dtype=torch.int32, device=device) * q_len
+            cu = torch.tensor([0, *q_lens], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
             seq_lens = torch.full((b,), seq_len, dtype=torch.int32, device=device)
-            q = torch.zeros(b * q_len, num_heads, D, dtype=k_cache.dtype, device=device)
+            q = torch.zeros(sum(q_lens), num_heads, D, dtype=k_cache.dtype, device=device)
             tables = (table, cu, seq_lens)
-            paged_attention(q, k_cache, v_cache, *tables, scale=1.0, max_q_len=q_len, **shard)
+            longest = q_lens[0]
+            paged_attention(q, k_cache, v_cache, *tables, scale=1.0, max_q_len=longest, **shard)
             runs += 1
             if index_k_cache is None or not selection_needed(seq_len, bs, topk):
                 continue
             iq = torch.zeros(
-                b * q_len, index_heads, index_k_cache.shape[2], dtype=k_cache.dtype, device=device
+                q.shape[0], index_heads, index_k_cache.shape[2], dtype=k_cache.dtype, device=device
             )
             if shard_world == 1:  # the layer selects and attends in one call
                 select_and_attend(
@@ -115,13 +132,51 @@ def warm_up_attention(
                     *tables,
                     topk=topk,
                     scale=1.0,
-                    max_q_len=q_len,
+                    max_q_len=longest,
                     **shard,
                 )
             else:  # sequence shards merge their candidates between the two calls
-                ids, _ = select_blocks(iq, index_k_cache, *tables, topk=topk, max_q_len=q_len, **shard)
-                sparse_attention(q, k_cache, v_cache, *tables, ids, scale=1.0, max_q_len=q_len, **shard)
+                ids, _ = select_blocks(iq, index_k_cache, *tables, topk=topk, max_q_len=longest, **shard)
+                sparse_attention(q, k_cache, v_cache, *tables, ids, scale=1.0, max_q_len=longest, **shard)
+    if index_k_cache is not None:
+        for q_len in chunks:
+            runs += _crowded_run(q_len, k_cache, v_cache, num_heads, topk, max_blocks, shard)
     if shard_world > 1:  # the sequence shards' partial outputs are merged by log-sum-exp
         outs = torch.zeros(shard_world, 1, num_heads, D, dtype=k_cache.dtype, device=device)
         merge_attention_states(outs, torch.zeros(outs.shape[:3], device=device))
     return runs
+
+
+def _crowded_run(
+    q_len: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    num_heads: int,
+    topk: int,
+    max_blocks: int,
+    shard: dict,
+) -> int:
+    """Sparse attention of one run of ``q_len`` queries whose tokens each choose their own block
+    and ``topk - 1`` random ones before the run (a selection of unrelated queries), over enough
+    blocks that the choices rarely meet; 0 if this shard's cache is too small for it."""
+    device, bs, groups, D = k_cache.device, k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    rank, world = shard["shard_rank"], shard["shard_world"]
+    before = q_len // bs + 4 * topk  # global blocks wholly before the run
+    total = before + -(-q_len // bs)
+    width = -(-(total - rank) // world)  # this shard's blocks of the sequence
+    if width > max_blocks or before < topk:
+        return 0
+    seq_len = before * bs + q_len
+    gen = torch.Generator(device=device).manual_seed(0)
+    others = torch.rand(q_len * groups, before, generator=gen, device=device).argsort(-1)[:, : topk - 1]
+    pos = torch.arange(seq_len - q_len, seq_len, device=device).repeat_interleave(groups)
+    ids = torch.cat([others, (pos // bs)[:, None]], 1).sort(-1).values
+    tables = (
+        torch.zeros(1, width, dtype=torch.int32, device=device),
+        torch.tensor([0, q_len], dtype=torch.int32, device=device),
+        torch.tensor([seq_len], dtype=torch.int32, device=device),
+    )
+    q = torch.zeros(q_len, num_heads, D, dtype=k_cache.dtype, device=device)
+    ids = ids.view(q_len, groups, topk).to(torch.int32)
+    sparse_attention(q, k_cache, v_cache, *tables, ids, scale=1.0, max_q_len=q_len, **shard)
+    return 1

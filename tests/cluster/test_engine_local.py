@@ -436,6 +436,80 @@ def test_gpu_engine_without_cuda_graphs_runs_eagerly():
     assert len(asyncio.run(main())) == 4
 
 
+SERVING_SCENARIO = [100, 700, 1900, 2300, 3100, 5000, 37, 260]  # prompt lengths, staggered
+
+
+def test_warm_up_covers_every_launch_the_engine_makes_while_serving(monkeypatch):
+    """The launch decisions of test_gpu_engine_compiles_no_kernel_while_serving, on a CPU: with M3's
+    attention shape (small elsewhere) and an H200's 132 SMs, every attention-kernel launch that
+    serving staggered prompts of 37-5000 tokens makes (compile-time parameters, warps, stages)
+    is one the warm-up made. The kernels are recorded instead of run (their launch parameters
+    come from shapes alone); the GPU test compiles them for real."""
+    import dataclasses
+    import importlib
+
+    import triton
+    import triton.runtime.interpreter
+
+    from msa.kernels.warmup import warm_up_attention
+    from msa.platform.config import m3_proxy
+
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    modules = [
+        importlib.import_module(name)
+        for name in (
+            "msa.kernels.indexer.triton",
+            "msa.kernels.sparse_attention.triton",
+            "msa.kernels.sparse_attention.block_major",
+            "msa.kernels.merge.triton",
+            "msa.kernels.store.triton",
+            "msa.kernels.dense_attention.triton",
+            "msa.kernels.warmup",
+        )
+    ]
+    # Compiled, or run by the interpreter (TRITON_INTERPRET=1).
+    kernel_types = (triton.runtime.jit.JITFunction, triton.runtime.interpreter.InterpretedFunction)
+    seen, phase = {}, ["warm-up"]
+    for module in modules:
+        if hasattr(module, "num_sms"):
+            monkeypatch.setattr(module, "num_sms", lambda device: 132)
+        for name, fn in vars(module).items():
+            if isinstance(fn, kernel_types):
+
+                def run(*args, _name=name, **kw):
+                    key = tuple(sorted((k, v) for k, v in kw.items() if k.isupper() or k.startswith("num_")))
+                    seen.setdefault((_name, key), set()).add(phase[0])
+
+                monkeypatch.setattr(fn, "run", run)
+    config = dataclasses.replace(
+        m3_proxy(), hidden_size=256, vocab_size=512, intermediate_size=256, moe_intermediate_size=64,
+        shared_intermediate_size=64, num_local_experts=2, num_experts_per_tok=1,
+    )
+    pages, budget = 600, 2048
+    k = torch.zeros(pages, 128, 4, 128, dtype=torch.bfloat16)
+    ik = torch.zeros(pages, 128, 128, dtype=torch.bfloat16)
+    warm_up_attention(
+        k, k, ik, num_heads=64, index_heads=4, topk=16, max_seqs=8, max_blocks=pages, step_tokens=budget
+    )
+    phase[0] = "serving"
+
+    async def main():
+        engine = await started(model=config, dtype="bfloat16", num_pages=pages, max_num_batched_tokens=budget)
+        try:
+            async def one(i, n, delay):
+                await asyncio.sleep(delay)
+                return await collect(engine, f"w{i}", [5 + i] * n, greedy(24))
+
+            await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(SERVING_SCENARIO)])
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(main())
+    served = {key for key, phases in seen.items() if "serving" in phases}
+    assert {name for name, _ in served} >= {"_block_major_kernel", "_merge_states_kernel", "_decode_kernel"}
+    assert not {key for key in served if "warm-up" not in seen[key]}
+
+
 @pytest.mark.gpu
 def test_gpu_engine_compiles_no_kernel_while_serving():
     """MiniMax-M3's attention shape (m3_proxy) on one GPU: after start (which warms the attention
@@ -461,8 +535,7 @@ def test_gpu_engine_compiles_no_kernel_while_serving():
                 await asyncio.sleep(delay)
                 return await collect(engine, f"w{i}", [5 + i] * n, greedy(24))
 
-            lengths = [100, 700, 1900, 2300, 3100, 5000, 37, 260]
-            outs = await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(lengths)])
+            outs = await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(SERVING_SCENARIO)])
             return before, compiled_specializations(), outs
         finally:
             await engine.shutdown()
