@@ -115,8 +115,11 @@ def warm_up_attention(
             q = torch.zeros(sum(q_lens), num_heads, D, dtype=k_cache.dtype, device=device)
             tables = (table, cu, seq_lens)
             longest = q_lens[0]
-            paged_attention(q, k_cache, v_cache, *tables, scale=1.0, max_q_len=longest, **shard)
-            runs += 1
+            # A chunk's dense attention takes the same parameters at every width past a few blocks,
+            # and its cost grows with the width: wide tables run the selection and sparse kernels only.
+            if q_len not in chunks or width <= _EVERY_WIDTH_UP_TO:
+                paged_attention(q, k_cache, v_cache, *tables, scale=1.0, max_q_len=longest, **shard)
+                runs += 1
             if index_k_cache is None or not selection_needed(seq_len, bs, topk):
                 continue
             iq = torch.zeros(

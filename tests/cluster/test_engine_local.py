@@ -446,41 +446,12 @@ def test_warm_up_covers_every_launch_the_engine_makes_while_serving(monkeypatch)
     is one the warm-up made. The kernels are recorded instead of run (their launch parameters
     come from shapes alone); the GPU test compiles them for real."""
     import dataclasses
-    import importlib
-
-    import triton
-    import triton.runtime.interpreter
 
     from msa.kernels.warmup import warm_up_attention
     from msa.platform.config import m3_proxy
+    from tests.kernels.test_warmup import record_launches
 
-    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
-    modules = [
-        importlib.import_module(name)
-        for name in (
-            "msa.kernels.indexer.triton",
-            "msa.kernels.sparse_attention.triton",
-            "msa.kernels.sparse_attention.block_major",
-            "msa.kernels.merge.triton",
-            "msa.kernels.store.triton",
-            "msa.kernels.dense_attention.triton",
-            "msa.kernels.warmup",
-        )
-    ]
-    # Compiled, or run by the interpreter (TRITON_INTERPRET=1).
-    kernel_types = (triton.runtime.jit.JITFunction, triton.runtime.interpreter.InterpretedFunction)
-    seen, phase = {}, ["warm-up"]
-    for module in modules:
-        if hasattr(module, "num_sms"):
-            monkeypatch.setattr(module, "num_sms", lambda device: 132)
-        for name, fn in vars(module).items():
-            if isinstance(fn, kernel_types):
-
-                def run(*args, _name=name, **kw):
-                    key = tuple(sorted((k, v) for k, v in kw.items() if k.isupper() or k.startswith("num_")))
-                    seen.setdefault((_name, key), set()).add(phase[0])
-
-                monkeypatch.setattr(fn, "run", run)
+    seen, phase = record_launches(monkeypatch, sms=132)
     config = dataclasses.replace(
         m3_proxy(), hidden_size=256, vocab_size=512, intermediate_size=256, moe_intermediate_size=64,
         shared_intermediate_size=64, num_local_experts=2, num_experts_per_tok=1,

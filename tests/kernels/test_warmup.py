@@ -132,6 +132,76 @@ def test_warm_up_runs_the_triton_kernels(world, max_blocks, monkeypatch):
     assert torch.equal(k, k2) and torch.equal(v, v2) and torch.equal(ik, ik2)
 
 
+def record_launches(monkeypatch, sms: int) -> tuple[dict, list[str]]:
+    """Record the attention kernels' launches instead of running them, with ``sms`` SMs for the
+    launch decisions (which follow shapes alone): returns ``(seen, phase)``, where ``seen`` maps
+    each launch variant (kernel, compile-time parameters, warps, stages) to the phases it was
+    launched in and ``phase[0]`` names the current one (initially "warm-up")."""
+    import importlib
+
+    import triton.runtime.interpreter
+
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", "triton")
+    # Compiled, or run by the interpreter (TRITON_INTERPRET=1).
+    kernel_types = (triton.runtime.jit.JITFunction, triton.runtime.interpreter.InterpretedFunction)
+    seen, phase = {}, ["warm-up"]
+    for name in (
+        "msa.kernels.indexer.triton",
+        "msa.kernels.sparse_attention.triton",
+        "msa.kernels.sparse_attention.block_major",
+        "msa.kernels.merge.triton",
+        "msa.kernels.store.triton",
+        "msa.kernels.dense_attention.triton",
+        "msa.kernels.warmup",
+    ):
+        module = importlib.import_module(name)
+        if hasattr(module, "num_sms"):
+            monkeypatch.setattr(module, "num_sms", lambda device: sms)
+        for attr, fn in vars(module).items():
+            if isinstance(fn, kernel_types):
+
+                def run(*args, _name=attr, **kw):
+                    key = tuple(sorted((k, v) for k, v in kw.items() if k.isupper() or k.startswith("num_")))
+                    seen.setdefault((_name, key), set()).add(phase[0])
+
+                monkeypatch.setattr(fn, "run", run)
+    return seen, phase
+
+
+def test_every_prefill_chunk_beside_decodes_meets_a_warmed_launch(monkeypatch):
+    """M3's attention shape on 132 SMs, warmed up for 8 sequences of up to 600 blocks and a
+    2048-token step: steps of one chunk of 100-2041 queries beside decodes of the other sequences,
+    at batch sizes 1, 3 and 8 and widths across the range, launch only variants the warm-up launched
+    (kernels recorded, not run: their parameters follow the shapes)."""
+    seen, phase = record_launches(monkeypatch, sms=132)
+    k = torch.zeros(600, 128, 4, 128, dtype=torch.bfloat16)
+    ik = torch.zeros(600, 128, 128, dtype=torch.bfloat16)
+    warm_up_attention(
+        k, k, ik, num_heads=64, index_heads=4, topk=16, max_seqs=8, max_blocks=600, step_tokens=2048
+    )
+    phase[0] = "steps"
+    for width in range(1, 601, 11):
+        for b in (1, 3, 8):
+            for q_len in (100, 200, 700, 1500, 2041):
+                if q_len + b - 1 > 2048 or width * 128 < q_len:
+                    continue
+                q_lens = [q_len] + [1] * (b - 1)
+                cu = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+                tables = (
+                    torch.zeros(b, width, dtype=torch.int32),
+                    cu,
+                    torch.full((b,), width * 128, dtype=torch.int32),
+                )
+                q = torch.zeros(sum(q_lens), 64, 128, dtype=torch.bfloat16)
+                paged_attention(q, k, k, *tables, scale=1.0, max_q_len=q_len)
+                if selection_needed(width * 128, 128, 16):
+                    iq = torch.zeros(sum(q_lens), 4, 128, dtype=torch.bfloat16)
+                    select_and_attend(q, k, k, iq, ik, *tables, topk=16, scale=1.0, max_q_len=q_len)
+    stepped = {key for key, phases in seen.items() if "steps" in phases}
+    assert {name for name, _ in stepped} >= {"_score_chunk_topk_kernel", "_merge_candidates_kernel"}
+    assert not {key for key in stepped if "warm-up" not in seen[key]}
+
+
 def compiled_specializations() -> dict[str, int]:
     """Specializations compiled so far, per kernel of KERNELS (every device)."""
     return {fn.__name__: sum(len(c[0]) for c in fn.device_caches.values()) for fn in KERNELS}
