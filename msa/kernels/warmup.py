@@ -97,13 +97,13 @@ def warm_up_attention(
         store_tokens(cache, torch.zeros(1, *cache.shape[2:], dtype=k_cache.dtype, device=device), skip)
     runs = 0
     chunks = [n for n in (128 << i for i in range(32)) if n <= step_tokens]
-    for q_len in (*query_lens, *chunks):
+    for q_len, chunk in [(n, False) for n in query_lens] + [(n, True) for n in chunks]:
         for b, width in warmup_shapes(max_seqs, max_blocks, device):
             # Global blocks for which this shard holds `width`: its last one is this shard's.
             seq_len = ((width - 1) * shard_world + shard_rank + 1) * bs
             if seq_len < q_len:
                 continue
-            if q_len in chunks:
+            if chunk:
                 # A prefill chunk shares its step with decodes: the launch grid follows the batch
                 # size times the chunk's tiles, with the step's tokens within the budget.
                 q_lens = [min(q_len, step_tokens - b + 1)] + [1] * (b - 1)
@@ -117,7 +117,7 @@ def warm_up_attention(
             longest = q_lens[0]
             # A chunk's dense attention takes the same parameters at every width past a few blocks,
             # and its cost grows with the width: wide tables run the selection and sparse kernels only.
-            if q_len not in chunks or width <= _EVERY_WIDTH_UP_TO:
+            if not chunk or width <= _EVERY_WIDTH_UP_TO:
                 paged_attention(q, k_cache, v_cache, *tables, scale=1.0, max_q_len=longest, **shard)
                 runs += 1
             if index_k_cache is None or not selection_needed(seq_len, bs, topk):
