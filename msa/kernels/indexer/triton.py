@@ -507,15 +507,22 @@ def launch_chunk_scores(
 
 
 def launch_candidate_merge(
-    cand: torch.Tensor,
-    topk: int,
-    num_warps: int | None = None,
-    slice_size: int | None = None,
-    final: bool = True,
+    cand: torch.Tensor, topk: int, num_warps: int | None = None, slice_size: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``."""
+    return _launch_merge(cand, topk, num_warps, slice_size, final=True)
+
+
+def launch_candidate_picks(cand: torch.Tensor, topk: int) -> torch.Tensor:
+    """The merge launch's slices' picks of the candidate keys ``[T, G, chunks, kc]``: keys ``[T, G,
+    slices * next_pow2(topk)]`` whose top-k is the selection, for a kernel that takes it itself
+    (``take_selection``)."""
+    return _launch_merge(cand, topk, None, None, final=False)
+
+
+def _launch_merge(
+    cand: torch.Tensor, topk: int, num_warps: int | None, slice_size: int | None, *, final: bool
 ) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-    """Exact top-k of the candidate keys ``[T, G, chunks, kc]``: (ids, scores) ``[T, G, topk]``.
-    Not ``final``: only the slices' picks, keys ``[T, G, slices * next_pow2(topk)]`` whose top-k
-    is the selection, for a kernel that takes it itself (``take_selection``)."""
     T, G = cand.shape[:2]
     n_cand = cand.shape[2] * cand.shape[3]
     topk_p = next_pow2(topk)

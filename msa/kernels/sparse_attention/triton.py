@@ -34,7 +34,7 @@ from msa.kernels._launch import (
 )
 from msa.kernels.indexer.triton import (
     check_selection_inputs,
-    launch_candidate_merge,
+    launch_candidate_picks,
     launch_chunk_scores,
     select_blocks_triton,
     take_selection,
@@ -1212,7 +1212,7 @@ def select_and_attend_triton(
         return out, lse, ids
     G = cand.shape[1]
     if cand.shape[2] * cand.shape[3] > _ATTENTION_SELECT_MAX:
-        keys = launch_candidate_merge(cand, topk, final=False)
+        keys = launch_candidate_picks(cand, topk)
     else:
         keys = cand.view(T, G, -1)
     ids = torch.empty(T, G, topk, dtype=torch.int32, device=q.device)
