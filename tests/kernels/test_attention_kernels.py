@@ -516,13 +516,21 @@ GPU_LAYER_CASES = {
 }
 
 
-def layer_inputs(seq_lens, q_lens, cfg, dtype, device, world, seed=0):
+def layer_inputs(seq_lens, q_lens, cfg, dtype, device, world, seed=0, ties=False):
     """``build``'s batch, q and K/V shards plus index queries and index keys paged like K/V (one
-    block table per shard serves both, as in the model's cache)."""
+    block table per shard serves both, as in the model's cache). With ``ties`` the index values are
+    small integers and pairs of blocks repeat, so many block scores are exactly equal."""
     batch, q, shards, _ = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=world, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
-    iq = torch.randn(batch.total_q, cfg["kv_heads"], cfg["dim"], generator=g).to(device, dtype)
-    ik = [torch.randn(n, cfg["dim"], generator=g).to(device, dtype) for n in seq_lens]
+    if ties:
+        iq = torch.randint(-2, 3, (batch.total_q, cfg["kv_heads"], cfg["dim"]), generator=g).float()
+        pattern = torch.randint(-2, 3, (2 * cfg["block"], cfg["dim"]), generator=g).float()
+        ik = [pattern.repeat(-(-n // (2 * cfg["block"])), 1)[:n] for n in seq_lens]
+    else:
+        iq = torch.randn(batch.total_q, cfg["kv_heads"], cfg["dim"], generator=g)
+        ik = [torch.randn(n, cfg["dim"], generator=g) for n in seq_lens]
+    iq = iq.to(device, dtype)
+    ik = [x.to(device, dtype) for x in ik]
     layers = []
     for rank, (k_cache, v_cache, table) in enumerate(shards):
         gen = torch.Generator().manual_seed(seed + 1 + rank)
@@ -532,11 +540,11 @@ def layer_inputs(seq_lens, q_lens, cfg, dtype, device, world, seed=0):
     return batch, q, iq, layers
 
 
-def check_select_and_attend(seq_lens, q_lens, cfg, dtype, device, world, tol, exact):
+def check_select_and_attend(seq_lens, q_lens, cfg, dtype, device, world, tol, exact, ties=False):
     """select_and_attend on each shard (twice: nothing is left behind for the next call) against
     the reference selection of that shard (``exact``: the same ids; else, rounding apart, nearly
     all) and the reference attention over the blocks it selected."""
-    batch, q, iq, layers = layer_inputs(seq_lens, q_lens, cfg, dtype, device, world)
+    batch, q, iq, layers = layer_inputs(seq_lens, q_lens, cfg, dtype, device, world, ties=ties)
     scale = 1 / math.sqrt(cfg["dim"])
     tables = (batch.cu_seqlens_q, batch.seq_lens)
     for rank, (k_cache, v_cache, ik_cache, table) in enumerate(layers):
@@ -578,10 +586,13 @@ def decode_selection(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["random", "ties"])
 @pytest.mark.parametrize("world", [1, 2], ids=["unsharded", "world2"])
 @pytest.mark.parametrize("case", list(LAYER_CASES))
-def test_select_and_attend_matches_reference(case, world, decode_selection):
-    check_select_and_attend(*LAYER_CASES[case], CPU, torch.float32, "cpu", world, 2e-5, True)
+def test_select_and_attend_matches_reference(case, world, ties, decode_selection):
+    """Every place the final top-k can be taken keeps the reference's selection, equal block scores
+    going to the lower block id."""
+    check_select_and_attend(*LAYER_CASES[case], CPU, torch.float32, "cpu", world, 2e-5, True, ties)
 
 
 @pytest.mark.gpu
