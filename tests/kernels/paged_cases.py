@@ -64,3 +64,20 @@ def paginate(
             chunk = t[blk * block_size : (blk + 1) * block_size]
             cache[page, : chunk.shape[0]] = chunk
     return cache, table.to(device)
+
+
+def index_values(
+    total_q: int, groups: int, dim: int, block: int, seq_lens: list[int], g: torch.Generator, ties: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """fp32 index queries ``[total_q, groups, dim]`` and each sequence's index keys ``[n, dim]``:
+    normal noise, or with ``ties`` small integers whose keys repeat every two blocks, so many block
+    scores are exactly equal."""
+    if not ties:
+        iq = torch.randn(total_q, groups, dim, generator=g)
+        return iq, [torch.randn(n, dim, generator=g) for n in seq_lens]
+    iq = torch.randint(-2, 3, (total_q, groups, dim), generator=g).float()
+    ik = []
+    for n in seq_lens:
+        base = torch.randint(-2, 3, (2 * block, dim), generator=g).float()
+        ik.append(base.repeat(-(-n // (2 * block)), 1)[:n])
+    return iq, ik

@@ -20,7 +20,7 @@ from msa.kernels.indexer import triton as indexer_triton
 from msa.kernels.indexer.reference import select_blocks_reference
 from msa.kernels.sparse_attention import triton as sparse_triton
 from msa.kernels.sparse_attention.reference import paged_attention_reference
-from tests.kernels.paged_cases import make_batch, paginate
+from tests.kernels.paged_cases import index_values, make_batch, paginate
 
 # (seq_lens, q_lens): awkward lengths, one block, batch 1 and mixed, decode, MTP and chunked prefill.
 CASES = {
@@ -518,17 +518,10 @@ GPU_LAYER_CASES = {
 
 def layer_inputs(seq_lens, q_lens, cfg, dtype, device, world, seed=0, ties=False):
     """``build``'s batch, q and K/V shards plus index queries and index keys paged like K/V (one
-    block table per shard serves both, as in the model's cache). With ``ties`` the index values are
-    small integers and pairs of blocks repeat, so many block scores are exactly equal."""
+    block table per shard serves both, as in the model's cache); ``ties`` as ``index_values``."""
     batch, q, shards, _ = build(seq_lens, q_lens, **cfg, dtype=dtype, device=device, world=world, seed=seed)
     g = torch.Generator().manual_seed(seed + 100)
-    if ties:
-        iq = torch.randint(-2, 3, (batch.total_q, cfg["kv_heads"], cfg["dim"]), generator=g).float()
-        pattern = torch.randint(-2, 3, (2 * cfg["block"], cfg["dim"]), generator=g).float()
-        ik = [pattern.repeat(-(-n // (2 * cfg["block"])), 1)[:n] for n in seq_lens]
-    else:
-        iq = torch.randn(batch.total_q, cfg["kv_heads"], cfg["dim"], generator=g)
-        ik = [torch.randn(n, cfg["dim"], generator=g) for n in seq_lens]
+    iq, ik = index_values(batch.total_q, cfg["kv_heads"], cfg["dim"], cfg["block"], seq_lens, g, ties)
     iq = iq.to(device, dtype)
     ik = [x.to(device, dtype) for x in ik]
     layers = []

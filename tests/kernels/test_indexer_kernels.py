@@ -9,7 +9,7 @@ import torch
 
 from msa.kernels import merge_block_candidates, select_blocks
 from msa.kernels.indexer.reference import select_blocks_reference
-from tests.kernels.paged_cases import make_batch, paginate
+from tests.kernels.paged_cases import index_values, make_batch, paginate
 
 CASES = {
     "decode_b1_one_block": ([9], [1]),
@@ -40,15 +40,7 @@ def build(
     whole blocks repeat, so many block scores are exactly equal."""
     g = torch.Generator().manual_seed(seed)
     batch = make_batch(seq_lens, q_lens, device)
-    if ties:
-        iq = torch.randint(-2, 3, (batch.total_q, groups, dim), generator=g).float()
-        ik = []
-        for n in seq_lens:
-            base = torch.randint(-2, 3, (2 * block, dim), generator=g).float()
-            ik.append(base.repeat(-(-n // (2 * block)), 1)[:n])
-    else:
-        iq = torch.randn(batch.total_q, groups, dim, generator=g)
-        ik = [torch.randn(n, dim, generator=g) for n in seq_lens]
+    iq, ik = index_values(batch.total_q, groups, dim, block, seq_lens, g, ties)
     iq = iq.to(device, dtype)
     shards = [
         paginate(
