@@ -439,6 +439,17 @@ def test_gpu_engine_without_cuda_graphs_runs_eagerly():
 SERVING_SCENARIO = [100, 700, 1900, 2300, 3100, 5000, 37, 260]  # prompt lengths, staggered
 
 
+async def serve_scenario(engine) -> list:
+    """Requests with SERVING_SCENARIO's prompt lengths, each arriving 50 ms after the one before,
+    24 greedy tokens each: their outputs."""
+
+    async def one(i, n, delay):
+        await asyncio.sleep(delay)
+        return await collect(engine, f"w{i}", [5 + i] * n, greedy(24))
+
+    return await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(SERVING_SCENARIO)])
+
+
 def test_warm_up_covers_every_launch_the_engine_makes_while_serving(monkeypatch):
     """The launch decisions of test_gpu_engine_compiles_no_kernel_while_serving, on a CPU: with M3's
     attention shape (small elsewhere) and an H200's 132 SMs, every attention-kernel launch that
@@ -467,11 +478,7 @@ def test_warm_up_covers_every_launch_the_engine_makes_while_serving(monkeypatch)
     async def main():
         engine = await started(model=config, dtype="bfloat16", num_pages=pages, max_num_batched_tokens=budget)
         try:
-            async def one(i, n, delay):
-                await asyncio.sleep(delay)
-                return await collect(engine, f"w{i}", [5 + i] * n, greedy(24))
-
-            await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(SERVING_SCENARIO)])
+            await serve_scenario(engine)
         finally:
             await engine.shutdown()
 
@@ -501,12 +508,7 @@ def test_gpu_engine_compiles_no_kernel_while_serving():
         )
         try:
             before = compiled_specializations()
-
-            async def one(i, n, delay):
-                await asyncio.sleep(delay)
-                return await collect(engine, f"w{i}", [5 + i] * n, greedy(24))
-
-            outs = await asyncio.gather(*[one(i, n, 0.05 * i) for i, n in enumerate(SERVING_SCENARIO)])
+            outs = await serve_scenario(engine)
             return before, compiled_specializations(), outs
         finally:
             await engine.shutdown()
