@@ -183,19 +183,28 @@ def paged_problem(
     )
 
 
+def index_args(p: dict) -> tuple:
+    """The index's leading arguments for ``p``: index queries, index keys, block table, query
+    offsets and sequence lengths."""
+    return (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+
+
+def attention_args(p: dict) -> tuple:
+    """The attention's leading arguments for ``p``: queries, K/V caches, block table, query offsets
+    and sequence lengths."""
+    return (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+
+
 def msa_step(p: dict):
     """What an MSA layer runs: the selection and sparse attention (``select_and_attend``), or,
     while every visible block would be selected, dense attention (the same result). Returns (out,
     lse, block ids or None)."""
     if not selection_needed(p["L"], BLOCK, TOPK):
-        out, lse = paged_attention_triton(
-            p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=p["q_len"]
-        )
+        out, lse = paged_attention_triton(*attention_args(p), scale=SCALE, max_q_len=p["q_len"])
         return out, lse, None
     return select_and_attend_triton(
-        p["q"], p["k"], p["v"], p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, scale=SCALE,
-        max_q_len=p["q_len"],
-    )  # fmt: skip
+        p["q"], p["k"], p["v"], *index_args(p), topk=TOPK, scale=SCALE, max_q_len=p["q_len"]
+    )
 
 
 # ---------------------------------------------------------------- correctness gates
@@ -216,8 +225,8 @@ def check_kernels() -> dict:
     for name, idx_dtype in (("index_bf16", torch.bfloat16), ("index_fp8", torch.float8_e4m3fn)):
         p = paged_problem(2, 20000, 3, idx_dtype, seed=1)
         p["seq_lens"][1] = 12345
-        ids, sc = select_blocks_triton(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
-        rids, rsc = select_blocks_reference(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
+        ids, sc = select_blocks_triton(*index_args(p), topk=TOPK)
+        rids, rsc = select_blocks_reference(*index_args(p), topk=TOPK)
         a, r = torch.sort(sc, -1).values, torch.sort(rsc, -1).values
         fin = torch.isfinite(r)
         score_err = float((a[fin] - r[fin]).abs().max()) if fin.any() else 0.0
@@ -226,8 +235,8 @@ def check_kernels() -> dict:
         out[name] = dict(ok=ok, id_agreement=same, max_score_err=score_err)
     p = paged_problem(2, 20000, 3, torch.bfloat16, seed=2)
     p["seq_lens"][1] = 12345
-    ids, _ = select_blocks_reference(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
-    args = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    ids, _ = select_blocks_reference(*index_args(p), topk=TOPK)
+    args = attention_args(p)
     for name, sparse in (("sparse_attention", True), ("dense_attention", False)):
         if sparse:
             o, lse = sparse_attention_triton(*args, ids, scale=SCALE)
@@ -240,8 +249,8 @@ def check_kernels() -> dict:
     p = paged_problem(2, 200000, 1, torch.bfloat16, seed=3)
     p["seq_lens"][1] = 3001
     o, lse, ids = msa_step(p)
-    rids, _ = select_blocks_reference(p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK)
-    args = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    rids, _ = select_blocks_reference(*index_args(p), topk=TOPK)
+    args = attention_args(p)
     ro, rlse = paged_attention_reference(*args, ids, scale=SCALE)
     same = float((ids == rids).float().mean())
     ok = same > 0.95 and attention_close(o, lse, ro, rlse)
@@ -295,20 +304,12 @@ def decode_row(B: int, L: int, bw: float, checks: dict, fp8: bool) -> dict:
     row = dict(batch=B, context=L, index_keys="fp8" if fp8 else "bf16")
     index_ok = checks["index_fp8" if fp8 else "index_bf16"]["ok"]
     attn_ok = checks["sparse_attention"]["ok"] and checks["merge"]["ok"]
-    ids, _ = select_blocks_triton(
-        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
-    )
+    ids, _ = select_blocks_triton(*index_args(p), topk=TOPK, max_q_len=1)
     if index_ok:
-        row["index_us"] = graph_time_us(
-            lambda: select_blocks_triton(
-                p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
-            )
-        )
+        row["index_us"] = graph_time_us(lambda: select_blocks_triton(*index_args(p), topk=TOPK, max_q_len=1))
     if attn_ok:
         row["sparse_attention_us"] = graph_time_us(
-            lambda: sparse_attention_triton(
-                p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids, scale=SCALE, max_q_len=1
-            )
+            lambda: sparse_attention_triton(*attention_args(p), ids, scale=SCALE, max_q_len=1)
         )
     if index_ok and attn_ok and checks["msa_decode"]["ok"]:
         row["msa_us"] = graph_time_us(lambda: msa_step(p))
@@ -319,9 +320,7 @@ def decode_row(B: int, L: int, bw: float, checks: dict, fp8: bool) -> dict:
         row["fraction_of_floor"] = row["floor_us"] / row["msa_us"]
     if checks["dense_attention"]["ok"] and not fp8:
         row["triton_dense_paged_us"] = graph_time_us(
-            lambda: paged_attention_triton(
-                p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], scale=SCALE, max_q_len=1
-            )
+            lambda: paged_attention_triton(*attention_args(p), scale=SCALE, max_q_len=1)
         )
     return row
 
@@ -652,7 +651,7 @@ def sweep_tma(smooth: bool) -> None:
         del p
     for L, B in ((131072, 1), (131072, 4), (32768, 8)):
         p = paged_problem(B, L, 1, torch.bfloat16)
-        kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+        kv = attention_args(p)
         _tma_ab(
             f"dense decode L={L} B={B}",
             lambda stages, kv=kv: paged_attention_triton(*kv, scale=SCALE, max_q_len=1),
@@ -741,9 +740,9 @@ def _flag_ab(
 
 def sweep_prefill(smooth: bool) -> None:
     p = paged_problem(1, 131072, 8192, torch.bfloat16, smooth=smooth)
-    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    a = index_args(p)
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=8192)
-    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
+    kv = (*attention_args(p), ids)
     tag = f"prefill chunk smooth={smooth}"
     for tile in (4, 8, 16):
         u = tile_unions(ids, tile).float()
@@ -790,9 +789,9 @@ def sweep_block_major(L: int, smooth: bool) -> None:
     """The last 8K-token chunk of L tokens: the query-tile prefill kernel against the block-major
     one per tile shape, and what the block-major plan (the inverted selection) costs alone."""
     p = paged_problem(1, L, 8192, torch.bfloat16, smooth=smooth)
-    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    a = index_args(p)
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=8192)
-    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"], ids)
+    kv = (*attention_args(p), ids)
     tag = f"block-major L={L} smooth={smooth}"
     ref = sparse_attention_triton(*kv, scale=SCALE, max_q_len=8192, by_block=False)
     for by_block, what in ((False, "query tiles only"), (None, "default"), (True, "block-major only")):
@@ -845,7 +844,7 @@ def sweep_prefill_index() -> None:
     pipeline)."""
     for L in (16384, 131072, 1048576):
         p = paged_problem(1, L, 8192, torch.bfloat16)
-        a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+        a = index_args(p)
         for cb, ns, bt, nw in (
             (None, None, None, None),
             (32, None, None, None),
@@ -893,7 +892,7 @@ def sweep_index_tma() -> None:
     for L in (131072, 1048576):
         for dt in (torch.bfloat16, torch.float8_e4m3fn):
             p = paged_problem(1, L, 8192, dt)
-            a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+            a = index_args(p)
             fn = lambda a=a: select_blocks_triton(*a, topk=TOPK, max_q_len=8192)  # noqa: E731
             tag = f"index of the last 8K chunk of L={L} {str(dt)[6:]}"
             _flag_ab(tag, "_TMA", how, fn, event_time_ms, "ms", module=indexer_triton)
@@ -905,7 +904,7 @@ def sweep_index_tma() -> None:
 
 def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
     p = paged_problem(B, L, 1, dt)
-    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    a = index_args(p)
     tag = f"L={L} B={B} {str(dt)[6:]}"
     for kw in (
         {},
@@ -933,7 +932,7 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
     if dt != torch.bfloat16:
         return
     ids, _ = select_blocks_triton(*a, topk=TOPK, max_q_len=1)
-    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    kv = attention_args(p)
     for ns, nw in ((None, None), (16, 4), (8, 4), (8, 8), (4, 8), (16, 2)):
         t = graph_time_us(
             lambda ns=ns, nw=nw: sparse_attention_triton(
@@ -948,6 +947,9 @@ def sweep_decode(L: int, B: int, dt: torch.dtype) -> None:
         print(f"{tag} MSA step: {t:.1f} us", flush=True)
         d, best, _ = fastest_sdpa(lambda name: sdpa_decode_fn(B, L, 1, name), graph_time_us)
         print(f"{tag} SDPA {best}: {d:.1f} us", flush=True)
+
+
+SELECT_LIMITS = (0, 256, 1024, 4096)
 
 
 def sweep_decode_select(L: int, B: int) -> None:
@@ -974,14 +976,11 @@ def sweep_decode_select(L: int, B: int) -> None:
         )
 
 
-SELECT_LIMITS = (0, 256, 1024, 4096)
-
-
 def sweep_dense_decode(L: int, B: int) -> None:
     """Dense paged decode (the dense layers): the split-per-block kernel where its grid allows,
     and the loop kernel over split counts, warps and stages, beside the fastest SDPA."""
     p = paged_problem(B, L, 1, torch.bfloat16)
-    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
+    kv = attention_args(p)
     tag = f"L={L} B={B} dense"
     d, best, _ = fastest_sdpa(lambda name: sdpa_decode_fn(B, L, 1, name), graph_time_us)
     floor = B * L * KV_HEADS * DIM * 4 / copy_bandwidth() * 1e6
@@ -1031,7 +1030,7 @@ def sweep_index_stages() -> None:
         (8, 131072, torch.bfloat16),
     ):
         p = paged_problem(B, L, 1, dt)
-        a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+        a = index_args(p)
         res = []
         for _ in range(3):
             for st in (3, 4) if dt == torch.bfloat16 else (3,):
@@ -1050,10 +1049,8 @@ def sweep_merge(L: int, B: int) -> None:
     """Decode with split-K partials merged by a launch of their own for grids of up to 0 (never),
     1 or 2 waves of programs: dense attention, sparse attention and the MSA step."""
     p = paged_problem(B, L, 1, torch.bfloat16)
-    kv = (p["q"], p["k"], p["v"], p["table"], p["cu"], p["seq_lens"])
-    ids, _ = select_blocks_triton(
-        p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"], topk=TOPK, max_q_len=1
-    )
+    kv = attention_args(p)
+    ids, _ = select_blocks_triton(*index_args(p), topk=TOPK, max_q_len=1)
     with restoring(sparse_triton, "_MERGE_WAVES"):
         for waves in (0, 1, 2):
             sparse_triton._MERGE_WAVES = waves
@@ -1087,7 +1084,7 @@ def sweep_read_floor(L: int = 1048576) -> None:
     scoring launch alone, the selection (scoring + candidate merge), the MSA step, each kernel's
     device time, and dense SDPA."""
     p = paged_problem(1, L, 1, torch.bfloat16)
-    a = (p["iq"], p["ik"], p["table"], p["cu"], p["seq_lens"])
+    a = index_args(p)
     keys = p["ik"].view(-1, DIM)
     tiles = keys.shape[0] // BLOCK
     q = torch.randn(16, DIM, device=DEV, dtype=torch.bfloat16)
