@@ -7,7 +7,7 @@ check_health, update_weights, shutdown. Implementations live in ``msa.cluster.en
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -114,6 +114,16 @@ class TokenOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     weight_version: int
+    # Where each step folded into this output ended, but the last: (tokens, characters of text).
+    folded: list[tuple[int, int]] = field(default_factory=list)
+
+    def steps(self) -> Iterator[tuple[list[int], str]]:
+        """The engine steps this output holds, each as (its token ids, its text): one unless
+        outputs were folded together (``coalesce``)."""
+        tokens = chars = 0
+        for end_tokens, end_chars in (*self.folded, (len(self.token_ids), len(self.text))):
+            yield self.token_ids[tokens:end_tokens], self.text[chars:end_chars]
+            tokens, chars = end_tokens, end_chars
 
     def can_absorb(self, later: TokenOutput) -> bool:
         """Whether ``later`` (the next output of the same request) may be folded into this one:
@@ -125,7 +135,11 @@ class TokenOutput:
         )
 
     def absorb(self, later: TokenOutput) -> None:
-        """Append ``later``'s tokens, logprobs and text; its finish_reason becomes this one's."""
+        """Append ``later``'s tokens, logprobs and text, keeping where each step ends (``steps``);
+        its finish_reason becomes this one's."""
+        tokens, chars = len(self.token_ids), len(self.text)
+        self.folded.append((tokens, chars))
+        self.folded += [(t + tokens, c + chars) for t, c in later.folded]
         self.token_ids += later.token_ids
         self.logprobs += later.logprobs
         if self.top_logprobs is not None and later.top_logprobs is not None:

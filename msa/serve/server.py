@@ -112,10 +112,13 @@ class OpenAIServer:
 
     def piece(self, out: TokenOutput, restore_markers: bool) -> str:
         """The output's text; with ``restore_markers`` the tool-call markers that decoding skipped
-        are put back after it (each step's text precedes its own tokens)."""
+        are put back, each after the text of the engine step that made it (a step's text precedes
+        its own tokens), also where a reader that fell behind got several steps in one output."""
         if not restore_markers or not self.marker_ids:
             return out.text
-        return out.text + "".join(self.marker_ids.get(t, "") for t in out.token_ids)
+        return "".join(
+            text + "".join(self.marker_ids.get(t, "") for t in token_ids) for token_ids, text in out.steps()
+        )
 
     # Engine calls ------------------------------------------------------------------------------
 

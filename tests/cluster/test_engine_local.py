@@ -376,6 +376,13 @@ def test_coalesce_merges_each_choice_within_one_weight_version():
         (0, [1, 2, 4], 0, None), (1, [3, 7], 0, "stop"), (0, [5, 6], 1, "length"),
     ]
     assert merged[0].logprobs == [-1.0, -2.0, -4.0] and merged[0].text == "<1><2><4>"
+    # Each folded step keeps its own tokens and text, in order.
+    assert list(merged[0].steps()) == [([1], "<1>"), ([2], "<2>"), ([4], "<4>")]
+    assert list(merged[2].steps()) == [([5], "<5>"), ([6], "<6>")]
+    assert list(out(0, 8).steps()) == [([8], "<8>")]
+    # Folding outputs that were already folded keeps every step.
+    twice = coalesce([coalesce([out(0, 1), out(0, 2)])[0], coalesce([out(0, 3), out(0, 4)])[0]])
+    assert list(twice[0].steps()) == [([1], "<1>"), ([2], "<2>"), ([3], "<3>"), ([4], "<4>")]
     assert coalesce([]) == []
 
 

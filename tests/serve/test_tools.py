@@ -111,3 +111,30 @@ def test_marker_tokens_that_decoding_drops_are_known_to_the_server():
     assert sorted(markers.values()) == sorted([TOOL_CALL_OPEN, TOOL_CALL_CLOSE])
     for token_id, marker in markers.items():
         assert tok.decode([token_id], skip_special_tokens=False) == marker
+
+
+@pytest.mark.parametrize("behind", [1, 2, 5, 1000])
+def test_a_call_in_marker_tokens_parses_the_same_however_the_reader_got_the_steps(behind):
+    """The engine streams one output per step; a reader ``behind`` steps gets them folded together
+    (``coalesce``). The markers, special tokens that decoding drops, go back where they were made."""
+    from msa.cluster.output import ChoiceStream
+    from msa.cluster.protocol import SamplingParams, coalesce
+    from msa.serve.chat import ChatChoice
+    from msa.serve.server import OpenAIServer
+    from tests.serve.conftest import tiny_engine
+
+    tok = Tokenizer.byte_level_default()
+    server = OpenAIServer(tiny_engine(), tok, model_name="tiny")
+    ids = tok.encode("Sure." + CALL + "Done.")
+    assert len(ids) < 1000 and set(special_marker_ids(tok)) <= set(ids)
+    stream = ChoiceStream("r", 0, 1, SamplingParams(max_tokens=len(ids)), tok, tok.eos_token_ids)
+    outputs = [stream.append(t, -1.0, None, 0) for t in ids]
+    choice = ChatChoice(server, 0, parse_tools=True, prefill="", top_logprobs=None)
+    for start in range(0, len(outputs), behind):
+        for out in coalesce(outputs[start : start + behind]):
+            choice.step(out)
+    message = choice.message()
+    assert message["content"] == "Sure.Done."
+    calls = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
+    assert calls == [("get_weather", {"city": "Zürich", "days": 2})]
+    assert choice.finish_reason == "length" and choice.num_tokens == len(ids)
