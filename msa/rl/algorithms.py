@@ -17,20 +17,28 @@ EPS = 1e-6
 
 
 def grpo_advantages(rewards: torch.Tensor, *, normalize_std: bool = True) -> torch.Tensor:
-    """rewards ``[num_groups, G]`` fp32 -> advantages ``[num_groups, G]``. Std is the unbiased
-    sample std of the group; a group of equal rewards gets zero advantages."""
-    centered = rewards - rewards.mean(dim=1, keepdim=True)
-    if not normalize_std:
-        return centered
-    return centered / (rewards.std(dim=1, keepdim=True) + EPS)
+    """rewards ``[num_groups, G]`` fp32 -> advantages ``[num_groups, G]`` in the rewards' dtype. Std
+    is the unbiased sample std of the group; a group of equal rewards gets zero advantages. The
+    statistics are taken in float64, and equal groups are zeroed outright: their fp32 mean can sit a
+    rounding step off the rewards, which dividing by std ~ 0 would blow up."""
+    r = rewards.double()
+    centered = r - r.mean(dim=1, keepdim=True)
+    if normalize_std:
+        centered = centered / (r.std(dim=1, keepdim=True) + EPS)
+    equal = r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)
+    return centered.masked_fill(equal, 0.0).to(rewards.dtype)
 
 
 def reinforce_pp_advantages(rewards: torch.Tensor, *, normalize_std: bool = True) -> torch.Tensor:
-    """rewards of any shape -> advantages whitened over the whole batch (REINFORCE++)."""
-    centered = rewards - rewards.mean()
-    if not normalize_std or rewards.numel() < 2:
-        return centered
-    return centered / (rewards.std() + EPS)
+    """rewards of any shape -> advantages whitened over the whole batch (REINFORCE++), taken in
+    float64; a batch of equal rewards gets zero advantages."""
+    r = rewards.double()
+    if r.numel() == 0 or r.amax() == r.amin():
+        return torch.zeros_like(rewards)
+    centered = r - r.mean()
+    if normalize_std:
+        centered = centered / (r.std() + EPS)
+    return centered.to(rewards.dtype)
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, *, normalize_std: bool = True) -> torch.Tensor:

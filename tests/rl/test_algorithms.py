@@ -23,6 +23,28 @@ def test_grpo_advantages_by_hand():
     )
 
 
+def brute_force_grpo(group: list[float], normalize_std: bool) -> list[float]:
+    mean = sum(group) / len(group)
+    std = math.sqrt(sum((r - mean) ** 2 for r in group) / (len(group) - 1))
+    return [(r - mean) / (std + 1e-6) if normalize_std else r - mean for r in group]
+
+
+@pytest.mark.parametrize("normalize_std", [True, False])
+def test_grpo_gives_exactly_zero_to_groups_of_equal_rewards(normalize_std):
+    groups = [[1 / 3] * 8, [0.7] * 8, [0.1] * 8, [1.0, 0.0, 1 / 3, 0.7, 0.1, 0.25, 0.9, 0.5]]
+    # the brute force takes the fp32 rewards the rollout hands over
+    rewards = torch.tensor(groups, dtype=torch.float32)
+    adv = grpo_advantages(rewards, normalize_std=normalize_std)
+    assert adv.dtype == torch.float32
+    assert torch.equal(adv[:3], torch.zeros(3, 8))
+    expected = brute_force_grpo(rewards[3].tolist(), normalize_std)
+    torch.testing.assert_close(adv[3], torch.tensor(expected), rtol=0, atol=1e-6)
+
+
+def test_reinforce_pp_gives_zero_to_a_batch_of_equal_rewards():
+    assert torch.equal(reinforce_pp_advantages(torch.full((2, 8), 1 / 3)), torch.zeros(2, 8))
+
+
 def test_reinforce_pp_whitens_over_the_batch():
     rewards = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
     adv = reinforce_pp_advantages(rewards)
