@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import operator
 import re
 from typing import Any
@@ -22,6 +23,10 @@ _BINARY = {
 _UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
 _MAX_EXPONENT = 64
 _MAX_LENGTH = 200
+# Integers are exact and unbounded in Python: a few nested powers would build numbers of millions of
+# digits, holding the GIL (and with it the rollout's event loop) for seconds. Every integer product
+# and power is sized before it is computed and refused beyond this many digits.
+_MAX_DIGITS = 1000
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
@@ -49,11 +54,35 @@ def _evaluate(node: ast.AST) -> int | float:
         left, right = _evaluate(node.left), _evaluate(node.right)
         if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
             raise CalculatorError(f"exponent above {_MAX_EXPONENT}")
+        _check_size(node.op, left, right)
         try:
-            return _BINARY[type(node.op)](left, right)
+            value = _BINARY[type(node.op)](left, right)
         except ZeroDivisionError:
             raise CalculatorError("division by zero") from None
+        except OverflowError:
+            raise CalculatorError("result out of the range of a float") from None
+        if isinstance(value, complex):
+            raise CalculatorError("the result is not a real number")
+        return value
     raise CalculatorError(f"unsupported element {type(node).__name__}")
+
+
+def _digits(value: int) -> float:
+    return math.log10(abs(value)) + 1 if value else 1.0
+
+
+def _check_size(op: ast.operator, left: int | float, right: int | float) -> None:
+    """Refuse an integer product or power whose result would exceed ``_MAX_DIGITS`` digits."""
+    if not (isinstance(left, int) and isinstance(right, int)):
+        return  # float results overflow to an error or inf instead of growing
+    if isinstance(op, ast.Mult):
+        digits = _digits(left) + _digits(right)
+    elif isinstance(op, ast.Pow) and right > 0 and abs(left) > 1:
+        digits = right * math.log10(abs(left))
+    else:
+        return
+    if digits > _MAX_DIGITS:
+        raise CalculatorError(f"the result would have more than {_MAX_DIGITS} digits")
 
 
 def _format(value: int | float) -> str:
@@ -108,5 +137,5 @@ class ArithmeticEnv(Environment):
             return 'error: "expression" must be a string'
         try:
             return _format(calculate(expression))
-        except CalculatorError as e:
-            return f"error: {e}"
+        except (ArithmeticError, ValueError, RecursionError, MemoryError) as e:
+            return f"error: {str(e) or type(e).__name__}"

@@ -4,33 +4,44 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from typing import Any
 
 from msa.rl.envs.base import Environment, StepResult, require_field
 from msa.rl.envs.sandbox import run_python
 
 _FENCE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.S)
-_MARK = "__msa_test__"
 
-# Each test runs on its own, and its verdict is printed as soon as it is known, so a program that
-# hangs in test 3 still gets credit for tests 1 and 2 when the sandbox kills it.
+# Each test runs on its own, and its verdict is written as soon as it is known, so a program that
+# hangs in test 3 still gets credit for tests 1 and 2 when the sandbox kills it. The solution shares
+# the runner's process, so the verdicts go out on a copy of stdout taken before it runs (fd 1 then
+# leads to /dev/null), through functions bound before it runs, and each carries a marker with a nonce
+# drawn per run: text the solution prints cannot pass for a verdict. (Code that inspects the runner's
+# frames can still reach them; as for the sandbox, this contains mistakes, not a determined attacker.)
 _RUNNER = """
-import json, sys
+import json, os, sys
+_dumps, _write, _fd = json.dumps, os.write, os.dup(1)
+_devnull = os.open(os.devnull, os.O_WRONLY)
+os.dup2(_devnull, 1)
+os.close(_devnull)
+def _verdict(record, _dumps=_dumps, _write=_write, _fd=_fd):
+    _write(_fd, ("\\n{mark} " + _dumps(record) + "\\n").encode())
+_exec, _compile, _BaseException = exec, compile, BaseException
 _src = json.loads({source!r})
 _tests = json.loads({tests!r})
 _ns = {{"__name__": "__solution__"}}
 try:
-    exec(compile(_src, "solution.py", "exec"), _ns)
-except BaseException as e:
-    print("{mark}", json.dumps({{"test": -1, "error": type(e).__name__}}), flush=True)
+    _exec(_compile(_src, "solution.py", "exec"), _ns)
+except _BaseException as e:
+    _verdict({{"test": -1, "error": type(e).__name__}})
     sys.exit(0)
 for _i, _t in enumerate(_tests):
     try:
-        exec(compile(_t, "test_%d.py" % _i, "exec"), dict(_ns))
+        _exec(_compile(_t, "test_%d.py" % _i, "exec"), dict(_ns))
         _ok = True
-    except BaseException:
+    except _BaseException:
         _ok = False
-    print("{mark}", json.dumps({{"test": _i, "passed": _ok}}), flush=True)
+    _verdict({{"test": _i, "passed": _ok}})
 """
 
 
@@ -41,18 +52,35 @@ def extract_code(text: str) -> str:
 
 
 def score_program(source: str, tests: list[str], *, timeout_s: float, memory_mb: int) -> tuple[float, dict]:
-    """(share of ``tests`` passed, details) for ``source`` run in the sandbox."""
-    runner = _RUNNER.format(source=json.dumps(source), tests=json.dumps(tests), mark=_MARK)
+    """(share of ``tests`` passed, details) for ``source`` run in the sandbox. The share is in
+    [0, 1]: each test counts once, by its first verdict, and a test without one has failed."""
+    mark = f"__msa_test_{secrets.token_hex(16)}__"
+    runner = _RUNNER.format(source=json.dumps(source), tests=json.dumps(tests), mark=mark)
     result = run_python(runner, timeout_s=timeout_s, memory_mb=memory_mb)
-    passed, info = 0, {"sandbox": result.outcome, "tests": len(tests)}
-    for line in result.stdout.splitlines():
-        if line.startswith(_MARK):
-            record = json.loads(line[len(_MARK) :])
-            passed += bool(record.get("passed"))
-            if "error" in record:
-                info["solution_error"] = record["error"]
+    info: dict[str, Any] = {"sandbox": result.outcome, "tests": len(tests)}
+    verdicts: dict[int, bool] = {}
+    for record in _records(result.stdout, mark):
+        if record.get("test") == -1:
+            info["solution_error"] = record.get("error")
+        elif isinstance(record.get("test"), int):
+            verdicts.setdefault(record["test"], record.get("passed") is True)
+    passed = sum(verdicts.get(i, False) for i in range(len(tests)))
     info["passed"] = passed
     return passed / len(tests), info
+
+
+def _records(stdout: str, mark: str) -> list[dict[str, Any]]:
+    """The runner's verdict records: the JSON objects on the lines that start with ``mark``."""
+    records = []
+    for line in stdout.splitlines():
+        if line.startswith(mark):
+            try:
+                record = json.loads(line[len(mark) :])
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
 
 
 class CodingEnv(Environment):
