@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,10 @@ def _overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set expects section.field=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML ({e})") from None
     return out
 
 
@@ -44,7 +48,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="override one config field, e.g. --set run.steps=5 (repeatable)",
+        help="override one config field, e.g. --set run.steps=5 or --set env.options.length=4 (repeatable)",
     )
     p.set_defaults(run=_run_train)
 
@@ -85,8 +89,11 @@ def _add_submit(subparsers: argparse._SubParsersAction) -> None:
 
 
 def submit_entrypoint(config: str, overrides: list[str]) -> str:
-    sets = "".join(f" --set '{o}'" for o in overrides)
-    return f"python -m msa.rl.cli train {config}{sets}"
+    """The job's shell command line; each argument quoted so the job sees exactly these strings."""
+    argv = ["python", "-m", "msa.rl.cli", "train", config]
+    for override in overrides:
+        argv += ["--set", override]
+    return shlex.join(argv)
 
 
 def _run_submit(args: argparse.Namespace) -> int:

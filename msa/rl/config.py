@@ -1,12 +1,17 @@
 """Configuration of an RL post-training run: one dataclass per part, read from a YAML file.
 
-Every section is validated when it is built; errors name the field (``rollout.group_size``) and
-the allowed range. Unknown keys are rejected, so a typo never silently falls back to a default.
+Every section is validated when it is built, each field's type (from its annotation) before its
+range; errors name the field (``rollout.group_size``) and the allowed type or range. Unknown keys
+are rejected, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,85 @@ from msa.platform.config import ConfigError
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"rl config field '{name}' must be {allowed}, got {value!r}")
+
+
+# Numbers in exponent notation without a dot or without an exponent sign (``1e-5``, ``1.0e5``): YAML
+# 1.1, which PyYAML follows, reads them as strings, YAML 1.2 (and OmegaConf) as floats.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _as_annotated(value: Any, hint: Any) -> Any:
+    """``value`` as the type ``hint`` asks for (ints widen to floats, lists become tuples, exponent
+    strings become floats, a mapping left empty in YAML, null, becomes {}); raises TypeError when it
+    is not of that type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (types.UnionType, typing.Union):
+        for option in args:
+            try:
+                return _as_annotated(value, option)
+            except TypeError:
+                pass
+    elif hint is type(None) and value is None:
+        return value
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif hint is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
+        return float(value)
+    elif hint is str and isinstance(value, str):
+        return value
+    elif origin is dict and value is None:
+        return {}
+    elif origin is dict and isinstance(value, dict):
+        key_type, value_type = args or (Any, Any)
+        return {_as_annotated(k, key_type): _as_annotated(v, value_type) for k, v in value.items()}
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_as_annotated(v, args[0]) for v in value)
+        if len(value) == len(args):
+            return tuple(_as_annotated(v, t) for v, t in zip(value, args, strict=True))
+    elif origin is list and isinstance(value, (list, tuple)):
+        return [_as_annotated(v, args[0] if args else Any) for v in value]
+    raise TypeError(f"{value!r} is not a {hint}")
+
+
+def _check_types(section: Any, prefix: str) -> None:
+    """Check every field of a section against its annotation, before the range checks compare it."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        try:
+            setattr(section, f.name, _as_annotated(value, hints[f.name]))
+        except TypeError:
+            raise ConfigError(
+                f"rl config field '{prefix}.{f.name}' must be of type {f.type}, "
+                f"got {value!r} ({type(value).__name__})"
+            ) from None
+
+
+def _check_env_options(name: str, options: dict[str, Any]) -> None:
+    """The options must be arguments of the environment's constructor, which gets them per episode."""
+    from msa.rl.envs import ENVIRONMENTS
+
+    signature = inspect.signature(ENVIRONMENTS[name])
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    accepted = [p.name for p in signature.parameters.values() if p.kind in kinds]
+    if all(p.kind is not inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        for key in options:
+            if key not in accepted:
+                raise ConfigError(
+                    f"rl config field 'env.options.{key}' is not an option of environment '{name}'; "
+                    f"accepted options: {accepted}"
+                )
+    try:
+        signature.bind(**options)
+    except TypeError as e:
+        raise ConfigError(f"rl config field 'env.options' does not fit environment '{name}': {e}") from None
 
 
 def _int_at_least(obj: Any, section: str, low: int, *names: str) -> None:
@@ -41,6 +125,7 @@ class ModelSection:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        _check_types(self, "model")
         _require(
             isinstance(self.source, str) and bool(self.source),
             "model.source",
@@ -69,6 +154,7 @@ class EngineSection:
     weight_bucket_bytes: int = 512 << 20
 
     def __post_init__(self) -> None:
+        _check_types(self, "engine")
         _int_at_least(
             self, "engine", 1, "tp", "sp", "max_num_seqs", "max_num_batched_tokens", "weight_bucket_bytes"
         )
@@ -97,6 +183,7 @@ class DataSection:
     shuffle: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self, "data")
         _require(
             isinstance(self.path, str) and bool(self.path), "data.path", "a jsonl or parquet file", self.path
         )
@@ -131,8 +218,9 @@ class EnvSection:
     def __post_init__(self) -> None:
         from msa.rl.envs import ENVIRONMENTS
 
+        _check_types(self, "env")
         _require(self.name in ENVIRONMENTS, "env.name", f"one of {sorted(ENVIRONMENTS)}", self.name)
-        _require(isinstance(self.options, dict), "env.options", "a mapping", self.options)
+        _check_env_options(self.name, self.options)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -156,6 +244,7 @@ class RolloutSection:
     overlap: bool = False
 
     def __post_init__(self) -> None:
+        _check_types(self, "rollout")
         _int_at_least(self, "rollout", 1, "prompts_per_step", "max_tokens", "max_turns", "max_concurrency")
         _int_at_least(self, "rollout", 2, "group_size")
         _int_at_least(self, "rollout", 0, "max_retries", "max_regenerations")
@@ -187,6 +276,7 @@ class AlgorithmSection:
     updates_per_rollout: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self, "algorithm")
         _require(
             self.name in ("grpo", "reinforce_pp"), "algorithm.name", "'grpo' or 'reinforce_pp'", self.name
         )
@@ -219,13 +309,13 @@ class TrainerSection:
     grad_clip: float = 1.0
 
     def __post_init__(self) -> None:
+        _check_types(self, "trainer")
         _int_at_least(self, "trainer", 1, "num_trainers", "grad_accum_steps")
         _require(self.zero_stage in (0, 1, 2, 3), "trainer.zero_stage", "0, 1, 2 or 3", self.zero_stage)
         _require(self.cpus_per_trainer > 0, "trainer.cpus_per_trainer", "> 0", self.cpus_per_trainer)
         _require(self.gpus_per_trainer >= 0, "trainer.gpus_per_trainer", ">= 0", self.gpus_per_trainer)
         _require(0.0 < self.lr < 1.0, "trainer.lr", "in (0, 1)", self.lr)
         _require(self.weight_decay >= 0.0, "trainer.weight_decay", ">= 0", self.weight_decay)
-        self.betas = tuple(self.betas)
         _require(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             "trainer.betas",
@@ -247,6 +337,7 @@ class RunSection:
     resume: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self, "run")
         _int_at_least(self, "run", 1, "steps", "keep_checkpoints")
         _int_at_least(self, "run", 0, "checkpoint_every", "seed")
         _require(
@@ -268,6 +359,7 @@ class LoggingSection:
     progress_bar: bool = True
 
     def __post_init__(self) -> None:
+        _check_types(self, "logging")
         _require(
             self.wandb_mode in ("online", "offline", "disabled"),
             "logging.wandb_mode",
@@ -348,14 +440,25 @@ class RLConfig:
 
 
 def load_rl_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RLConfig:
-    """Read a YAML run config; ``overrides`` maps dotted keys (``run.steps``) to values."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    """Read a YAML run config; ``overrides`` maps dotted keys (``run.steps``, ``env.options.length``)
+    to values. A section or mapping left empty in the file (``logging:``) counts as ``{}``."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of config sections")
     for dotted, value in (overrides or {}).items():
-        section, _, key = dotted.partition(".")
-        if not key:
+        *parents, key = dotted.split(".")
+        if not parents or not all(parents) or not key:
             raise ConfigError(f"override {dotted!r} must look like section.field")
-        raw.setdefault(section, {})
-        raw[section][key] = value
+        node = raw
+        for depth, part in enumerate(parents, 1):
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
+            if not isinstance(node, dict):
+                where = ".".join(parents[:depth])
+                raise ConfigError(f"override {dotted!r}: rl config '{where}' is {node!r}, not a mapping")
+        node[key] = value
     return RLConfig.from_dict(raw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 import pytest
 
@@ -28,8 +29,22 @@ def test_register_adds_train_and_submit_with_overrides():
 
 def test_submit_entrypoint_runs_the_train_command_inside_the_job():
     assert submit_entrypoint("examples/rl_gpu.yaml", ["run.steps=5"]) == (
-        "python -m msa.rl.cli train examples/rl_gpu.yaml --set 'run.steps=5'"
+        "python -m msa.rl.cli train examples/rl_gpu.yaml --set run.steps=5"
     )
+
+
+@pytest.mark.parametrize(
+    "config,overrides",
+    [
+        ("configs/my run.yaml", []),
+        ("examples/rl_tiny.yaml", ["logging.run_name=bob's run"]),
+        ("examples/rl_tiny.yaml", ["logging.run_name=$HOME", 'logging.wandb_project="x" `id`; ls']),
+    ],
+)
+def test_submit_entrypoint_quotes_every_argument(config, overrides):
+    argv = shlex.split(submit_entrypoint(config, overrides))
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    assert argv == ["python", "-m", "msa.rl.cli", "train", config, *sets]
 
 
 def test_bad_override_and_bad_config_fail_with_a_message(capsys, tmp_path):
@@ -40,6 +55,22 @@ def test_bad_override_and_bad_config_fail_with_a_message(capsys, tmp_path):
     outside.write_text(open("examples/rl_tiny.yaml").read())
     assert main(["submit", str(outside), "--no-wait"]) == 1
     assert "inside the uploaded working directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ("trainer.lr=fast", "trainer.lr"),
+        ("rollout.temperature=hot", "rollout.temperature"),
+        ("algorithm.kl_coef=null", "algorithm.kl_coef"),
+        ("trainer.zero_stage=true", "trainer.zero_stage"),
+        ("env.options.lenght=4", "env.options.lenght"),
+    ],
+)
+def test_wrongly_typed_override_fails_with_a_message_naming_the_field(capsys, override, field):
+    assert main(["train", "examples/rl_tiny.yaml", "--set", override]) == 1
+    err = capsys.readouterr().err
+    assert f"'{field}'" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("value,parsed", [("3", 3), ("true", True), ("0.5", 0.5), ("abc", "abc")])
