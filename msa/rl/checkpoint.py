@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,22 @@ def step_dir(output_dir: str | Path, step: int) -> Path:
     return checkpoint_root(output_dir) / f"step_{step:06d}"
 
 
+def checkpoint_step(directory: Path) -> int | None:
+    """The step a ``step_{N}`` folder resumes at, or None for any other name."""
+    match = re.fullmatch(r"step_(\d+)", directory.name)
+    return int(match.group(1)) if match else None
+
+
+def finished_checkpoints(output_dir: str | Path) -> list[Path]:
+    """The ``step_*`` folders whose driver state was written, oldest step first."""
+    found = [
+        p
+        for p in checkpoint_root(output_dir).glob("step_*")
+        if checkpoint_step(p) is not None and (p / "driver.pt").exists()
+    ]
+    return sorted(found, key=checkpoint_step)
+
+
 def capture_rng() -> dict[str, Any]:
     return {"python": random.getstate(), "torch": torch.get_rng_state()}
 
@@ -67,13 +84,15 @@ def write_driver_state(directory: Path, state: DriverState) -> None:
 
 
 def mark_latest(output_dir: str | Path, directory: Path, keep: int) -> None:
-    """Point ``latest`` at ``directory`` (atomic rename), then drop all but the ``keep`` newest."""
+    """Point ``latest`` at ``directory`` (atomic rename), then drop the finished checkpoints of
+    lower steps beyond the ``keep - 1`` newest of them; ``directory`` and later steps stay."""
     root = checkpoint_root(output_dir)
     tmp = root / "latest.tmp"
     tmp.write_text(directory.name + "\n")
     os.replace(tmp, root / "latest")
-    finished = sorted(p for p in root.glob("step_*") if (p / "driver.pt").exists())
-    for old in finished[:-keep]:
+    step = checkpoint_step(directory)
+    older = [p for p in finished_checkpoints(output_dir) if checkpoint_step(p) < step]
+    for old in older[: max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -83,6 +102,10 @@ def latest_checkpoint(output_dir: str | Path) -> tuple[Path, DriverState] | None
     if not pointer.exists():
         return None
     directory = checkpoint_root(output_dir) / pointer.read_text().strip()
+    if not (directory / "driver.pt").exists():
+        raise FileNotFoundError(
+            f"{pointer} names {directory.name}, but {directory} holds no complete checkpoint"
+        )
     raw = torch.load(directory / "driver.pt", weights_only=False)
     return directory, DriverState(
         step=raw["step"], data=raw["data"], pending=raw["pending"], rng=raw["rng"], wandb_id=raw["wandb_id"]

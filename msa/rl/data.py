@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from msa.platform.config import ConfigError
 from msa.rl.config import DataSection
 
 
@@ -18,21 +19,33 @@ class Prompt:
     sample: dict[str, Any]
 
 
+class MissingColumnError(ConfigError, KeyError):
+    """``data.fields`` names a column the dataset does not have (a KeyError too, for callers that
+    catch lookups)."""
+
+    __str__ = ConfigError.__str__
+
+
 def load_prompts(section: DataSection) -> list[dict[str, Any]]:
-    """Every row as a dict whose keys are the environment's names (``fields``: env key -> column);
-    columns not named in the mapping keep their own names."""
+    """Every row as a dict whose keys are the environment's names (``fields``: env key -> column).
+    A mapped key takes its column's value even where the dataset has a column of that name; several
+    keys may read one column; columns not named in the mapping keep their own names."""
     from datasets import load_dataset
 
     table = load_dataset(section.loader, data_files=section.path, split="train")
     columns = set(table.column_names)
     missing = sorted(col for col in section.fields.values() if col not in columns)
     if missing:
-        raise KeyError(
+        raise MissingColumnError(
             f"data.fields names column(s) {missing} that {section.path} does not have; "
             f"its columns: {sorted(columns)}"
         )
-    renamed = {col: key for key, col in section.fields.items()}
-    return [{renamed.get(k, k): v for k, v in row.items()} for row in table]
+    mapped = set(section.fields.values())
+    return [
+        {k: v for k, v in row.items() if k not in mapped}
+        | {key: row[col] for key, col in section.fields.items()}
+        for row in table
+    ]
 
 
 class PromptSampler:

@@ -24,6 +24,8 @@ from msa.rl.checkpoint import (
     POLICY_TAG,
     DriverState,
     capture_rng,
+    checkpoint_step,
+    finished_checkpoints,
     latest_checkpoint,
     mark_latest,
     restore_rng,
@@ -37,6 +39,7 @@ from msa.rl.metrics import RunLogger
 from msa.rl.placement import TrainerGroup, runtime_env
 from msa.rl.rollout import RolloutBatch, RolloutWorker
 from msa.rl.sync import WeightSync
+from msa.rl.trainer import TOKEN_MEAN_TERMS
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,35 @@ def rollout_metrics(batch: RolloutBatch, version: int) -> dict[str, float]:
     }
 
 
+def trainer_metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """One row from every rank's ``train_step`` metrics: ``train/tokens`` summed, the per-token
+    means weighted by each rank's tokens (the step's global token mean), the rest averaged over the
+    ranks that report them."""
+    tokens = [r["train/tokens"] for r in results]
+    total = sum(tokens)
+    weighted = {f"train/{k}" for k in TOKEN_MEAN_TERMS}
+    merged: dict[str, float] = {"train/tokens": total}
+    for key in dict.fromkeys(k for r in results for k in r):
+        if key in weighted:
+            merged[key] = sum(r[key] * n for r, n in zip(results, tokens, strict=True)) / max(total, 1.0)
+        elif key != "train/tokens":
+            values = [r[key] for r in results if key in r]
+            merged[key] = sum(values) / len(values)
+    return merged
+
+
+def check_fresh_start(config: RLConfig) -> None:
+    """A fresh run (``run.resume`` false) neither mixes with nor prunes an earlier run's checkpoints."""
+    found = finished_checkpoints(config.run.output_dir)
+    if config.run.resume or not found:
+        return
+    raise ValueError(
+        f"run.output_dir {config.run.output_dir} holds checkpoints of an earlier run "
+        f"(latest step {checkpoint_step(found[-1])}); set run.resume=true to continue it, "
+        "or choose another run.output_dir"
+    )
+
+
 def report_failures(batch: RolloutBatch, step: int) -> None:
     for group in batch.failed:
         log.warning(
@@ -98,6 +130,7 @@ async def train(config: RLConfig, prompts: list[dict] | None = None) -> RunSumma
     """Run (or resume) the post-training described by ``config``; returns the metrics history.
     ``prompts``: rows to draw from (keys already the environment's names) instead of reading
     ``config.data``'s file, for a caller that holds its prompts in memory."""
+    check_fresh_start(config)
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():
@@ -185,7 +218,7 @@ async def _loop(
                 )
             else:
                 results = await asyncio.to_thread(ray.get, refs)
-        metrics |= {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+        metrics |= trainer_metrics(results)
         metrics["time/train"] = time.perf_counter() - train_start
 
         # 3. Weight sync: the engine switches to version step + 1 between two of its steps.

@@ -25,6 +25,9 @@ from msa.rl.algorithms import policy_loss_sums
 from msa.rl.batch import PackedBatch, TrainSample, pack
 from msa.rl.config import AlgorithmSection, ModelSection, TrainerSection
 
+# Per-token means in ``train_step``'s metrics; ``train/tokens`` is their weight across ranks.
+TOKEN_MEAN_TERMS = ("loss", "pg", "kl", "clipped", "ratio")
+
 
 def free_address() -> tuple[str, int]:
     """This node's IP and a free TCP port for the rank-0 rendezvous."""
@@ -151,7 +154,7 @@ class PolicyTrainer:
         engine.train()
         # DeepSpeed divides each micro-batch loss by the accumulation steps and averages ranks.
         scale = self.section.grad_accum_steps * self.world / max(global_tokens, 1)
-        totals = dict.fromkeys(("loss", "pg", "kl", "clipped", "ratio", "tokens"), 0.0)
+        totals = dict.fromkeys((*TOKEN_MEAN_TERMS, "tokens"), 0.0)
         indexer_kl = []
         for samples in micro_batches:
             terms = self._micro_step(samples, scale)
@@ -160,8 +163,8 @@ class PolicyTrainer:
             for key, value in terms.items():
                 totals[key] += value
         grad_norm = engine.get_global_grad_norm()
-        tokens = max(totals.pop("tokens"), 1.0)
-        metrics = {f"train/{k}": v / tokens for k, v in totals.items()}
+        tokens = totals.pop("tokens")
+        metrics = {f"train/{k}": v / max(tokens, 1.0) for k, v in totals.items()}
         if indexer_kl:
             # Per MSA layer, mean over index heads and queries; averaged over the micro-batches.
             metrics["train/indexer_kl"] = sum(indexer_kl) / len(indexer_kl)
