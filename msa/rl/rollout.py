@@ -67,9 +67,11 @@ class RolloutBatch:
     regenerations: int
 
 
-def episode_seed(run_seed: int, step: int, uid: int, index: int, attempt: int) -> int:
-    """A stable 62-bit sampling seed, so a resumed run samples what an uninterrupted one would."""
-    digest = hashlib.blake2b(f"{run_seed}/{step}/{uid}/{index}/{attempt}".encode(), digest_size=8).digest()
+def episode_seed(run_seed: int, step: int, slot: int, uid: int, index: int, attempt: int) -> int:
+    """A stable 62-bit sampling seed, so a resumed run samples what an uninterrupted one would.
+    ``slot``: the group's position in the step's prompts, which tells apart two draws of one prompt."""
+    key = f"{run_seed}/{step}/{slot}/{uid}/{index}/{attempt}"
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 2
 
 
@@ -92,10 +94,10 @@ class RolloutWorker:
         self._retries = self._regenerations = 0
 
     async def run_step(self, step: int, prompts: list[Prompt]) -> RolloutBatch:
-        """All groups of one step, concurrently."""
+        """All groups of one step, concurrently; a prompt listed twice makes two independent groups."""
         start = time.perf_counter()
         self._retries = self._regenerations = 0
-        results = await asyncio.gather(*[self._group(step, p) for p in prompts])
+        results = await asyncio.gather(*[self._group(step, slot, p) for slot, p in enumerate(prompts)])
         ok = [g for g in results if g.error is None]
         failed = [g for g in results if g.error is not None]
         return RolloutBatch(
@@ -106,9 +108,9 @@ class RolloutWorker:
             regenerations=self._regenerations,
         )
 
-    async def _group(self, step: int, prompt: Prompt) -> GroupResult:
+    async def _group(self, step: int, slot: int, prompt: Prompt) -> GroupResult:
         tasks = [
-            asyncio.ensure_future(self._episode_with_retries(step, prompt, i))
+            asyncio.ensure_future(self._episode_with_retries(step, slot, prompt, i))
             for i in range(self.section.group_size)
         ]
         try:
@@ -122,14 +124,14 @@ class RolloutWorker:
             return GroupResult(uid=prompt.uid, error=str(e))
         return GroupResult(uid=prompt.uid, episodes=list(episodes))
 
-    async def _episode_with_retries(self, step: int, prompt: Prompt, index: int) -> Episode:
+    async def _episode_with_retries(self, step: int, slot: int, prompt: Prompt, index: int) -> Episode:
         failures: list[str] = []
         regenerations = 0
         attempt = 0
         while True:
             try:
                 async with self._slots:
-                    seed = episode_seed(self.run_seed, step, prompt.uid, index, attempt)
+                    seed = episode_seed(self.run_seed, step, slot, prompt.uid, index, attempt)
                     episode = await wait_within(
                         self.run_episode(prompt, index, seed), self.section.episode_timeout_s
                     )

@@ -172,3 +172,39 @@ def test_episode_spanning_a_weight_update_is_dropped_and_regenerated():
     episodes = batch.groups[0].episodes
     assert [ep.weight_version for ep in episodes] == [7, 7]
     assert [ep.regenerations for ep in episodes] == [1, 0]
+
+
+class RecordingEngine:
+    """The engine, with the request id and seed of every generate call noted."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.requests = engine, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def generate(self, request_id, ids, params):
+        self.requests.append((request_id, params.seed))
+        return self.engine.generate(request_id, ids, params)
+
+
+def test_a_prompt_twice_in_one_step_makes_two_independent_groups():
+    async def main():
+        engine = await started_engine()
+        try:
+            runs = []
+            for _ in range(2):
+                recording = RecordingEngine(engine)
+                worker = worker_for(recording, EchoToolEnv, max_turns=1, max_retries=0)
+                prompt = Prompt(5, {"prompt": "hello"})
+                runs.append((await worker.run_step(3, [prompt, prompt]), recording.requests))
+            return runs
+        finally:
+            await engine.shutdown()
+
+    (batch, requests), (_, again) = asyncio.run(main())
+    assert not batch.failed and [g.uid for g in batch.groups] == [5, 5]
+    assert batch.retries == 0
+    ids, seeds = [r for r, _ in requests], [s for _, s in requests]
+    assert len(requests) == 4 and len(set(ids)) == 4 and len(set(seeds)) == 4
+    assert sorted(again) == sorted(requests)  # the same step again draws the same seeds
