@@ -191,18 +191,17 @@ class MSAEngine:
         bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})")
-        total = len(prompt) + params.max_tokens
-        positions = self.model_config.max_position_embeddings
-        if total > positions:
-            raise RequestTooLongError(len(prompt), params.max_tokens, positions, "max_position_embeddings")
-        if total > self.max_context_length:
-            raise RequestTooLongError(
-                len(prompt),
-                params.max_tokens,
-                self.max_context_length,
-                f"KV pages: {self.scheduler.block_manager.num_pages} per shard x "
-                f"sp={self.config.sp} x {self.block_size} tokens, tp={self.config.tp}",
-            )
+        limit = self.max_context_length
+        if len(prompt) + params.max_tokens > limit:
+            # Name the tighter of the two limits, the one max_context_length reports.
+            if limit == self.model_config.max_position_embeddings:
+                reason = "max_position_embeddings"
+            else:
+                reason = (
+                    f"KV pages: {self.scheduler.block_manager.num_pages} per shard x "
+                    f"sp={self.config.sp} x {self.block_size} tokens, tp={self.config.tp}"
+                )
+            raise RequestTooLongError(len(prompt), params.max_tokens, limit, reason)
         if len(self.scheduler.waiting) + params.n > self.config.max_waiting:
             self._rejected += 1
             raise EngineOverloadedError(

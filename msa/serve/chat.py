@@ -92,7 +92,9 @@ async def create_chat_completion(
     server.check_model(req.model)
     prompt_ids, prefill = render_prompt(server, req)
     top_logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    params = server.request_params(req, len(prompt_ids), req.completion_limit, "messages", top_logprobs)
+    params = server.request_params(
+        req, len(prompt_ids), req.completion_limit, "messages", top_logprobs, req.completion_limit_field
+    )
     timer = server.metrics.track(arrival, "chat")
     stream = await server.open_stream(prompt_ids, params, timer, "messages")
     parse_tools = bool(req.tools) and req.effective_tool_choice != "none"

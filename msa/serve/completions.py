@@ -53,15 +53,8 @@ async def create_completion(
     params = [
         server.request_params(req, len(ids), req.max_tokens, "prompt", req.logprobs) for ids in prompt_ids
     ]
-    streams: list[GenerationStream] = []
-    try:
-        for ids, p in zip(prompt_ids, params, strict=True):
-            timer = server.metrics.track(arrival, "completions")
-            streams.append(await server.open_stream(ids, p, timer, "prompt"))
-    except BaseException:
-        for stream in streams:
-            await stream.close()
-        raise
+    timers = [server.metrics.track(arrival, "completions") for _ in prompt_ids]
+    streams = await server.open_streams(list(zip(prompt_ids, params, timers, strict=True)), "prompt")
     choices = [TextChoice(i, req.logprobs) for i in range(len(prompts) * req.n)]
     response_id = new_id("cmpl")
     if req.stream:

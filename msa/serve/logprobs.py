@@ -60,7 +60,13 @@ class LegacyLogprobs:
             text = token_text(token)
             self.tokens.append(text)
             self.token_logprobs.append(out.logprobs[i])
-            self.top_logprobs.append({token_text(t): lp for t, lp in _top(out, i, self.top_n)})
+            # As OpenAI's: the sampled token and up to top_n alternatives, keyed by text. Texts
+            # can collide (byte tokens all decode to "\ufffd"); the sampled token's entry stays its
+            # own and among alternatives the likelier wins (they come most likely first).
+            top = {text: out.logprobs[i]}
+            for alternative, lp in _top(out, i, self.top_n):
+                top.setdefault(token_text(alternative), lp)
+            self.top_logprobs.append(top)
             self.text_offset.append(self._offset)
             self._offset += len(text)
         return self.as_dict(start)

@@ -2,16 +2,27 @@
 
 Requests reject out-of-range values here, so malformed input never reaches the engine; the field
 limits mirror ``msa.cluster.protocol.SamplingParams``. Unknown request fields are ignored, as
-OpenAI's clients send optional fields this server does not use.
+OpenAI's clients send optional fields this server does not use. Known parameters this engine does
+not implement (penalties, logit_bias, structured output, ...) are accepted only at the values that
+change nothing, so a request never silently gets other output than it asked for.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MAX_N = 128
 MAX_STOP = 16
@@ -20,6 +31,20 @@ MAX_LOGPROBS = 20
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def no_op_only(*accepted: Any) -> AfterValidator:
+    """A field's validator for a parameter this engine does not implement: null and ``accepted``
+    (the values that change nothing, which clients send by default) pass; any other is refused."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is None or value in accepted:
+            return value
+        send = " or ".join(json.dumps(a) for a in accepted)
+        instead = f"send {send} or leave it out" if accepted else "leave it out"
+        raise ValueError(f"this server does not support {info.field_name}; {instead}")
+
+    return AfterValidator(check)
 
 
 class StreamOptions(_Request):
@@ -40,8 +65,25 @@ class SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Not in OpenAI's API; vLLM's extension of the same name, for benchmarks that need fixed lengths.
+    # Not in OpenAI's API; vLLM's extensions of the same names. ignore_eos is for benchmarks that
+    # need fixed lengths; stop_token_ids end a choice like EOS (checked against the vocabulary by
+    # the server, which knows it).
     ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    # Parameters of OpenAI's API and vLLM's extensions that this engine does not implement.
+    frequency_penalty: Annotated[float | None, no_op_only(0.0)] = None
+    presence_penalty: Annotated[float | None, no_op_only(0.0)] = None
+    logit_bias: Annotated[dict[str, float] | None, no_op_only({})] = None
+    response_format: dict[str, Any] | None = None
+    repetition_penalty: Annotated[float | None, no_op_only(1.0)] = None
+    min_p: Annotated[float | None, no_op_only(0.0)] = None
+    min_tokens: Annotated[int | None, no_op_only(0)] = None
+    use_beam_search: Annotated[bool | None, no_op_only(False)] = None
+    guided_json: Annotated[Any, no_op_only()] = None
+    guided_regex: Annotated[Any, no_op_only()] = None
+    guided_choice: Annotated[Any, no_op_only()] = None
+    guided_grammar: Annotated[Any, no_op_only()] = None
+    structured_outputs: Annotated[Any, no_op_only()] = None
 
     @field_validator("stop")
     @classmethod
@@ -51,11 +93,26 @@ class SamplingFields(_Request):
             raise ValueError(f"stop must be at most {MAX_STOP} non-empty strings")
         return stops
 
-    @model_validator(mode="after")
-    def _check_stream_options(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
+    # Checks of one field against an earlier one are field validators (reading ``info.data``), so
+    # the error's location, and the error body's param, is the field to fix.
+    @field_validator("stream_options")
+    @classmethod
+    def _check_stream_options(
+        cls, options: StreamOptions | None, info: ValidationInfo
+    ) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return options
+
+    @field_validator("response_format")
+    @classmethod
+    def _check_response_format(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        if response_format is not None and response_format.get("type") != "text":
+            raise ValueError(
+                f"this server does not support response_format of type {response_format.get('type')!r}; "
+                'send {"type": "text"} or leave it out'
+            )
+        return response_format
 
 
 # Chat requests -----------------------------------------------------------------------------------
@@ -83,6 +140,18 @@ class ChatMessage(_Request):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_part_types(cls, content: Any) -> Any:
+        # Checked before the union is tried, so an image part gets this message rather than one
+        # error per union member.
+        parts = content if isinstance(content, list) else []
+        kinds = [part.get("type") for part in parts if isinstance(part, dict)]
+        other = next((kind for kind in kinds if isinstance(kind, str) and kind != "text"), None)
+        if other is not None:
+            raise ValueError(f"{other} content parts are not supported by this model; send text parts")
+        return content
 
     @model_validator(mode="after")
     def _check_content(self) -> ChatMessage:
@@ -128,23 +197,34 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
-    @model_validator(mode="after")
-    def _check_chat(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _check_top_logprobs(cls, top_logprobs: int | None, info: ValidationInfo) -> int | None:
+        if top_logprobs is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs requires logprobs to be true")
-        names = [tool.function.name for tool in self.tools or []]
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+        return top_logprobs
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _check_tool_choice(cls, tool_choice: Any, info: ValidationInfo) -> Any:
+        names = [tool.function.name for tool in info.data.get("tools") or []]
+        if isinstance(tool_choice, NamedToolChoice) and tool_choice.function.name not in names:
             raise ValueError(
-                f"tool_choice names function {self.tool_choice.function.name!r}, "
+                f"tool_choice names function {tool_choice.function.name!r}, "
                 f"which is not among the tools {names}"
             )
-        if self.tool_choice == "required" and not names:
+        if tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs at least one tool")
-        return self
+        return tool_choice
 
     @property
     def completion_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def completion_limit_field(self) -> str:
+        """The field ``completion_limit`` comes from, for errors about it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
     def effective_tool_choice(self) -> str | NamedToolChoice:
@@ -160,8 +240,9 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
-    suffix: str | None = None
+    echo: Annotated[bool, no_op_only(False)] = False
+    suffix: Annotated[str | None, no_op_only("")] = None
+    best_of: int | None = None
     max_tokens: int | None = Field(default=16, ge=1)
 
     @field_validator("prompt")
@@ -169,17 +250,20 @@ class CompletionRequest(SamplingFields):
     def _check_prompt(cls, prompt: Any) -> Any:
         if isinstance(prompt, list) and (not prompt or any(isinstance(p, list) and not p for p in prompt)):
             raise ValueError("prompt must not be empty")
-        if isinstance(prompt, list) and any(isinstance(p, int) and p < 0 for p in prompt):
-            raise ValueError("token ids must be >= 0")
+        if isinstance(prompt, list):
+            # A flat list is one prompt of token ids; a nested list, a batch of them.
+            ids = [t for p in prompt for t in (p if isinstance(p, list) else [p]) if isinstance(t, int)]
+            if any(t < 0 for t in ids):
+                raise ValueError("token ids must be >= 0")
         return prompt
 
-    @model_validator(mode="after")
-    def _check_unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
-        if self.suffix:
-            raise ValueError("suffix is not supported")
-        return self
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(f"this server does not support best_of other than n; send {n} or leave it out")
+        return best_of
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token-id list each."""

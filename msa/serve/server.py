@@ -65,8 +65,12 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def completion_budget(self, num_prompt_tokens: int, requested: int | None, prompt_field: str) -> int:
-        """max_tokens for the engine: the request's, or all the context the prompt leaves."""
+    def completion_budget(
+        self, num_prompt_tokens: int, requested: int | None, prompt_field: str, limit_field: str
+    ) -> int:
+        """max_tokens for the engine: the request's, or all the context the prompt leaves. The limit
+        is the engine's, the ``max_model_len`` that /v1/models reports; ``limit_field`` names the
+        request field that asked for ``requested`` tokens."""
         limit = self.engine.max_context_length
         if num_prompt_tokens >= limit:
             raise OpenAIError(
@@ -76,7 +80,29 @@ class OpenAIServer:
                 param=prompt_field,
                 code="context_length_exceeded",
             )
+        if requested is not None and num_prompt_tokens + requested > limit:
+            raise OpenAIError(
+                400,
+                f"this request needs {num_prompt_tokens} prompt + {requested} completion tokens = "
+                f"{num_prompt_tokens + requested}, but this model's context holds at most {limit} "
+                f"tokens; set {limit_field} to at most {limit - num_prompt_tokens}",
+                param=limit_field,
+                code="context_length_exceeded",
+            )
         return requested if requested is not None else limit - num_prompt_tokens
+
+    def stop_token_ids(self, token_ids: list[int] | None) -> list[int]:
+        """The request's stop_token_ids, each checked to be in the vocabulary."""
+        vocab = self.tokenizer.vocab_size
+        bad = next((t for t in token_ids or [] if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OpenAIError(
+                400,
+                f"stop_token_ids holds token id {bad}, outside the vocabulary [0, {vocab})",
+                param="stop_token_ids",
+                code="invalid_value",
+            )
+        return list(token_ids or [])
 
     def request_params(
         self,
@@ -85,17 +111,23 @@ class OpenAIServer:
         requested_max_tokens: int | None,
         prompt_field: str,
         logprobs: int | None,
+        limit_field: str = "max_tokens",
     ) -> SamplingParams:
-        """The engine's sampling parameters for one prompt of a chat or completions request."""
+        """The engine's sampling parameters for one prompt of a chat or completions request;
+        ``prompt_field`` and ``limit_field`` name the request's prompt and max-tokens fields."""
+        max_tokens = self.completion_budget(
+            num_prompt_tokens, requested_max_tokens, prompt_field, limit_field
+        )
         try:
             return SamplingParams(
-                max_tokens=self.completion_budget(num_prompt_tokens, requested_max_tokens, prompt_field),
+                max_tokens=max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
                 top_k=max(0, req.top_k),
                 seed=req.seed,
                 n=req.n,
                 stop=req.stop,
+                stop_token_ids=self.stop_token_ids(req.stop_token_ids),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
             )
@@ -125,11 +157,30 @@ class OpenAIServer:
     async def open_stream(
         self, prompt_ids: list[int], params: SamplingParams, timer: RequestTimer, prompt_field: str
     ) -> GenerationStream:
+        (stream,) = await self.open_streams([(prompt_ids, params, timer)], prompt_field)
+        return stream
+
+    async def open_streams(
+        self, requests: list[tuple[list[int], SamplingParams, RequestTimer]], prompt_field: str
+    ) -> list[GenerationStream]:
+        """One stream per (prompt ids, params, timer), opened at once so the engine admits (and
+        prefills) the prompts together. If any fails, every stream is closed, which aborts the
+        engine requests already admitted, and the failure of the first such prompt is raised."""
         if not self.engine.stats().healthy:
             raise OpenAIError(503, "the engine is not running", code="engine_dead")
-        stream = GenerationStream(self, prompt_ids, params, timer, prompt_field)
-        await stream.open()
-        return stream
+        streams = [
+            GenerationStream(self, ids, params, timer, prompt_field) for ids, params, timer in requests
+        ]
+        try:
+            opened = await asyncio.gather(*(s.open() for s in streams), return_exceptions=True)
+            failure = next((result for result in opened if isinstance(result, BaseException)), None)
+            if failure is not None:
+                raise failure
+        except BaseException:
+            for stream in streams:
+                await stream.close()
+            raise
+        return streams
 
     async def health(self) -> None:
         try:

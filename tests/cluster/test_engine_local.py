@@ -145,6 +145,9 @@ def test_requests_that_can_never_fit_are_refused_with_the_limit():
             with pytest.raises(RequestTooLongError) as too_long:
                 await collect(engine, "long", prompt(30), greedy(11))
             assert too_long.value.limit == 40 and "40" in str(too_long.value)
+            with pytest.raises(RequestTooLongError) as beyond_both:  # the KV pages are the tighter limit
+                await collect(engine, "huge", prompt(30), greedy(5000))
+            assert beyond_both.value.limit == 40 and "KV pages" in str(beyond_both.value)
             fits = await collect(engine, "ok", prompt(30), greedy(10))
             assert len(tokens_of(fits[0])) == 10
         finally:

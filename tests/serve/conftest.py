@@ -12,8 +12,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from msa.cluster.engine import EngineConfig, MSAEngine
+from msa.cluster.protocol import SamplingParams, TokenOutput
 from msa.platform.tokenizer import Tokenizer
 from msa.serve.api import create_app
+from msa.serve.schemas import new_id
 from msa.serve.server import OpenAIServer
 
 API_KEY = "test-key"
@@ -32,6 +34,15 @@ def chat_prompt_tokens(messages: list[dict], tools: list[dict] | None = None, pr
     tok = Tokenizer.byte_level_default()
     text = tok.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
     return len(tok.encode(text + prefill))
+
+
+def engine_outputs(app_client, prompt: list[int], params: SamplingParams) -> list[TokenOutput]:
+    """The engine's own outputs for a request, bypassing the HTTP layer."""
+
+    async def collect() -> list[TokenOutput]:
+        return [out async for out in app_client.engine.generate(new_id("direct"), prompt, params)]
+
+    return app_client.client.portal.call(collect)
 
 
 def sse_events(text: str) -> list[dict | str]:

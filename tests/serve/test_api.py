@@ -1,5 +1,5 @@
 """The FastAPI app around an in-process MSAEngine (tiny preset): responses, streaming, usage,
-logprobs, tools, errors, disconnects, health and metrics."""
+logprobs, batched prompts, tools, errors, disconnects, health and metrics."""
 
 import json
 
@@ -20,6 +20,7 @@ from tests.serve.conftest import (
     assert_error,
     call_then_disconnect,
     chat_prompt_tokens,
+    engine_outputs,
     sse_events,
     tiny_engine,
     wait_until,
@@ -78,7 +79,7 @@ def test_completions_with_token_ids_n_stop_and_legacy_logprobs(app_client):
     for c in body["choices"]:
         lp = c["logprobs"]
         assert len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"])
-        assert all(len(top) <= 2 for top in lp["top_logprobs"])
+        assert all(len(top) <= 3 for top in lp["top_logprobs"])  # the sampled token + 2 alternatives
         assert "\n" not in c["text"]
 
 
@@ -124,7 +125,7 @@ TOO_LONG = "context_length_exceeded"
     ({"model": "tiny", "messages": USER, "temperature": "hot"}, 400, "temperature", "float_parsing"),
     ({"model": "gpt-4", "messages": USER}, 404, "model", "model_not_found"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "messages", TOO_LONG),
-    ({"model": "tiny", "messages": USER, "max_tokens": 4000}, 400, "messages", TOO_LONG),
+    ({"model": "tiny", "messages": USER, "max_tokens": 4000}, 400, "max_tokens", TOO_LONG),
 ], ids=["missing", "negative-max", "huge-n", "empty", "wrong-type", "bad-float", "unknown-model",
         "oversize-prompt", "prompt-plus-max-too-long"])
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app_client, body, status, param, code):
@@ -249,3 +250,73 @@ def test_a_tokenizer_without_chat_template_gets_the_documented_default():
     default = Tokenizer.byte_level_default().apply_chat_template(USER)
     assert server.tokenizer.apply_chat_template(USER) == default
     assert tok.chat_template is None
+
+
+def test_legacy_top_logprobs_hold_the_sampled_token_and_the_likelier_of_equal_texts(app_client):
+    prompt, n_top = list(b"Once upon"), 2
+    sampling = {"max_tokens": 24, "seed": 1, "logprobs": n_top, "ignore_eos": True}
+    r = app_client.client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, **sampling})
+    lp = r.json()["choices"][0]["logprobs"]
+    outs = engine_outputs(app_client, prompt, SamplingParams(**sampling))
+    steps = [(t, top) for o in outs for t, top in zip(o.token_ids, o.top_logprobs, strict=True)]
+    text = app_client.server.token_text
+    assert lp["tokens"] == [text(t) for t, _ in steps]
+    collisions = 0
+    for token, logprob, top, (sampled, alternatives) in zip(lp["tokens"], lp["token_logprobs"],
+                                                            lp["top_logprobs"], steps, strict=True):
+        assert top[token] == logprob and len(top) <= n_top + 1
+        want = {token: logprob}
+        for alternative, alt_lp in alternatives.items():
+            key = text(alternative)
+            collisions += key == token and alternative != sampled
+            if key != token:
+                want[key] = max(alt_lp, want.get(key, -float("inf")))
+        assert top == pytest.approx(want)
+    assert collisions > 0  # byte tokens decode alike: the case where an alternative shares the sampled text
+
+
+def test_context_errors_state_the_limit_that_models_reports(app_client):
+    c = app_client.client
+    max_model_len = c.get("/v1/models").json()["data"][0]["max_model_len"]
+    assert max_model_len == app_client.engine.max_context_length == 1024  # KV pages, tighter than 4096
+    for max_tokens in (5000, 4000):
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "a", "max_tokens": max_tokens})
+        error = assert_error(r, 400, "max_tokens")
+        assert error["code"] == TOO_LONG and "4096" not in error["message"]
+        assert f"at most {max_model_len} tokens" in error["message"]
+        assert f"max_tokens to at most {max_model_len - 2}" in error["message"]  # "a" is <bos> a
+    r = chat(c, max_tokens=5, max_completion_tokens=max_model_len)
+    assert f"at most {max_model_len} tokens" in assert_error(r, 400, "max_completion_tokens")["message"]
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": "b" * max_model_len, "max_tokens": 1})
+    assert f"at most {max_model_len} tokens" in assert_error(r, 400, "prompt")["message"]
+    assert app_client.engine.stats().running == 0
+
+
+def test_a_batch_of_prompts_answers_every_choice_in_order(app_client):
+    prompts = ["ab", "Hello there", "Once upon"]
+    body = {"model": "tiny", "max_tokens": 5, "temperature": 0, "n": 2}
+    alone = [app_client.client.post("/v1/completions", json={**body, "prompt": p, "n": 1}).json()
+             for p in prompts]
+    batch = app_client.client.post("/v1/completions", json={**body, "prompt": prompts}).json()
+    assert [c["index"] for c in batch["choices"]] == list(range(6))
+    for i, choice in enumerate(batch["choices"]):
+        assert choice["text"] == alone[i // 2]["choices"][0]["text"]
+    assert batch["usage"]["prompt_tokens"] == sum(a["usage"]["prompt_tokens"] for a in alone)
+    assert batch["usage"]["completion_tokens"] == 2 * sum(a["usage"]["completion_tokens"] for a in alone)
+
+
+def test_a_prompt_of_a_batch_refused_at_admission_aborts_the_others():
+    engine = tiny_engine(max_waiting=2)
+    server = OpenAIServer(engine, Tokenizer.byte_level_default(), model_name="tiny")
+    with TestClient(create_app(server)) as client:
+        client.portal.call(engine.start)
+        body = {"model": "tiny", "max_tokens": 50, "ignore_eos": True}
+        r = client.post("/v1/completions", json={**body, "prompt": ["a", "b", "c"]})
+        assert assert_error(r, 429)["code"] == "queue_full"  # all three wait at once; two fit the queue
+        assert engine.stats().rejected == 1
+        assert wait_until(lambda: engine.stats().pages_used == [0], timeout=5)
+        stats = engine.stats()
+        assert (stats.running, stats.waiting) == (0, 0) and engine.request_ids() == []
+        two = client.post("/v1/completions", json={**body, "prompt": ["a", "b"]}).json()
+        assert [c["finish_reason"] for c in two["choices"]] == ["length", "length"]
+        client.portal.call(engine.shutdown)

@@ -48,15 +48,18 @@ def test_invalid_chat_fields_name_their_param(body, param):
     assert error["message"].startswith(param)
 
 
-@pytest.mark.parametrize("body, needle", [
-    ({"model": "m", "messages": USER, "tool_choice": "required"}, "needs at least one tool"),
+@pytest.mark.parametrize("body, param, needle", [
+    ({"model": "m", "messages": USER, "tool_choice": "required"}, "tool_choice", "needs at least one tool"),
     ({"model": "m", "messages": USER, "tools": TOOLS,
-      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among the tools"),
-    ({"model": "m", "messages": USER, "top_logprobs": 2}, "requires logprobs"),
-    ({"model": "m", "messages": USER, "stream_options": {"include_usage": True}}, "only allowed when stream"),
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice", "not among the tools"),
+    ({"model": "m", "messages": USER, "top_logprobs": 2}, "top_logprobs", "requires logprobs"),
+    ({"model": "m", "messages": USER, "stream_options": {"include_usage": True}}, "stream_options",
+     "only allowed when stream"),
 ])
-def test_inconsistent_chat_requests_are_rejected(body, needle):
-    assert needle in error_for(ChatCompletionRequest, body)["message"]
+def test_inconsistent_chat_requests_are_rejected(body, param, needle):
+    error = error_for(ChatCompletionRequest, body)
+    assert error["param"] == param and needle in error["message"]
 
 
 @pytest.mark.parametrize("body, param", [
@@ -64,6 +67,10 @@ def test_inconsistent_chat_requests_are_rejected(body, needle):
     ({"model": "m", "prompt": []}, "prompt"),
     ({"model": "m", "prompt": "x", "logprobs": 50}, "logprobs"),
     ({"model": "m", "prompt": "x", "max_tokens": -5}, "max_tokens"),
+    ({"model": "m", "prompt": [[1], [2, -3]]}, "prompt"),
+    ({"model": "m", "prompt": "x", "echo": True}, "echo"),
+    ({"model": "m", "prompt": "x", "suffix": "y"}, "suffix"),
+    ({"model": "m", "prompt": "x", "n": 2, "best_of": 3}, "best_of"),
 ])
 def test_invalid_completion_fields_name_their_param(body, param):
     assert error_for(CompletionRequest, body)["param"] == param
