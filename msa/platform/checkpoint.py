@@ -34,7 +34,8 @@ _SHOWN_PER_KIND = 20
 
 class CheckpointError(ValueError):
     """The checkpoint does not fit the model. ``missing``, ``unexpected`` and ``misshaped`` list every
-    offending tensor as (name, expected shape or None, found shape or None)."""
+    offending tensor as (name in the files, expected shape or None, found shape or None);
+    ``mistyped`` as (name in the files, the dtype it would load as, its dtype in the file: "I32", ...)."""
 
     def __init__(
         self,
@@ -43,9 +44,11 @@ class CheckpointError(ValueError):
         missing: list | None = None,
         unexpected: list | None = None,
         misshaped: list | None = None,
+        mistyped: list | None = None,
     ) -> None:
         super().__init__(message)
         self.missing, self.unexpected, self.misshaped = missing or [], unexpected or [], misshaped or []
+        self.mistyped = mistyped or []
 
 
 def keeps_fp32(name: str) -> bool:
@@ -102,13 +105,24 @@ def _tensor_files(directory: Path) -> dict[str, Path]:
     """Checkpoint tensor name -> the safetensors file holding it."""
     index = directory / INDEX_FILE
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
+        return {name: directory / file for name, file in _weight_map(index).items()}
     single = directory / SINGLE_FILE
     if not single.exists():
         raise FileNotFoundError(f"no weights in {directory}: expected {SINGLE_FILE} or {INDEX_FILE}")
     with safe_open(single, framework="pt") as f:
         return {name: single for name in f.keys()}
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The index file's tensor name -> shard file name."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index} is not valid JSON: {e}") from None
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+        raise CheckpointError(f"{index} has no 'weight_map' object of tensor name -> shard file")
+    return weight_map
 
 
 def _by_file(names: dict[str, Path]) -> dict[Path, list[str]]:
@@ -118,9 +132,10 @@ def _by_file(names: dict[str, Path]) -> dict[Path, list[str]]:
     return groups
 
 
-def _tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    """Shapes from the safetensors headers, without reading any tensor data. Rejects FP8 weights."""
-    shapes = {}
+def _tensor_headers(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Shapes and dtypes (safetensors' names: "BF16", "I32", ...) from the safetensors headers,
+    without reading any tensor data. Rejects FP8 weights."""
+    shapes, dtypes = {}, {}
     for path, names in _by_file(files).items():
         if not path.exists():
             raise FileNotFoundError(f"{INDEX_FILE} names shard {path.name}, which is not in {path.parent}")
@@ -138,7 +153,8 @@ def _tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
                         f"({view.get_dtype()}); use a bf16 release of the weights"
                     )
                 shapes[name] = tuple(view.get_shape())
-    return shapes
+                dtypes[name] = view.get_dtype()
+    return shapes, dtypes
 
 
 def _model_name(checkpoint_name: str) -> str | None:
@@ -174,13 +190,27 @@ def _mismatch_lines(kind: str, rows: list) -> list[str]:
     return lines
 
 
+def _is_vl_layout(checkpoint_names: Iterable[str]) -> bool:
+    """Whether most text tensors carry the ``language_model.`` prefix."""
+    names = [n for n in checkpoint_names if _model_name(n) is not None]
+    return 2 * sum(n.startswith(VL_PREFIX) for n in names) > len(names)
+
+
 def _check_match(
-    directory: Path, expected: dict[str, tuple], found: dict[str, tuple], duplicates: list[str]
+    directory: Path,
+    expected: dict[str, tuple],
+    found: dict[str, tuple],
+    duplicates: list[str],
+    in_file: dict[str, str],
+    prefix: str,
 ) -> None:
-    missing = [(n, expected[n], None) for n in expected if n not in found]
-    unexpected = [(n, None, found[n]) for n in found if n not in expected]
+    """Compare by module key; report by the name in the files (``prefix`` + key for a missing one)."""
+    missing = [(prefix + n, expected[n], None) for n in expected if n not in found]
+    unexpected = [(in_file[n], None, found[n]) for n in found if n not in expected]
     unexpected += [(n, None, None) for n in duplicates]
-    misshaped = [(n, expected[n], found[n]) for n in expected if n in found and expected[n] != found[n]]
+    misshaped = [
+        (in_file[n], expected[n], found[n]) for n in expected if n in found and expected[n] != found[n]
+    ]
     if not (missing or unexpected or misshaped):
         return
     head = (
@@ -196,6 +226,37 @@ def _check_match(
     raise CheckpointError("\n".join(lines), missing=missing, unexpected=unexpected, misshaped=misshaped)
 
 
+def _is_float_dtype(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith(("F", "BF"))
+
+
+def _check_dtypes(
+    directory: Path,
+    state: dict[str, torch.Tensor],
+    parts: dict[str, TensorPart],
+    dtypes: dict[str, str],
+    dtype: torch.dtype,
+) -> None:
+    """A floating parameter needs a floating tensor in the files (of any precision: it is
+    converted), an integer or bool one a tensor that is not floating."""
+    mistyped = []
+    for ckpt, held in parts.items():
+        current = state[held.name]
+        if current.is_floating_point() != _is_float_dtype(dtypes[ckpt]):
+            loaded_as = torch.float32 if keeps_fp32(held.name) else dtype
+            mistyped.append((ckpt, loaded_as if current.is_floating_point() else current.dtype, dtypes[ckpt]))
+    if not mistyped:
+        return
+    lines = [f"checkpoint {directory} has {len(mistyped)} tensor(s) of the wrong dtype"]
+    lines += [
+        f"  {name}: expected {'a floating dtype, loaded as ' if e.is_floating_point else ''}{e}, found {f}"
+        for name, e, f in mistyped[:_SHOWN_PER_KIND]
+    ]
+    if len(mistyped) > _SHOWN_PER_KIND:
+        lines.append(f"  ... and {len(mistyped) - _SHOWN_PER_KIND} more (see CheckpointError.mistyped)")
+    raise CheckpointError("\n".join(lines), mistyped=mistyped)
+
+
 def _same_device(tensor: torch.Tensor, device: torch.device) -> bool:
     return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
 
@@ -205,11 +266,16 @@ def place_tensor(
     model: nn.Module, name: str, value: torch.Tensor, dtype: torch.dtype, device: torch.device
 ) -> None:
     """Put ``value`` into the parameter or buffer ``name``: copied in place when it already has the
-    target dtype and device, otherwise replaced by a converted tensor (the old one is freed)."""
+    target dtype and device, otherwise replaced by a converted tensor (the old one is freed).
+    A floating tensor becomes ``dtype`` (fp32 if ``keeps_fp32``); an integer or bool one keeps the
+    parameter's dtype. Raises CheckpointError when one kind is given for the other."""
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     is_param = leaf in owner._parameters
     current = owner._parameters[leaf] if is_param else owner._buffers[leaf]
+    if value.is_floating_point() != current.is_floating_point():
+        kind = "a floating" if current.is_floating_point() else f"a {current.dtype}"
+        raise CheckpointError(f"'{name}': expected {kind} tensor, got {value.dtype}")
     if not value.is_floating_point():
         target = current.dtype
     else:
@@ -238,15 +304,16 @@ def load_checkpoint(
 
     Floating tensors become ``dtype`` on ``device``, except the router's (``keeps_fp32``), which stay
     fp32. Every name/shape mismatch is checked from the file headers before any data is read and
-    reported together in one ``CheckpointError``. The model may be built on the meta device.
-    ``part`` maps a full tensor's module key to the part this model holds (None: none of it); only
-    that part is read from the files.
+    reported together in one ``CheckpointError``, by the names in the files; then so is every
+    tensor whose dtype is not floating where the model's is (or the reverse). The model may be
+    built on the meta device. ``part`` maps a full tensor's module key to the part this model
+    holds (None: none of it); only that part is read from the files.
     """
     directory, device = Path(directory), torch.device(device)
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating dtype, got {dtype}")
     files = _tensor_files(directory)
-    shapes = _tensor_shapes(files)
+    shapes, dtypes = _tensor_headers(files)
     to_model, duplicates = _names_in_model(files)
     parts: dict[str, TensorPart] = {}  # checkpoint name -> the part of it this model holds
     taken: set[str] = set()
@@ -259,9 +326,13 @@ def load_checkpoint(
         else:
             parts[ckpt] = held
             taken.add(held.name)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+    state = model.state_dict(keep_vars=True)
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     found = {p.name: p.shape(shapes[ckpt]) for ckpt, p in parts.items()}
-    _check_match(directory, expected, found, duplicates)
+    in_file = {p.name: ckpt for ckpt, p in parts.items()}
+    prefix = VL_PREFIX if _is_vl_layout(files) else ""
+    _check_match(directory, expected, found, duplicates, in_file, prefix)
+    _check_dtypes(directory, state, parts, dtypes, dtype)
     bar = tqdm(total=len(parts), desc=f"loading {directory.name}", unit="tensor", disable=not progress)
     with bar:
         for path, names in _by_file({ckpt: files[ckpt] for ckpt in parts}).items():

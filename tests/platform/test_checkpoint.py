@@ -18,6 +18,7 @@ from msa.platform.checkpoint import (
     cast_model,
     load_checkpoint,
     load_model,
+    place_tensor,
     save_checkpoint,
 )
 from msa.platform.config import load_config, tiny
@@ -217,3 +218,124 @@ def test_a_tensor_under_both_names_is_unexpected(tmp_path):
         load_checkpoint(ToyLM(), tmp_path, progress=False)
     [(name, _, _)] = caught.value.unexpected
     assert name in ("lm_head.weight", "language_model.lm_head.weight") and name in str(caught.value)
+
+
+@pytest.mark.parametrize("bad", [torch.int32, torch.int64, torch.bool, torch.uint8], ids=str)
+@pytest.mark.parametrize("layout", ["flat", "vl"])
+def test_a_non_float_tensor_for_a_float_weight_is_named(tmp_path, bad, layout):
+    model, config = load_model("tiny", dtype=torch.float32, seed=0, progress=False)
+    save_checkpoint(model, tmp_path, config, layout=layout)
+    tensors = load_file(tmp_path / SINGLE_FILE)
+    name = ("language_model." if layout == "vl" else "") + "lm_head.weight"
+    tensors[name] = (tensors[name] * 100).to(bad)
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    found = {torch.int32: "I32", torch.int64: "I64", torch.bool: "BOOL", torch.uint8: "U8"}[bad]
+    with pytest.raises(CheckpointError) as caught:
+        load_model(tmp_path, dtype=torch.bfloat16, progress=False)
+    assert f"{name}: expected a floating dtype, loaded as torch.bfloat16, found {found}" in str(caught.value)
+    assert caught.value.mistyped == [(name, torch.bfloat16, found)]
+
+
+def test_a_non_float_router_tensor_names_its_fp32_target(tmp_path):
+    tensors = dict(ToyLM().state_dict())
+    tensors["model.layers.1.block_sparse_moe.gate.weight"] = torch.ones(4, 8, dtype=torch.int64)
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    with pytest.raises(CheckpointError, match=r"gate.weight: expected a floating dtype, loaded as "
+                                              r"torch.float32, found I64"):
+        load_checkpoint(ToyLM(), tmp_path, dtype=torch.bfloat16, progress=False)
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_any_float_precision_converts_to_the_model_dtype(tmp_path, stored):
+    torch.manual_seed(0)
+    model = ToyLM()
+    save_file({k: v.to(stored) for k, v in model.state_dict().items()}, tmp_path / SINGLE_FILE)
+    fresh = ToyLM()
+    load_checkpoint(fresh, tmp_path, dtype=torch.bfloat16, progress=False)
+    assert fresh.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(fresh.lm_head.weight, model.lm_head.weight.to(stored).bfloat16())
+    gate = fresh.model.layers[0].block_sparse_moe.gate.weight
+    assert gate.dtype == torch.float32
+    assert torch.equal(gate, model.model.layers[0].block_sparse_moe.gate.weight.to(stored).float())
+
+
+class _WithIndexBuffer(ToyLM):
+    """A model with an integer buffer, as some architectures keep (position or expert ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("expert_ids", torch.zeros(4, dtype=torch.int64))
+
+
+def test_integer_buffers_load_from_integer_tensors_and_refuse_floats(tmp_path):
+    torch.manual_seed(0)
+    model = _WithIndexBuffer()
+    model.expert_ids.copy_(torch.tensor([3, 1, 0, 2]))
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}
+    tensors["expert_ids"] = tensors["expert_ids"].to(torch.int32)  # another integer width converts
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    fresh = _WithIndexBuffer()
+    load_checkpoint(fresh, tmp_path, dtype=torch.bfloat16, progress=False)
+    assert fresh.expert_ids.dtype == torch.int64 and fresh.expert_ids.tolist() == [3, 1, 0, 2]
+    assert fresh.lm_head.weight.dtype == torch.bfloat16
+
+    tensors["expert_ids"] = torch.tensor([3.0, 1.0, 0.0, 2.0])
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    with pytest.raises(CheckpointError, match=r"expert_ids: expected torch.int64, found F32"):
+        load_checkpoint(_WithIndexBuffer(), tmp_path, progress=False)
+
+
+def test_place_tensor_refuses_an_integer_value_for_a_float_parameter():
+    model, cpu = ToyLM(), torch.device("cpu")
+    expected = r"'lm_head.weight': expected a floating tensor, got torch.int32"
+    with pytest.raises(CheckpointError, match=expected):
+        place_tensor(model, "lm_head.weight", torch.ones(16, 8, dtype=torch.int32), torch.bfloat16, cpu)
+    assert model.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("text, message", [
+    (json.dumps({"metadata": {"total_size": 1}}), "has no 'weight_map'"),
+    (json.dumps({"weight_map": ["model-00001-of-00002.safetensors"]}), "has no 'weight_map'"),
+    (json.dumps([1, 2]), "has no 'weight_map'"),
+    ("{not json", "is not valid JSON"),
+], ids=["no-weight-map", "weight-map-list", "not-an-object", "bad-json"])
+def test_a_broken_index_names_the_index_file(tmp_path, text, message):
+    model, config = load_model("tiny", dtype=torch.float32, progress=False)
+    save_checkpoint(model, tmp_path, config, max_shard_bytes=50_000)
+    (tmp_path / INDEX_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=f"{INDEX_FILE} {message}"):
+        load_model(tmp_path, dtype=torch.float32, progress=False)
+
+
+def test_vl_mismatches_are_reported_by_their_names_in_the_file(tmp_path):
+    model, config = load_model("tiny", dtype=torch.float32, progress=False)
+    save_checkpoint(model, tmp_path, config, layout="vl", max_shard_bytes=50_000)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    shard = tmp_path / index["weight_map"]["language_model.model.norm.weight"]
+    tensors = load_file(shard)
+    tensors["language_model.model.norm.weight"] = torch.zeros(3)
+    tensors["language_model.model.layers.2.self_attn.bogus.weight"] = torch.zeros(2)
+    save_file(tensors, shard)
+    index["weight_map"]["language_model.model.layers.2.self_attn.bogus.weight"] = shard.name
+    dropped = "language_model.model.layers.2.self_attn.index_k_proj.weight"
+    del index["weight_map"][dropped]
+    (tmp_path / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="1 missing, 1 unexpected, 1 misshaped") as caught:
+        load_model(tmp_path, dtype=torch.float32, progress=False)
+    error = caught.value
+    assert error.missing == [(dropped, (16, 64), None)]
+    assert error.unexpected == [("language_model.model.layers.2.self_attn.bogus.weight", None, (2,))]
+    assert error.misshaped == [("language_model.model.norm.weight", (64,), (3,))]
+    assert f"missing {dropped}: expected [16, 64], found none" in str(error)
+    assert "misshaped language_model.model.norm.weight: expected [64], found [3]" in str(error)
+
+
+def test_a_stray_vl_name_in_a_flat_checkpoint_is_reported_as_written(tmp_path):
+    tensors = dict(ToyLM().state_dict())
+    tensors["language_model.model.foo"] = torch.zeros(2)
+    del tensors["lm_head.weight"]
+    save_file(tensors, tmp_path / SINGLE_FILE)
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(ToyLM(), tmp_path, progress=False)
+    assert caught.value.unexpected == [("language_model.model.foo", None, (2,))]
+    assert caught.value.missing == [("lm_head.weight", (16, 8), None)]  # the flat layout's name
