@@ -36,6 +36,12 @@ def _positive(obj: Any, *names: str, prefix: str = "") -> None:
         _require(_is_int(value) and value > 0, prefix + name, "a positive integer", value)
 
 
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(_is_int(value) and value >= 0, name, "a non-negative integer", value)
+
+
 def _positive_number(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -72,9 +78,9 @@ class SparseAttentionConfig:
             self.local_blocks == 1, "sparse_local_block", "1 (the current block is forced)", self.local_blocks
         )
         _require(
-            self.disable_index_value,
+            self.disable_index_value is True,
             "sparse_disable_index_value",
-            "true (index-value branches are not part of MSA on this model)",
+            "the boolean true (index-value branches are not part of MSA on this model)",
             self.disable_index_value,
         )
         _require(self.topk_blocks >= 2, "sparse_topk_blocks", "at least 2", self.topk_blocks)
@@ -149,13 +155,7 @@ class ModelConfig:
             f"<= num_local_experts ({self.num_local_experts})",
             self.num_experts_per_tok,
         )
-        _require(
-            self.shared_intermediate_size >= 0,
-            "shared_intermediate_size",
-            ">= 0",
-            self.shared_intermediate_size,
-        )
-        _require(self.num_mtp_modules >= 0, "num_mtp_modules", ">= 0", self.num_mtp_modules)
+        _non_negative(self, "shared_intermediate_size", "num_mtp_modules")
         _require(
             not self.tie_word_embeddings,
             "tie_word_embeddings",
@@ -196,6 +196,13 @@ class ModelConfig:
                 self.sparse.index_dim <= self.head_dim * 4,
                 "sparse_index_dim",
                 "<= 4 * head_dim",
+                self.sparse.index_dim,
+            )
+            # The index query and key get the same partial RoPE as the main heads.
+            _require(
+                self.sparse.index_dim >= self.rotary_dim,
+                "sparse_index_dim",
+                f">= rotary_dim ({self.rotary_dim}), the dims the index heads rotate",
                 self.sparse.index_dim,
             )
 
@@ -247,6 +254,8 @@ _ALIASES = {  # other spellings seen in copies of the config -> our field
     "num_experts": "num_local_experts",
     "n_routed_experts": "num_local_experts",
 }
+_DEFAULT_HEAD_DIM = ModelConfig().head_dim
+_DEFAULT_ROTARY_FACTOR = 0.5  # M3: rotary_dim 64 of head_dim 128
 # Keys that describe fixed properties of this architecture: checked, then dropped.
 _FIXED = {
     "use_qk_norm": (True,),
@@ -266,9 +275,26 @@ def _sparse_from_dict(raw: dict[str, Any]) -> SparseAttentionConfig:
     return SparseAttentionConfig(**kwargs)
 
 
+def _rotary_dim(text: dict[str, Any]) -> int | None:
+    """``rotary_dim`` when config.json gives only ``partial_rotary_factor``, or neither: that
+    fraction (default 0.5) of ``head_dim``. An absent ``head_dim`` is 128, as in the MiniMax-M2
+    config of transformers and vLLM: M3's heads are not ``hidden_size // num_attention_heads``
+    (6144 / 64 = 96) wide. None when ``head_dim`` is invalid, which ModelConfig then reports."""
+    head_dim = text.get("head_dim", _DEFAULT_HEAD_DIM)
+    factor = text.get("partial_rotary_factor", _DEFAULT_ROTARY_FACTOR)
+    _require(
+        isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1,
+        "partial_rotary_factor",
+        "a number in (0, 1]",
+        factor,
+    )
+    return int(head_dim * factor) if _is_int(head_dim) and head_dim > 0 else None
+
+
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     """Build a ModelConfig from a config.json dict in either layout. Unknown keys are ignored
-    (config.json carries many that do not shape the network); known ones are validated."""
+    (config.json carries many that do not shape the network); known ones are validated. Absent
+    ones take ModelConfig's defaults (M3's), except ``rotary_dim``, which follows ``head_dim``."""
     text = raw.get("text_config", raw)
     _require(isinstance(text, dict), "text_config", "a mapping of config fields", text)
     names = {f.name for f in dataclasses.fields(ModelConfig)} - {"sparse"}
@@ -279,11 +305,10 @@ def config_from_dict(raw: dict[str, Any]) -> ModelConfig:
             _require(value in _FIXED[key], key, " or ".join(repr(v) for v in _FIXED[key]), value)
         elif key in names:
             kwargs[key] = value
-    if "rotary_dim" not in text and "partial_rotary_factor" in text:
-        head_dim = text.get(
-            "head_dim", text.get("hidden_size", 0) // max(text.get("num_attention_heads", 1), 1)
-        )
-        kwargs["rotary_dim"] = int(head_dim * text["partial_rotary_factor"])
+    if "rotary_dim" not in text:
+        rotary_dim = _rotary_dim(text)
+        if rotary_dim is not None:
+            kwargs["rotary_dim"] = rotary_dim
     sparse_raw = text.get("sparse_attention_config") or {
         k: v for k, v in text.items() if k.startswith("sparse_")
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -102,3 +103,17 @@ def test_layer_commands_parse():
     args = build_parser().parse_args(["serve", "--model", "tiny", "--tp", "2", "--port", "9001"])
     assert (args.command, args.model, args.tp, args.port) == ("serve", "tiny", 2, 9001)
     assert build_parser().parse_args(["train", "examples/rl_tiny.yaml"]).command == "train"
+
+
+@pytest.mark.parametrize("field, value", [("num_mtp_modules", 1.5), ("num_mtp_modules", "1"),
+                                          ("shared_intermediate_size", None)])
+def test_a_bad_config_field_is_a_one_line_error(tmp_path, capsys, field, value):
+    assert main(["save-preset", "tiny", str(tmp_path), "--dtype", "float32"]) == 0
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "hi", "--model", str(tmp_path), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    message = f"config field '{field}' must be a non-negative integer, got {value!r}"
+    assert err == f"msa generate: error: {message}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -116,3 +117,65 @@ def test_preset_round_trip(name, tmp_path):
 def test_unknown_preset_is_named():
     with pytest.raises(ConfigError, match="unknown preset 'huge'"):
         preset("huge")
+
+
+@pytest.mark.parametrize("changes, field, allowed", [
+    ({"shared_intermediate_size": "32"}, "shared_intermediate_size", "a non-negative integer"),
+    ({"shared_intermediate_size": 31.5}, "shared_intermediate_size", "a non-negative integer"),
+    ({"shared_intermediate_size": -1}, "shared_intermediate_size", "a non-negative integer"),
+    ({"num_mtp_modules": "1"}, "num_mtp_modules", "a non-negative integer"),
+    ({"num_mtp_modules": 1.5}, "num_mtp_modules", "a non-negative integer"),
+    ({"num_mtp_modules": None}, "num_mtp_modules", "a non-negative integer"),
+    ({"num_mtp_modules": True}, "num_mtp_modules", "a non-negative integer"),
+    ({"sparse_disable_index_value": "false"}, "sparse_disable_index_value", "the boolean true"),
+    ({"sparse_disable_index_value": 1}, "sparse_disable_index_value", "the boolean true"),
+    ({"sparse_index_dim": 4}, "sparse_index_dim", ">= rotary_dim (8)"),
+], ids=lambda v: repr(v) if isinstance(v, dict) else None)
+def test_wrongly_typed_field_is_a_config_error_naming_it(changes, field, allowed):
+    with pytest.raises(ConfigError, match=rf"config field '{field}' must be {re.escape(allowed)}"):
+        config_from_dict(_with(**changes))
+
+
+def test_zero_shared_experts_and_mtp_modules_are_allowed():
+    config = config_from_dict(_with(shared_intermediate_size=0, num_mtp_modules=0))
+    assert (config.shared_intermediate_size, config.num_mtp_modules) == (0, 0)
+
+
+def test_index_dim_equal_to_rotary_dim_is_allowed():
+    assert config_from_dict(_with(sparse_index_dim=8)).sparse.index_dim == 8
+
+
+def _without(*keys: str, **changes) -> dict:
+    raw = _with(**changes)
+    for key in keys:
+        del raw[key]
+    return raw
+
+
+def test_absent_head_dim_is_128_and_rotary_dim_follows_it():
+    published = _published_text_config()
+    del published["head_dim"]
+    config = config_from_dict(published)
+    assert (config.head_dim, config.rotary_dim) == (128, 64)  # not 6144 // 64 = 96
+    assert config == m3()
+
+
+@pytest.mark.parametrize("factor, rotary_dim", [(None, 8), (0.5, 8), (0.25, 4), (1.0, 16)])
+def test_absent_rotary_dim_is_partial_rotary_factor_of_head_dim(factor, rotary_dim):
+    changes = {} if factor is None else {"partial_rotary_factor": factor}
+    config = config_from_dict(_without("rotary_dim", **changes))
+    assert (config.head_dim, config.rotary_dim) == (16, rotary_dim)
+
+
+def test_absent_head_dim_and_rotary_dim_derive_together():
+    raw = _without("head_dim", "rotary_dim", "partial_rotary_factor", sparse_index_dim=64)
+    config = config_from_dict(raw)
+    assert (config.head_dim, config.rotary_dim) == (128, 64)
+    raw["partial_rotary_factor"] = 0.25
+    assert config_from_dict(raw).rotary_dim == 32
+
+
+@pytest.mark.parametrize("factor", ["0.5", 0, 1.5, None, True])
+def test_bad_partial_rotary_factor_is_named(factor):
+    with pytest.raises(ConfigError, match="config field 'partial_rotary_factor' must be a number in"):
+        config_from_dict(_without("rotary_dim", partial_rotary_factor=factor))
