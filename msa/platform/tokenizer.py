@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,10 @@ SPECIAL_TOKENS = (
     "<tool_response>",
     "</tool_response>",
 )
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
+CHAT_TEMPLATE_JSON = "chat_template.json"
 
 # ChatML turns: "<|im_start|>{role}\n{content}<|im_end|>\n". Tools are listed as JSON in the system
 # turn; an assistant's tool calls follow its content, each as
@@ -87,21 +92,76 @@ def _bytes_to_unicode() -> dict[int, str]:
     return mapping
 
 
-def _tojson(value: Any, indent: int | None = None) -> str:
-    # jinja2's own tojson escapes HTML characters; templates written for chat models expect plain JSON.
-    return json.dumps(value, ensure_ascii=False, indent=indent)
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # jinja2's own tojson escapes HTML characters; templates written for chat models expect plain
+    # JSON, with the keyword arguments of transformers' filter.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str) -> None:
     raise jinja2.TemplateError(message)
 
 
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    """The template in the environment transformers renders chat templates in, sandboxed."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+def _parse_chat_template(value: Any, source: str) -> str | dict[str, str] | None:
+    """A ``chat_template`` entry as read: one template, or several by name, either as the list of
+    ``{"name", "template"}`` that tokenizer_config.json holds or as a ``{name: template}`` object."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+        for t in value
+    ):
+        return {t["name"]: t["template"] for t in value}
+    if isinstance(value, dict) and all(isinstance(t, str) for t in value.values()):
+        return dict(value)
+    raise ValueError(
+        f"{source}: 'chat_template' must be a string or a list of {{'name': ..., 'template': ...}}, "
+        f"got {value!r:.80}"
+    )
+
+
+def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | dict[str, str] | None:
+    """The checkpoint's chat template(s), in transformers' order: ``chat_template.jinja`` (the
+    default) and ``additional_chat_templates/<name>.jinja`` replace what the config files hold;
+    else the ``chat_template`` of ``chat_template.json``, else that of ``tokenizer_config.json``."""
+    files: dict[str, str] = {}
+    if (directory / CHAT_TEMPLATE_FILE).exists():
+        files["default"] = (directory / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    for path in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        files[path.stem] = path.read_text(encoding="utf-8")
+    if files:
+        return files["default"] if list(files) == ["default"] else files
+    json_path = directory / CHAT_TEMPLATE_JSON
+    if json_path.exists():
+        entry = json.loads(json_path.read_text(encoding="utf-8"))
+        if not isinstance(entry, dict) or "chat_template" not in entry:
+            raise ValueError(f"{json_path} must hold an object with a 'chat_template' entry")
+        return _parse_chat_template(entry["chat_template"], str(json_path))
+    return _parse_chat_template(config.get("chat_template"), str(directory / "tokenizer_config.json"))
 
 
 def _token_text(entry: Any) -> str | None:
@@ -110,7 +170,8 @@ def _token_text(entry: Any) -> str | None:
 
 
 class Tokenizer:
-    """Text <-> token ids, chat rendering and stop tokens of one model."""
+    """Text <-> token ids, chat rendering and stop tokens of one model. ``chat_template`` is one
+    template or, as in transformers, several by name (``{"default": ..., "tool_use": ...}``)."""
 
     def __init__(
         self,
@@ -119,7 +180,7 @@ class Tokenizer:
         bos_token: str | None = None,
         eos_token: str | None = None,
         stop_token_ids: Sequence[int] = (),
-        chat_template: str | None = None,
+        chat_template: str | dict[str, str] | None = None,
     ) -> None:
         self._tok = tokenizer
         self.bos_token, self.eos_token, self.chat_template = bos_token, eos_token, chat_template
@@ -154,7 +215,8 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> Tokenizer:
-        """Read ``tokenizer.json``, ``tokenizer_config.json`` (bos/eos tokens, chat_template) and, if
+        """Read ``tokenizer.json``, ``tokenizer_config.json`` (bos/eos tokens, chat_template), the
+        chat template files that override its chat_template (``_read_chat_template``) and, if
         present, ``generation_config.json`` (its ``eos_token_id`` list adds stop tokens)."""
         directory = Path(directory)
         if not (directory / "tokenizer.json").exists():
@@ -171,7 +233,7 @@ class Tokenizer:
             bos_token=_token_text(config.get("bos_token")),
             eos_token=_token_text(config.get("eos_token")),
             stop_token_ids=stops,
-            chat_template=config.get("chat_template"),
+            chat_template=_read_chat_template(directory, config),
         )
 
     def save(self, directory: str | Path) -> None:
@@ -185,6 +247,8 @@ class Tokenizer:
             "eos_token": self.eos_token,
             "chat_template": self.chat_template,
         }
+        if isinstance(self.chat_template, dict):
+            config["chat_template"] = [{"name": k, "template": t} for k, t in self.chat_template.items()]
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
         (directory / "tokenizer_config.json").write_text(text, encoding="utf-8")
         generation = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_ids}
@@ -207,17 +271,39 @@ class Tokenizer:
         """Text of ``ids``; bytes that do not complete a UTF-8 character decode to U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def _template_source(self, tools: list[dict[str, Any]] | None, name: str | None) -> str:
+        """The template to render, chosen as transformers does: ``name`` when it names one of
+        several templates (otherwise it is template source itself); else "tool_use" when tools
+        are given and there is one, else "default"."""
+        templates = self.chat_template
+        if isinstance(templates, dict):
+            if name is not None:
+                return templates.get(name, name)
+            if tools is not None and "tool_use" in templates:
+                return templates["tool_use"]
+            if "default" in templates:
+                return templates["default"]
+            raise ValueError(
+                f"this tokenizer has several chat templates and none named 'default'; pass "
+                f"chat_template=<name>, one of {sorted(templates)}"
+            )
+        if name is not None:
+            return name
+        if not templates:
+            raise ValueError("this tokenizer has no chat_template")
+        return templates
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
+        chat_template: str | None = None,
         **extra: Any,
     ) -> str:
-        """Render OpenAI-style ``messages`` (and ``tools``) to the prompt text the model was trained on."""
-        if not self.chat_template:
-            raise ValueError("this tokenizer has no chat_template")
-        return _compile_template(self.chat_template).render(
+        """Render OpenAI-style ``messages`` (and ``tools``) to the prompt text the model was trained on.
+        ``chat_template`` picks one of several named templates, or is a template to use instead."""
+        return _compile_template(self._template_source(tools, chat_template)).render(
             messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,

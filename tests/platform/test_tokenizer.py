@@ -4,8 +4,10 @@ chat template with tools, and saving to / reading from a checkpoint directory.""
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import pytest
+from jinja2.exceptions import SecurityError
 from tokenizers import pre_tokenizers
 
 from msa.platform.config import tiny
@@ -130,3 +132,136 @@ def test_save_and_read_back(tok, tmp_path):
 def test_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_directory(tmp_path)
+
+
+USER = [{"role": "user", "content": "hi"}]
+TOOLS = [{"type": "function", "function": {"name": "météo", "parameters": {"b": 1, "a": [1, 2]}}}]
+
+
+def _checkpoint_dir(tok, directory, chat_template):
+    """A saved tokenizer whose tokenizer_config.json holds ``chat_template`` (dropped when None)."""
+    tok.save(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.pop("chat_template")
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def test_chat_template_jinja_file_is_read(tok, tmp_path):
+    _checkpoint_dir(tok, tmp_path, None)
+    source = "{{ bos_token }}{{ messages[0].content }}|"
+    (tmp_path / "chat_template.jinja").write_text(source, encoding="utf-8")
+    loaded = Tokenizer.from_directory(tmp_path)
+    assert loaded.chat_template == source
+    assert loaded.apply_chat_template(USER) == "<bos>hi|"
+
+
+def test_chat_template_files_override_the_config_entry(tok, tmp_path):
+    _checkpoint_dir(tok, tmp_path, "config:{{ messages[0].content }}")
+    assert Tokenizer.from_directory(tmp_path).apply_chat_template(USER) == "config:hi"
+    legacy = {"chat_template": "json:{{ messages[0].content }}"}
+    (tmp_path / "chat_template.json").write_text(json.dumps(legacy))
+    assert Tokenizer.from_directory(tmp_path).apply_chat_template(USER) == "json:hi"
+    (tmp_path / "chat_template.jinja").write_text("jinja:{{ messages[0].content }}")
+    assert Tokenizer.from_directory(tmp_path).apply_chat_template(USER) == "jinja:hi"
+
+
+def test_additional_chat_template_files_are_named_templates(tok, tmp_path):
+    _checkpoint_dir(tok, tmp_path, "config")
+    (tmp_path / "chat_template.jinja").write_text("plain")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("tools:{{ tools | length }}")
+    loaded = Tokenizer.from_directory(tmp_path)
+    assert loaded.chat_template == {"default": "plain", "tool_use": "tools:{{ tools | length }}"}
+    assert loaded.apply_chat_template(USER) == "plain"
+    assert loaded.apply_chat_template(USER, tools=TOOLS) == "tools:1"
+
+
+def test_malformed_chat_template_json_is_named(tok, tmp_path):
+    _checkpoint_dir(tok, tmp_path, None)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"template": "x"}))
+    with pytest.raises(ValueError, match=r"chat_template.json must hold an object with a 'chat_template'"):
+        Tokenizer.from_directory(tmp_path)
+
+
+NAMED = [{"name": "default", "template": "default:{{ messages[0].content }}"},
+         {"name": "tool_use", "template": "tool_use:{{ tools[0].function.name }}"},
+         {"name": "rag", "template": "rag:{{ documents | length }}"}]
+
+
+def test_named_templates_pick_tool_use_with_tools_else_default(tok, tmp_path):
+    loaded = Tokenizer.from_directory(_checkpoint_dir(tok, tmp_path, NAMED))
+    assert loaded.apply_chat_template(USER) == "default:hi"
+    assert loaded.apply_chat_template(USER, tools=TOOLS) == "tool_use:météo"
+    assert loaded.apply_chat_template(USER, chat_template="rag", documents=[1, 2]) == "rag:2"
+    assert loaded.apply_chat_template(USER, chat_template="inline:{{ messages | length }}") == "inline:1"
+
+
+def test_named_templates_without_tool_use_render_default_with_tools(tok, tmp_path):
+    loaded = Tokenizer.from_directory(_checkpoint_dir(tok, tmp_path, NAMED[:1]))
+    assert loaded.apply_chat_template(USER, tools=TOOLS) == "default:hi"
+
+
+def test_named_templates_without_default_name_the_choices(tok, tmp_path):
+    loaded = Tokenizer.from_directory(_checkpoint_dir(tok, tmp_path, NAMED[1:]))
+    with pytest.raises(ValueError, match=r"none named 'default'.*\['rag', 'tool_use'\]"):
+        loaded.apply_chat_template(USER)
+    assert loaded.apply_chat_template(USER, tools=TOOLS) == "tool_use:météo"
+
+
+def test_named_templates_survive_save(tok, tmp_path):
+    loaded = Tokenizer.from_directory(_checkpoint_dir(tok, tmp_path / "a", NAMED))
+    loaded.save(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())["chat_template"] == NAMED
+    assert Tokenizer.from_directory(tmp_path / "b").chat_template == {t["name"]: t["template"] for t in NAMED}
+
+
+@pytest.mark.parametrize("entry", [[{"name": "default"}], {"default": 1}, 3], ids=repr)
+def test_malformed_chat_template_entry_is_named(tok, tmp_path, entry):
+    with pytest.raises(ValueError, match=r"tokenizer_config.json: 'chat_template' must be a string or a"):
+        Tokenizer.from_directory(_checkpoint_dir(tok, tmp_path, entry))
+
+
+def _render(tok, source: str, messages=USER, **extra) -> str:
+    return Tokenizer(tok._tok, bos_token="<bos>", chat_template=source).apply_chat_template(messages, **extra)
+
+
+@pytest.mark.parametrize("source, expected", [
+    ("{{ tools[0] | tojson }}",
+     '{"type": "function", "function": {"name": "météo", "parameters": {"b": 1, "a": [1, 2]}}}'),
+    ("{{ tools[0].function | tojson(ensure_ascii=False) }}",
+     '{"name": "météo", "parameters": {"b": 1, "a": [1, 2]}}'),
+    ("{{ tools[0].function | tojson(ensure_ascii=True) }}",
+     '{"name": "m\\u00e9t\\u00e9o", "parameters": {"b": 1, "a": [1, 2]}}'),
+    ("{{ tools[0].function.parameters | tojson(sort_keys=True) }}", '{"a": [1, 2], "b": 1}'),
+    ("{{ tools[0].function.parameters | tojson(separators=(',', ':')) }}", '{"b":1,"a":[1,2]}'),
+    ("{{ tools[0].function.parameters.a | tojson(indent=2) }}", "[\n  1,\n  2\n]"),
+    ("{{ '<b>&' | tojson }}", '"<b>&"'),  # no HTML escaping
+], ids=["plain", "ensure_ascii=False", "ensure_ascii=True", "sort_keys", "separators", "indent", "html"])
+def test_tojson_takes_transformers_arguments(tok, source, expected):
+    assert _render(tok, source, tools=TOOLS) == expected
+
+
+def test_loop_controls(tok):
+    messages = [{"role": "user", "content": c} for c in "abcde"]
+    source = ("{% for m in messages %}{% if m.content == 'b' %}{% continue %}{% endif %}"
+              "{% if m.content == 'd' %}{% break %}{% endif %}{{ m.content }}{% endfor %}")
+    assert _render(tok, source, messages) == "ac"
+
+
+def test_strftime_now_is_today(tok):
+    before = datetime.now().strftime("%Y-%m-%d")
+    rendered = _render(tok, "{{ strftime_now('%Y-%m-%d') }}|{{ strftime_now('%d %b %Y') }}")
+    after = datetime.now().strftime("%Y-%m-%d")
+    day, text = rendered.split("|")
+    assert day in (before, after)
+    assert text == datetime.strptime(day, "%Y-%m-%d").strftime("%d %b %Y")
+
+
+def test_template_stays_sandboxed(tok):
+    with pytest.raises(SecurityError):
+        _render(tok, "{{ messages.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(SecurityError):
+        _render(tok, "{% set x = messages.append(1) %}")
