@@ -185,12 +185,22 @@ class MSAEngine:
             raise EngineError("the engine is not started; await engine.start() first")
         if request_id in self._requests:
             raise InvalidRequestError(f"request_id {request_id!r} is already in flight")
+        params.validate()
+        if params.n > self.config.max_waiting:
+            # Every choice waits in the queue before its first step: more than it holds never fit.
+            raise InvalidRequestError(
+                f"sampling parameter 'n' is {params.n}, but this engine queues at most "
+                f"max_waiting={self.config.max_waiting} sequences",
+                "n",
+            )
         if not prompt:
-            raise InvalidRequestError("prompt_token_ids must hold at least one token")
+            raise InvalidRequestError("prompt_token_ids must hold at least one token", "prompt_token_ids")
         vocab = self.model_config.vocab_size
         bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
         if bad is not None:
-            raise InvalidRequestError(f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})")
+            raise InvalidRequestError(
+                f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})", "prompt_token_ids"
+            )
         limit = self.max_context_length
         if len(prompt) + params.max_tokens > limit:
             # Name the tighter of the two limits, the one max_context_length reports.
@@ -217,14 +227,13 @@ class MSAEngine:
         ``index``); ends after every choice's output with a finish_reason."""
         queue: asyncio.Queue = asyncio.Queue()
         self.add_request(request_id, prompt_token_ids, params, queue.put_nowait)
-        finished = False
+        request = self._requests[request_id]
         try:
             async for out in stream_queue(queue, params.n):
                 yield out
-            finished = True
         finally:
-            request = self._requests.get(request_id)
-            if not finished and request is not None and self._dead is None:
+            # Only this stream's own request: once it finished, its id may belong to a newer one.
+            if self._requests.get(request_id) is request and self._dead is None:
                 self._abort(request, notify=False)
 
     def add_request(
@@ -253,6 +262,11 @@ class MSAEngine:
         return list(self._requests)
 
     async def abort(self, request_id: str) -> None:
+        self.abort_now(request_id)
+
+    def abort_now(self, request_id: str) -> None:
+        """``abort`` for a caller outside a coroutine (a connection's message handler): the request
+        is finished and its id free when this returns."""
         request = self._requests.get(request_id)
         if request is not None:
             self._abort(request, notify=True)
@@ -382,14 +396,34 @@ class MSAEngine:
             try:
                 await stage()
                 async with self._step_lock:
-                    await self.executor.commit_weights(version)
-                    self.weight_version = version
+                    await self._commit_weights(version)
             except EngineDeadError as e:
                 self._die(e)
                 raise
             except BaseException:
                 await self.executor.discard_weights()
                 raise
+
+    async def _commit_weights(self, version: int) -> None:
+        """Switch every shard to the staged ``version`` and tag later steps with it. A caller
+        cancelled meanwhile waits for the switch to end before its cancellation goes on: the shards'
+        copies cannot be stopped halfway, and a step must not start before ``weight_version`` names
+        the weights it runs on."""
+
+        async def commit() -> None:
+            await self.executor.commit_weights(version)
+            self.weight_version = version
+
+        task = asyncio.ensure_future(commit())
+        cancelled: asyncio.CancelledError | None = None
+        while not task.done():
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError as e:
+                cancelled = e
+        task.result()  # the commit's own error, if it failed
+        if cancelled is not None:
+            raise cancelled
 
     def stats(self) -> EngineStats:
         """Requests with a choice in the running batch, requests with all choices waiting, pages per

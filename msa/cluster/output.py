@@ -59,8 +59,11 @@ class ChoiceStream:
         else:
             self._text += self._decoder.feed(token)
             if self.num_tokens >= self.params.max_tokens:
-                self._text += self._decoder.flush()
                 self.finish_reason = "length"
+        if self.finished:
+            # The bytes of a character the choice ended inside read as U+FFFD, as in decode(); a
+            # stop string found below still cuts the text before them.
+            self._text += self._decoder.flush()
         end = len(self._text)
         if self.params.stop:
             hit = self._find_stop(search_from)

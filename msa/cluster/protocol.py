@@ -30,7 +30,12 @@ def _rebuild_error(cls: type[EngineError], message: str, state: dict) -> EngineE
 
 
 class InvalidRequestError(EngineError, ValueError):
-    """A request's parameters are invalid; the message names the field."""
+    """A request's parameters are invalid; the message names the field, and ``param`` holds its
+    name where it is one of the request's (a SamplingParams field, ``prompt_token_ids``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class RequestTooLongError(InvalidRequestError):
@@ -62,10 +67,24 @@ class WeightUpdateError(EngineError):
     the message names the bucket or tensor. The engine keeps running on its previous weights."""
 
 
+# Seeds the sampler tells apart: it keeps 63 bits of a seed (``msa.cluster.sampler``).
+SEED_LIMIT = 1 << 63
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
     """Per-request sampling, with OpenAI's meanings. ``logprobs``: None for none, else how many
-    top alternatives to report per token (0 = only the chosen token's logprob)."""
+    top alternatives to report per token (0 = only the chosen token's logprob). As in vLLM,
+    ``stop`` may be one string (``"END"`` means ``["END"]``), and ``stop`` and ``stop_token_ids``
+    may be None or tuples; they are stored as lists."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -79,23 +98,51 @@ class SamplingParams:
     logprobs: int | None = None
 
     def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Normalise ``stop`` and ``stop_token_ids`` to lists and check every field's type, then
+        its range; raises InvalidRequestError naming the field. Engines call it again on admission:
+        the fields may have been set after construction, and unpickling skips ``__post_init__``."""
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif self.stop is None or isinstance(self.stop, tuple):
+            self.stop = list(self.stop or [])
+        if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids or [])
+        t, p, stop, stop_ids = self.temperature, self.top_p, self.stop, self.stop_token_ids
         checks = [
-            ("max_tokens", isinstance(self.max_tokens, int) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", 0.0 <= self.temperature <= 2.0, "in [0, 2]"),
-            ("top_p", 0.0 < self.top_p <= 1.0, "in (0, 1]"),
-            ("top_k", isinstance(self.top_k, int) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
-            ("n", isinstance(self.n, int) and 1 <= self.n <= 128, "an integer in [1, 128]"),
-            ("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "None or in [0, 20]"),
+            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", _is_real(t) and 0.0 <= t <= 2.0, "a number in [0, 2]"),
+            ("top_p", _is_real(p) and 0.0 < p <= 1.0, "a number in (0, 1]"),
+            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            (
+                "seed",
+                self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
+                "None or an integer in [0, 2**63)",
+            ),
+            ("n", _is_int(self.n) and 1 <= self.n <= 128, "an integer in [1, 128]"),
             (
                 "stop",
-                len(self.stop) <= 16 and all(isinstance(s, str) and s for s in self.stop),
-                "at most 16 non-empty strings",
+                isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) and s for s in stop),
+                "a non-empty string or a list of at most 16 non-empty strings",
+            ),
+            (
+                "stop_token_ids",
+                isinstance(stop_ids, list) and all(_is_int(i) and i >= 0 for i in stop_ids),
+                "a list of integers >= 0",
+            ),
+            ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
+            (
+                "logprobs",
+                self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+                "None or an integer in [0, 20]",
             ),
         ]
         for name, ok, allowed in checks:
             if not ok:
                 raise InvalidRequestError(
-                    f"sampling parameter '{name}' must be {allowed}, got {getattr(self, name)!r}"
+                    f"sampling parameter '{name}' must be {allowed}, got {getattr(self, name)!r}", name
                 )
 
 

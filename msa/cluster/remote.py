@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import logging
 import pickle
 import secrets
@@ -38,6 +39,7 @@ from msa.cluster.protocol import (
     EngineDeadError,
     EngineError,
     EngineStats,
+    InvalidRequestError,
     SamplingParams,
     TokenOutput,
     stream_queue,
@@ -61,6 +63,17 @@ class RequestFailed:
 
     request_id: str
     error: BaseException
+
+
+@dataclass(slots=True)
+class _OpenRequest:
+    """A caller's request that the engine has not finished: its id, the key its outputs come back
+    with, the queue they go to and how many of its choices are still open."""
+
+    request_id: str
+    key: int
+    queue: asyncio.Queue
+    open_choices: int
 
 
 class Frames(asyncio.Protocol):
@@ -127,9 +140,10 @@ class Frames(asyncio.Protocol):
 class EngineCore:
     """Ray actor body (async): the engine with its steps inline in the loop (``inline_steps``),
     and the server end of its callers' connections. Each caller connects with the token ``start``
-    returned; a request's outputs go back on the connection that added it, and a caller that goes
-    away has its requests aborted (nobody reads them any more). Several callers may share the
-    engine (API servers in processes of their own); ``start`` may come from each."""
+    returned; a request's outputs go back on the connection that added it, each with the key the
+    caller gave the request, and a caller that goes away has its requests aborted (nobody reads
+    them any more). Several callers may share the engine (API servers in processes of their own);
+    ``start`` may come from each."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.engine = MSAEngine(config, inline_steps=True)
@@ -138,10 +152,9 @@ class EngineCore:
         self._start_lock = asyncio.Lock()
         self._clients: set[Frames] = set()
         self._owners: dict[str, Frames] = {}  # request id -> the connection that added it
-        self._outboxes: dict[Frames, list[TokenOutput | RequestFailed]] = {}
+        self._outboxes: dict[Frames, list[tuple[int, TokenOutput | RequestFailed]]] = {}
         self._flush_pending = False
         self._stats_task: asyncio.Task | None = None
-        self._aborts: set[asyncio.Task] = set()
 
     async def start(self) -> dict[str, Any]:
         async with self._start_lock:
@@ -172,24 +185,21 @@ class EngineCore:
         if kind == "add":
             self._add(conn, request_id, *args)
         elif kind == "abort" and self._owners.get(request_id) is conn:
-            self._abort(request_id)
+            # At once, before the connection's next message: that may reuse the id.
+            self.engine.abort_now(request_id)
 
     def _on_lost(self, conn: Frames, exc: BaseException | None) -> None:
         if conn in self._clients:
             self._clients.discard(conn)
             self._outboxes.pop(conn, None)
             for request_id in [r for r, owner in self._owners.items() if owner is conn]:
-                self._abort(request_id)
-
-    def _abort(self, request_id: str) -> None:
-        task = asyncio.create_task(self.engine.abort(request_id))
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+                self.engine.abort_now(request_id)
 
     def _add(
-        self, conn: Frames, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self, conn: Frames, request_id: str, key: int, prompt_token_ids: list[int], params: SamplingParams
     ) -> None:
-        """Start a request; its outputs, or the error that refuses or ends it, go to ``conn``'s outbox."""
+        """Start a request; its outputs, or the error that refuses or ends it, go to ``conn``'s outbox
+        with ``key``."""
         open_choices = params.n
 
         def sink(item: TokenOutput | BaseException) -> None:
@@ -201,17 +211,17 @@ class EngineCore:
                 open_choices -= 1
             if open_choices == 0 and self._owners.get(request_id) is conn:
                 del self._owners[request_id]
-            self._post(conn, item)
+            self._post(conn, key, item)
 
         try:
             self.engine.add_request(request_id, prompt_token_ids, params, sink)
         except EngineError as e:  # refused (too long, queue full, dead): the caller re-raises it
-            self._post(conn, RequestFailed(request_id, e))
+            self._post(conn, key, RequestFailed(request_id, e))
             return
         self._owners[request_id] = conn
 
-    def _post(self, conn: Frames, item: TokenOutput | RequestFailed) -> None:
-        self._outboxes.setdefault(conn, []).append(item)
+    def _post(self, conn: Frames, key: int, item: TokenOutput | RequestFailed) -> None:
+        self._outboxes.setdefault(conn, []).append((key, item))
         if not self._flush_pending:  # one message per caller for everything a step posts
             self._flush_pending = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -269,7 +279,10 @@ class RemoteEngine:
         self._started = False
         self.address: tuple[str, int] | None = None  # the engine process's end of the connection
         self._conn: Frames | None = None
-        self._queues: dict[str, asyncio.Queue] = {}
+        # The requests the engine has not finished, by key; by id those whose stream is open too.
+        self._routes: dict[int, _OpenRequest] = {}
+        self._open: dict[str, _OpenRequest] = {}
+        self._keys = itertools.count()
         self._stats = EngineStats(
             running=0, waiting=0, pages_used=[], pages_total=[], rejected=0, weight_version=0, healthy=False
         )
@@ -301,10 +314,21 @@ class RemoteEngine:
 
     def _on_message(self, conn: Frames, message: tuple[list, EngineStats]) -> None:
         items, self._stats = message
-        for item in items:
-            queue = self._queues.get(item.request_id)
-            if queue is not None:
-                queue.put_nowait(item.error if isinstance(item, RequestFailed) else item)
+        for key, item in items:
+            request = self._routes.get(key)
+            if request is None:
+                continue
+            if isinstance(item, RequestFailed):
+                request.open_choices = 0
+                request.queue.put_nowait(item.error)
+            else:
+                request.open_choices -= item.finish_reason is not None
+                request.queue.put_nowait(item)
+            if request.open_choices == 0:
+                # Finished in the engine: the id is free again, whether or not its stream was closed.
+                del self._routes[key]
+                if self._open.get(request.request_id) is request:
+                    del self._open[request.request_id]
 
     def _on_lost(self, conn: Frames, exc: BaseException | None) -> None:
         if self._dead is None:
@@ -316,8 +340,10 @@ class RemoteEngine:
     def _fail(self, error: EngineDeadError) -> None:
         self._dead = error
         self._stats = dataclasses.replace(self._stats, healthy=False)
-        for queue in self._queues.values():
-            queue.put_nowait(error)
+        for request in self._routes.values():
+            request.queue.put_nowait(error)
+        self._routes.clear()
+        self._open.clear()
 
     def _check_alive(self) -> None:
         if self._dead is not None:
@@ -329,23 +355,22 @@ class RemoteEngine:
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[TokenOutput]:
         self._check_alive()
-        if request_id in self._queues:
-            raise EngineError(f"request_id {request_id!r} is already in flight")
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
-        finished = False
+        if request_id in self._open:
+            raise InvalidRequestError(f"request_id {request_id!r} is already in flight")
+        request = _OpenRequest(request_id, next(self._keys), asyncio.Queue(), params.n)
+        self._open[request_id] = self._routes[request.key] = request
         try:
-            self._conn.send(("add", request_id, list(prompt_token_ids), params))
-            async for out in stream_queue(queue, params.n):
+            self._conn.send(("add", request_id, request.key, list(prompt_token_ids), params))
+            async for out in stream_queue(request.queue, params.n):
                 yield out
-            finished = True
-        except EngineError:
-            finished = True  # refused or failed in the engine: nothing left there to abort
-            raise
         finally:
-            self._queues.pop(request_id, None)
-            if not finished and self._dead is None:
-                self._conn.send(("abort", request_id))
+            # Abort only this stream's own request, and only while the engine has not finished it
+            # (nor refused it): once it has, the id may belong to a newer request. Its id is free at
+            # once; its outputs still on the way come with its key, not the next request's.
+            if self._open.get(request_id) is request:
+                del self._open[request_id]
+                if self._dead is None:
+                    self._conn.send(("abort", request_id))
 
     async def _call(self, ref: Any) -> Any:
         """Await an actor call; the engine's own errors pass through, a dead actor becomes

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 _MASK63 = (1 << 63) - 1
 _MASK32 = (1 << 32) - 1
 
+# Rows with a lower temperature take the argmax, as in vLLM: dividing fp32 logits by a tiny
+# temperature overflows to inf, and the softmax of those is NaN.
+MIN_SAMPLING_TEMPERATURE = 1e-5
+
 
 @dataclass(slots=True)
 class SampleRequest:
@@ -95,29 +99,31 @@ def truncation_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 
 
 def _draw(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
-    """Token ids ``[S]``: the draw of rows with temperature > 0, the argmax of the others."""
+    """Token ids ``[S]``: the draw of rows with temperature >= MIN_SAMPLING_TEMPERATURE, the
+    argmax of the others."""
     rows = [[r.temperature, r.top_p, r.top_k, r.uniform()] for r in requests]
     params = to_device(np.asarray(rows, dtype=np.float64), logits.device)
-    temperature = params[:, 0:1].float()
-    scaled = logits / torch.where(temperature > 0, temperature, 1.0)
+    drawn_rows = params[:, 0] >= MIN_SAMPLING_TEMPERATURE
+    scaled = logits / torch.where(drawn_rows[:, None], params[:, 0:1], 1.0).float()
     if any(0 < r.top_k < logits.shape[-1] or r.top_p < 1.0 for r in requests):
         drop = truncation_mask(scaled, params[:, 2].long(), params[:, 1].float())
         scaled = scaled.masked_fill(drop, float("-inf"))
     cdf = torch.softmax(scaled, dim=-1).double().cumsum(-1)
     target = params[:, 3:4] * cdf[:, -1:]
     drawn = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-    return torch.where(temperature[:, 0] > 0, drawn, torch.argmax(logits, dim=-1))
+    return torch.where(drawn_rows, drawn, torch.argmax(logits, dim=-1))
 
 
 def sample(logits: torch.Tensor, requests: list[SampleRequest], *, keep_logits: bool = False) -> SampleResult:
     """``logits [len(requests), vocab]`` (any float dtype/device) -> tokens and log-probabilities.
-    Greedy rows (temperature 0) take the argmax, ties to the lowest id."""
+    Greedy rows (temperature below MIN_SAMPLING_TEMPERATURE, 0 included) take the argmax, ties to
+    the lowest id."""
     n = len(requests)
     if n == 0:
         return SampleResult([], [], [], logits.float().cpu() if keep_logits else None)
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
-    if any(r.temperature > 0 for r in requests):
+    if any(r.temperature >= MIN_SAMPLING_TEMPERATURE for r in requests):
         tokens = _draw(logits, requests)
     else:
         tokens = torch.argmax(logits, dim=-1)

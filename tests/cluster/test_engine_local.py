@@ -196,18 +196,21 @@ def test_stop_ids_stop_strings_and_seeded_choices(reference):
             text = engine.tokenizer.decode(free_run)
             stop = text[5:7]
             by_text = await collect(engine, "text", ids, greedy(12, stop=[stop]))
+            by_one_string = await collect(engine, "one", ids, greedy(12, stop=stop))  # as vLLM: [stop]
             sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True)
             first = await collect(engine, "s1", ids, sampled)
             second = await collect(engine, "s2", ids, sampled)
-            return by_id, text, stop, by_text, first, second
+            return by_id, text, stop, by_text, by_one_string, first, second
         finally:
             await engine.shutdown()
 
-    by_id, text, stop, by_text, first, second = asyncio.run(main())
+    by_id, text, stop, by_text, by_one_string, first, second = asyncio.run(main())
     stop_at = free_run.index(free_run[4])
     assert tokens_of(by_id[0]) == free_run[:stop_at + 1] and by_id[0][-1].finish_reason == "stop"
     streamed = "".join(o.text for o in by_text[0])
     assert streamed == text[:text.index(stop)] and by_text[0][-1].finish_reason == "stop"
+    assert "".join(o.text for o in by_one_string[0]) == streamed
+    assert tokens_of(by_one_string[0]) == tokens_of(by_text[0])
     assert sorted(first) == [0, 1, 2]
     assert [tokens_of(first[i]) for i in range(3)] == [tokens_of(second[i]) for i in range(3)]
     assert len({tuple(tokens_of(first[i])) for i in range(3)}) > 1
@@ -526,3 +529,175 @@ def test_gpu_engine_compiles_no_kernel_while_serving():
     before, after, outs = asyncio.run(main())
     assert all(len(tokens_of(o[0])) == 24 for o in outs)
     assert after == before
+
+
+async def until_finished(engine, request_id: str, ids: list[int], params: SamplingParams) -> list[int]:
+    """Read a stream up to its final output and stop iterating, leaving the stream open (as a caller
+    that breaks on finish_reason does); returns its tokens."""
+    tokens = []
+    async for out in engine.generate(request_id, ids, params):
+        tokens += out.token_ids
+        if out.finish_reason is not None:
+            break
+    return tokens
+
+
+def test_a_finished_request_id_is_free_while_its_old_stream_is_still_open(reference):
+    """Closing (or garbage-collecting) the stream of a finished request leaves a newer request with the same
+    id alone; an id still in flight is refused."""
+
+    async def main():
+        engine = await started()
+        try:
+            old = engine.generate("same", prompt(5), greedy(3))
+            async for out in old:
+                if out.finish_reason is not None:
+                    break
+            new = engine.generate("same", prompt(6, 1), greedy(20))
+            first = await new.__anext__()
+            with pytest.raises(InvalidRequestError, match="already in flight"):
+                await collect(engine, "same", prompt(4), greedy(2))
+            await old.aclose()
+            rest = [out async for out in within(new, 30)]
+            # The same pattern with the old stream left to the garbage collector.
+            again = [await asyncio.wait_for(until_finished(engine, "job", prompt(7, 2), greedy(4)), 30)
+                     for _ in range(2)]
+            return first, rest, again, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    first, rest, again, stats = asyncio.run(main())
+    assert first.token_ids + tokens_of(rest) == greedy_reference(reference, prompt(6, 1), 20)
+    assert rest[-1].finish_reason == "length"
+    assert again[0] == again[1] == greedy_reference(reference, prompt(7, 2), 4)
+    assert stats.running == 0 and stats.pages_used == [0]
+
+
+async def within(stream, seconds: float):
+    """``stream``'s outputs, failing if one takes longer than ``seconds``."""
+    while True:
+        try:
+            yield await asyncio.wait_for(stream.__anext__(), seconds)
+        except StopAsyncIteration:
+            return
+
+
+BAD_PARAMS = [  # one malformed field each
+    dict(seed="abc"), dict(seed=1.5), dict(seed=-1), dict(seed=2**63), dict(seed=True),
+    dict(temperature=None), dict(temperature=True), dict(top_p="x"), dict(top_p=float("nan")),
+    dict(stop_token_ids=[[1]]), dict(stop_token_ids="ab"), dict(stop_token_ids=[-1]),
+    dict(max_tokens=True), dict(n=2.0), dict(logprobs="3"), dict(ignore_eos="no"), dict(top_k=None),
+]
+
+
+def test_malformed_sampling_params_name_the_field_and_leave_the_engine_serving(reference):
+    """A malformed field is refused when the params are built, and again by the engine for params
+    changed after that; a request running meanwhile finishes."""
+
+    async def main():
+        engine = await started()
+        try:
+            running = asyncio.ensure_future(collect(engine, "good", prompt(5), greedy(30)))
+            await asyncio.sleep(0.05)
+            refused = []
+            for kwargs in BAD_PARAMS:
+                (field,) = kwargs
+                with pytest.raises(InvalidRequestError, match=f"'{field}'") as built:
+                    SamplingParams(**kwargs)
+                refused.append(str(built.value))
+            changed = SamplingParams(max_tokens=3, seed=7)
+            changed.seed = "abc"
+            with pytest.raises(InvalidRequestError, match="'seed'"):
+                await collect(engine, "changed", prompt(5, 1), changed)
+            largest_seed = SamplingParams(max_tokens=3, seed=2**63 - 1, ignore_eos=True)
+            served = await collect(engine, "after", prompt(5, 1), largest_seed)
+            return refused, await running, served, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    refused, good, served, stats = asyncio.run(main())
+    assert len(refused) == len(BAD_PARAMS)
+    assert tokens_of(good[0]) == greedy_reference(reference, prompt(5), 30)
+    assert len(tokens_of(served[0])) == 3 and stats.healthy
+
+
+def test_update_weights_cancelled_during_the_commit_still_switches_version_and_weights(reference):
+    """The shard's copy cannot be stopped: a caller cancelled while it runs returns once it is done,
+    and the engine's version names the weights its steps run on."""
+    import threading
+    import time
+
+    other = tiny_model(seed=1)
+    ids = prompt(45, 2)
+
+    async def main():
+        engine = await started()
+        try:
+            shard = engine.executor.shard
+            commit, entered = shard.commit_weights, threading.Event()
+
+            def slow_commit(version):
+                entered.set()
+                time.sleep(0.3)  # a big model's copy takes this long; the caller is cancelled meanwhile
+                return commit(version)
+
+            shard.commit_weights = slow_commit
+            update = asyncio.ensure_future(engine.update_weights(other.state_dict().items(), version=5))
+            while not entered.is_set():
+                await asyncio.sleep(0.005)
+            update.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await update
+            versions = engine.weight_version, shard.weight_version
+            after = await collect(engine, "after", ids, greedy(6))
+            return versions, after
+        finally:
+            await engine.shutdown()
+
+    versions, after = asyncio.run(main())
+    assert versions == (5, 5)
+    assert {o.weight_version for o in after[0]} == {5}
+    assert tokens_of(after[0]) == greedy_reference(other, ids, 6) != greedy_reference(reference, ids, 6)
+
+
+def test_a_temperature_too_small_to_divide_by_decodes_greedily(reference):
+    ids = prompt(21, 4)
+
+    async def main():
+        engine = await started()
+        try:
+            runs = {}
+            for temperature, top_p in [(0.0, 1.0), (1e-39, 1.0), (1e-39, 0.9), (1e-6, 1.0)]:
+                params = SamplingParams(max_tokens=8, temperature=temperature, top_p=top_p, seed=3,
+                                        ignore_eos=True)
+                runs[temperature, top_p] = tokens_of((await collect(engine, "t", ids, params))[0])
+            return runs
+        finally:
+            await engine.shutdown()
+
+    runs = asyncio.run(main())
+    assert runs[0.0, 1.0] == greedy_reference(reference, ids, 8)
+    assert all(tokens == runs[0.0, 1.0] for tokens in runs.values())
+
+
+def test_more_choices_than_the_queue_holds_are_invalid_and_a_full_queue_is_overloaded():
+    async def main():
+        engine = await started(max_waiting=2)
+        try:
+            with pytest.raises(InvalidRequestError, match="'n' is 3.*max_waiting=2") as too_many:
+                engine.add_request("n3", prompt(5), greedy(2, n=3), lambda out: None)
+            outs: list = []
+            engine.add_request("w", prompt(5), greedy(3), outs.append)
+            with pytest.raises(EngineOverloadedError):  # 1 waiting + 2 > 2, for now
+                engine.add_request("n2-early", prompt(5), greedy(2, n=2), lambda out: None)
+            while not any(o.finish_reason for o in outs):
+                await asyncio.sleep(0.01)
+            served = await collect(engine, "n2", prompt(5), greedy(2, n=2))
+            return too_many.value, served, engine.stats()
+        finally:
+            await engine.shutdown()
+
+    too_many, served, stats = asyncio.run(main())
+    assert not isinstance(too_many, EngineOverloadedError)
+    assert sorted(served) == [0, 1] and all(len(tokens_of(served[i])) == 2 for i in (0, 1))
+    assert stats.rejected == 1

@@ -9,9 +9,9 @@ import pytest
 import ray
 
 from msa.cluster.engine import EngineConfig, MSAEngine
-from msa.cluster.protocol import EngineDeadError, RequestTooLongError, SamplingParams
+from msa.cluster.protocol import EngineDeadError, InvalidRequestError, RequestTooLongError, SamplingParams
 from msa.cluster.remote import ENGINE_CORE_CONCURRENCY, EngineCore, RemoteEngine
-from tests.cluster.conftest import collect, prompt, tokens_of
+from tests.cluster.conftest import collect, greedy, greedy_reference, prompt, tokens_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -189,3 +189,37 @@ def test_two_callers_share_one_engine_process():
     assert len(tokens_of(survived[0])) == 200 and survived[0][-1].finish_reason == "length"
     assert len(tokens_of(after[0])) == 6
     assert stats.running == 0 and stats.pages_used == [0] and stats.healthy
+
+
+def test_a_finished_request_id_is_free_while_its_old_stream_is_still_open(reference):
+    """A request's id is free once the engine finished it, whether or not its stream was closed:
+    closing the old stream later leaves the newer request alone; an id in flight is refused; an id
+    whose stream was closed early is free at once."""
+
+    async def main():
+        remote = RemoteEngine(config())
+        await remote.start()
+        try:
+            old = remote.generate("same", prompt(5), greedy(3))
+            async for out in old:
+                if out.finish_reason is not None:
+                    break
+            new = remote.generate("same", prompt(6, 1), greedy(20))
+            first = await asyncio.wait_for(new.__anext__(), 30)
+            with pytest.raises(InvalidRequestError, match="already in flight"):
+                await collect(remote, "same", prompt(4), greedy(2))
+            await old.aclose()
+            rest = [out async for out in new]
+            early = remote.generate("early", prompt(9, 2), greedy(200))
+            await early.__anext__()
+            await early.aclose()
+            reused = await asyncio.wait_for(collect(remote, "early", prompt(7, 3), greedy(4)), 30)
+            return first, rest, reused, await remote._actor.stats.remote()
+        finally:
+            await remote.shutdown()
+
+    first, rest, reused, stats = asyncio.run(main())
+    assert first.token_ids + tokens_of(rest) == greedy_reference(reference, prompt(6, 1), 20)
+    assert rest[-1].finish_reason == "length"
+    assert tokens_of(reused[0]) == greedy_reference(reference, prompt(7, 3), 4)
+    assert stats.running == 0 and stats.pages_used == [0]
