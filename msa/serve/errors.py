@@ -69,7 +69,7 @@ def from_engine_error(exc: Exception, prompt_field: str) -> OpenAIError:
     if isinstance(exc, RequestTooLongError):
         return OpenAIError(400, str(exc), param=prompt_field, code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError):
-        return OpenAIError(400, str(exc), code="invalid_value")
+        return OpenAIError(400, str(exc), param=request_field(exc, prompt_field), code="invalid_value")
     if isinstance(exc, EngineOverloadedError):
         retry = str(max(1, math.ceil(exc.retry_after)))
         return OpenAIError(
@@ -82,6 +82,12 @@ def from_engine_error(exc: Exception, prompt_field: str) -> OpenAIError:
         return OpenAIError(503, f"the engine is not running: {exc}", code="engine_dead")
     logger.exception("unexpected error while generating", exc_info=exc)
     return OpenAIError(500, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def request_field(exc: InvalidRequestError, prompt_field: str) -> str | None:
+    """The HTTP request's field an engine error names: the prompt's for ``prompt_token_ids``,
+    else the sampling parameter, which has the same name in the request."""
+    return prompt_field if exc.param == "prompt_token_ids" else exc.param
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from msa.cluster.protocol import Engine, EngineError, InvalidRequestError, SamplingParams, TokenOutput
 from msa.platform.aio import wait_within
 from msa.platform.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer
-from msa.serve.errors import OpenAIError, from_engine_error
+from msa.serve.errors import OpenAIError, from_engine_error, request_field
 from msa.serve.metrics import RequestTimer, ServeMetrics
 from msa.serve.schemas import ChatCompletionRequest, CompletionRequest, new_id
 from msa.serve.tools import special_marker_ids
@@ -132,7 +132,7 @@ class OpenAIServer:
                 logprobs=logprobs,
             )
         except InvalidRequestError as e:
-            raise OpenAIError(400, str(e), code="invalid_value") from e
+            raise OpenAIError(400, str(e), param=request_field(e, prompt_field), code="invalid_value") from e
 
     # Tokens as text ----------------------------------------------------------------------------
 

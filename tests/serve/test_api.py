@@ -2,6 +2,7 @@
 logprobs, batched prompts, tools, errors, disconnects, health and metrics."""
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from fastapi.testclient import TestClient
@@ -199,15 +200,26 @@ def test_health_and_metrics(app_client):
     assert stats.prefill_tokens > before.prefill_tokens and stats.steps - before.steps >= 3
 
 
-def test_full_queue_is_429_with_retry_after_and_a_dead_engine_is_503():
-    engine = tiny_engine(max_waiting=1)
+def test_too_many_choices_is_400_a_full_queue_429_with_retry_after_and_a_dead_engine_503():
+    engine = tiny_engine(max_waiting=1, max_num_seqs=1)
     server = OpenAIServer(engine, Tokenizer.byte_level_default(), model_name="tiny")
     with TestClient(create_app(server)) as client:
         client.portal.call(engine.start)
         body = {"model": "tiny", "messages": USER, "n": 2, "max_tokens": 2}
-        r = client.post("/v1/chat/completions", json=body)
-        assert_error(r, 429)
-        assert int(r.headers["Retry-After"]) >= 1
+        error = assert_error(client.post("/v1/chat/completions", json=body), 400, "n")
+        assert "max_waiting=1" in error["message"]
+        # One request runs (max_num_seqs=1), one waits: the queue is full for a third, for now.
+        long = {"model": "tiny", "prompt": "a", "max_tokens": 900, "ignore_eos": True}
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(client.post, "/v1/completions", json=long)
+            assert wait_until(lambda: engine.stats().running == 1)
+            waiting = pool.submit(client.post, "/v1/completions", json=long | {"max_tokens": 2})
+            assert wait_until(lambda: engine.stats().waiting == 1)
+            r = client.post("/v1/chat/completions", json=body | {"n": 1})
+            assert_error(r, 429)
+            assert int(r.headers["Retry-After"]) >= 1
+            assert [f.result().status_code for f in (running, waiting)] == [200, 200]
+        assert client.post("/v1/chat/completions", json=body | {"n": 1}).status_code == 200
         assert client.get("/health").status_code == 200
         client.portal.call(engine.shutdown)
         assert_error(client.get("/health"), 503)

@@ -111,3 +111,10 @@ def test_an_image_part_is_refused_plainly_and_text_parts_are_served(app_client):
     text_parts = [{"role": "user", "content": parts}]
     r = chat(app_client.client, messages=text_parts, max_tokens=2)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+
+
+@pytest.mark.parametrize("prompt", [[5, 264], [[5], [7, 9999]]], ids=["one-prompt", "batch"])
+def test_prompt_ids_outside_the_vocabulary_are_refused_naming_the_prompt(app_client, prompt):
+    error = assert_error(complete(app_client.client, prompt=prompt, max_tokens=2), 400, "prompt")
+    assert "outside the vocabulary [0, 264)" in error["message"]
+    assert app_client.engine.stats().running == 0
