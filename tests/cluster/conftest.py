@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from msa.cluster.protocol import SamplingParams, TokenOutput
+from msa.cluster.protocol import InvalidRequestError, SamplingParams, TokenOutput
 from msa.model import MiniMaxM3ForCausalLM, cache_free_batch
 from msa.model.generate import generate_stream
 from msa.platform.checkpoint import load_model
@@ -59,6 +59,42 @@ async def collect(engine, request_id: str, ids: list[int],
     async for out in engine.generate(request_id, ids, params):
         outs.setdefault(out.index, []).append(out)
     return outs
+
+
+async def until_finished(engine, request_id: str, ids: list[int], params: SamplingParams) -> list[int]:
+    """Read a stream up to its final output and stop iterating, leaving the stream open (as a caller
+    that breaks on finish_reason does); returns its tokens."""
+    tokens = []
+    async for out in engine.generate(request_id, ids, params):
+        tokens += out.token_ids
+        if out.finish_reason is not None:
+            break
+    return tokens
+
+
+async def within(stream, seconds: float):
+    """``stream``'s outputs, failing if one takes longer than ``seconds``."""
+    while True:
+        try:
+            yield await asyncio.wait_for(stream.__anext__(), seconds)
+        except StopAsyncIteration:
+            return
+
+
+async def reuse_a_finished_id(engine) -> tuple[TokenOutput, list[TokenOutput]]:
+    """Finish request "same" but leave its stream open, start a newer "same" (20 greedy tokens of
+    ``prompt(6, 1)``), check that a third is refused while it runs, then close the old stream:
+    the newer request's first output and the rest of its outputs, read after the close."""
+    old = engine.generate("same", prompt(5), greedy(3))
+    async for out in old:
+        if out.finish_reason is not None:
+            break
+    new = engine.generate("same", prompt(6, 1), greedy(20))
+    first = await asyncio.wait_for(new.__anext__(), 30)
+    with pytest.raises(InvalidRequestError, match="already in flight"):
+        await collect(engine, "same", prompt(4), greedy(2))
+    await old.aclose()
+    return first, [out async for out in within(new, 30)]
 
 
 def tokens_of(outs: list[TokenOutput]) -> list[int]:

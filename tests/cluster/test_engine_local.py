@@ -28,8 +28,10 @@ from tests.cluster.conftest import (
     greedy,
     greedy_reference,
     prompt,
+    reuse_a_finished_id,
     tiny_model,
     tokens_of,
+    until_finished,
 )
 
 LENGTHS = [3, 17, 41, 58]  # 4-token blocks, top-4: the longer prompts select sparsely
@@ -531,17 +533,6 @@ def test_gpu_engine_compiles_no_kernel_while_serving():
     assert after == before
 
 
-async def until_finished(engine, request_id: str, ids: list[int], params: SamplingParams) -> list[int]:
-    """Read a stream up to its final output and stop iterating, leaving the stream open (as a caller
-    that breaks on finish_reason does); returns its tokens."""
-    tokens = []
-    async for out in engine.generate(request_id, ids, params):
-        tokens += out.token_ids
-        if out.finish_reason is not None:
-            break
-    return tokens
-
-
 def test_a_finished_request_id_is_free_while_its_old_stream_is_still_open(reference):
     """Closing (or garbage-collecting) the stream of a finished request leaves a newer request with the same
     id alone; an id still in flight is refused."""
@@ -549,16 +540,7 @@ def test_a_finished_request_id_is_free_while_its_old_stream_is_still_open(refere
     async def main():
         engine = await started()
         try:
-            old = engine.generate("same", prompt(5), greedy(3))
-            async for out in old:
-                if out.finish_reason is not None:
-                    break
-            new = engine.generate("same", prompt(6, 1), greedy(20))
-            first = await new.__anext__()
-            with pytest.raises(InvalidRequestError, match="already in flight"):
-                await collect(engine, "same", prompt(4), greedy(2))
-            await old.aclose()
-            rest = [out async for out in within(new, 30)]
+            first, rest = await reuse_a_finished_id(engine)
             # The same pattern with the old stream left to the garbage collector.
             again = [await asyncio.wait_for(until_finished(engine, "job", prompt(7, 2), greedy(4)), 30)
                      for _ in range(2)]
@@ -571,15 +553,6 @@ def test_a_finished_request_id_is_free_while_its_old_stream_is_still_open(refere
     assert rest[-1].finish_reason == "length"
     assert again[0] == again[1] == greedy_reference(reference, prompt(7, 2), 4)
     assert stats.running == 0 and stats.pages_used == [0]
-
-
-async def within(stream, seconds: float):
-    """``stream``'s outputs, failing if one takes longer than ``seconds``."""
-    while True:
-        try:
-            yield await asyncio.wait_for(stream.__anext__(), seconds)
-        except StopAsyncIteration:
-            return
 
 
 BAD_PARAMS = [  # one malformed field each

@@ -9,9 +9,9 @@ import pytest
 import ray
 
 from msa.cluster.engine import EngineConfig, MSAEngine
-from msa.cluster.protocol import EngineDeadError, InvalidRequestError, RequestTooLongError, SamplingParams
+from msa.cluster.protocol import EngineDeadError, RequestTooLongError, SamplingParams
 from msa.cluster.remote import ENGINE_CORE_CONCURRENCY, EngineCore, RemoteEngine
-from tests.cluster.conftest import collect, greedy, greedy_reference, prompt, tokens_of
+from tests.cluster.conftest import collect, greedy, greedy_reference, prompt, reuse_a_finished_id, tokens_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -200,16 +200,7 @@ def test_a_finished_request_id_is_free_while_its_old_stream_is_still_open(refere
         remote = RemoteEngine(config())
         await remote.start()
         try:
-            old = remote.generate("same", prompt(5), greedy(3))
-            async for out in old:
-                if out.finish_reason is not None:
-                    break
-            new = remote.generate("same", prompt(6, 1), greedy(20))
-            first = await asyncio.wait_for(new.__anext__(), 30)
-            with pytest.raises(InvalidRequestError, match="already in flight"):
-                await collect(remote, "same", prompt(4), greedy(2))
-            await old.aclose()
-            rest = [out async for out in new]
+            first, rest = await reuse_a_finished_id(remote)
             early = remote.generate("early", prompt(9, 2), greedy(200))
             await early.__anext__()
             await early.aclose()
