@@ -117,8 +117,22 @@ def paged_input_strides(
 
 def check_int32(name: str, **tensors: torch.Tensor) -> None:
     for arg, t in tensors.items():
-        if t.dtype != torch.int32 or not t.is_contiguous():
-            raise ValueError(f"{name}: {arg} must be a contiguous int32 tensor, got {t.dtype}")
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name}: {arg} must be int32, got {t.dtype}")
+        if not t.is_contiguous():
+            raise ValueError(
+                f"{name}: {arg} must be contiguous (row-major, strides {contiguous_strides(t.shape)} "
+                f"for shape {tuple(t.shape)}), got strides {t.stride()}"
+            )
+
+
+def contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous (row-major) tensor of ``shape``."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(1, n)
+    return tuple(reversed(strides))
 
 
 def check_last_dim_contiguous(name: str, **tensors: torch.Tensor) -> None:

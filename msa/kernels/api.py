@@ -1,4 +1,12 @@
-"""Public kernel entry points: argument checks, then dispatch to Triton or the reference."""
+"""Public kernel entry points: argument checks, then dispatch to Triton or the reference.
+
+Every call checks its arguments' metadata (shapes, dtypes, devices, shard coordinates). The checks
+of their values (``cu_seqlens_q`` ascending from 0, no sequence with more queries than tokens, a
+block table wide enough whose used entries are pages of the cache, distinct ids in each selection,
+store slots inside the cache) run for CPU tensors always and for CUDA tensors only with
+``MSA_CHECK_INPUTS=1``: they read the values, which syncs with the host (no CUDA graph can capture
+that), so the GPU path leaves them off by default.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,17 @@ import os
 
 import torch
 
+from msa.kernels._checks import (
+    check_cu_seqlens,
+    check_distinct_block_ids,
+    check_query_counts,
+    check_same_device,
+    check_shard,
+    check_slots,
+    check_table_pages,
+    check_table_width,
+    values_checked,
+)
 from msa.kernels.indexer.reference import order_selection, select_blocks_reference
 from msa.kernels.merge.reference import merge_attention_states_reference
 from msa.kernels.sparse_attention.reference import paged_attention_reference
@@ -28,8 +47,16 @@ def use_triton(t: torch.Tensor, *tile_dims: int) -> bool:
 
 
 def _check_batch(
-    name: str, block_table: torch.Tensor, cu_seqlens_q: torch.Tensor, seq_lens: torch.Tensor, total_q: int
+    name: str,
+    anchor: str,
+    tensors: dict[str, torch.Tensor],
+    shard_rank: int,
+    shard_world: int,
 ) -> None:
+    """Metadata every call checks: all ``tensors`` on the device of ``tensors[anchor]``, the
+    shapes and dtypes of their block_table, cu_seqlens_q and seq_lens, and the shard."""
+    check_same_device(name, anchor, tensors)
+    block_table, cu_seqlens_q, seq_lens = (tensors[k] for k in ("block_table", "cu_seqlens_q", "seq_lens"))
     if block_table.dim() != 2 or block_table.dtype != torch.int32:
         raise ValueError(
             f"{name}: block_table must be a 2-D int32 tensor, got {tuple(block_table.shape)} "
@@ -45,11 +72,30 @@ def _check_batch(
         raise ValueError(
             f"{name}: seq_lens must be int32 of shape ({B},), got {tuple(seq_lens.shape)} {seq_lens.dtype}"
         )
-    if total_q != 0 and not cu_seqlens_q.is_cuda and int(cu_seqlens_q[-1]) != total_q:
-        raise ValueError(
-            f"{name}: cu_seqlens_q[-1] ({int(cu_seqlens_q[-1])}) must equal the number of "
-            f"query rows ({total_q})"
-        )
+    check_shard(name, shard_rank, shard_world)
+
+
+def _check_batch_values(
+    name: str,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    total_q: int,
+    cache_shape: tuple[int, ...],
+    shard_rank: int,
+    shard_world: int,
+) -> None:
+    """The value checks of a batch over a paged cache of ``cache_shape`` ``(pages, block, ...)``."""
+    num_pages, block_size = cache_shape[0], cache_shape[1]
+    check_cu_seqlens(name, cu_seqlens_q, total_q)
+    check_query_counts(name, cu_seqlens_q, seq_lens)
+    check_table_width(name, block_table, seq_lens, block_size, shard_rank, shard_world)
+    check_table_pages(name, block_table, seq_lens, block_size, num_pages, shard_rank, shard_world)
+
+
+def _check_topk(name: str, topk: int) -> None:
+    if topk < 0:
+        raise ValueError(f"{name}: topk must be >= 0, got {topk}")
 
 
 def _check_index(name: str, index_q: torch.Tensor, index_k_cache: torch.Tensor) -> None:
@@ -85,8 +131,19 @@ def select_blocks(
     are candidates: combine the shards' results with ``merge_block_candidates``. ``max_q_len``
     (the longest query run, if the caller knows it) spares the Triton path a host sync.
     """
-    _check_batch("select_blocks", block_table, cu_seqlens_q, seq_lens, index_q.shape[0])
-    _check_index("select_blocks", index_q, index_k_cache)
+    name = "select_blocks"
+    tensors = dict(
+        index_q=index_q, index_k_cache=index_k_cache, block_table=block_table,
+        cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens,
+    )  # fmt: skip
+    _check_batch(name, "index_q", tensors, shard_rank, shard_world)
+    _check_index(name, index_q, index_k_cache)
+    _check_topk(name, topk)
+    if values_checked(index_q):
+        _check_batch_values(
+            name, block_table, cu_seqlens_q, seq_lens, index_q.shape[0], index_k_cache.shape,
+            shard_rank, shard_world,
+        )  # fmt: skip
     if use_triton(index_q, index_k_cache.shape[1], index_k_cache.shape[2]):
         from msa.kernels.indexer.triton import select_blocks_triton
 
@@ -123,6 +180,13 @@ def selection_needed(max_seq_len: int | None, block_size: int, topk: int) -> boo
 def merge_block_candidates(ids: torch.Tensor, scores: torch.Tensor, topk: int) -> torch.Tensor:
     """Exact global top-k from per-shard candidates ``ids, scores [R, T, G, K]`` (from
     ``select_blocks`` on each shard): ``[T, G, topk]`` int32, ascending, -1 padded."""
+    if ids.dim() != 4 or scores.shape != ids.shape:
+        raise ValueError(
+            f"merge_block_candidates: need ids and scores [R, T, G, K] of one shape, got "
+            f"{tuple(ids.shape)} and {tuple(scores.shape)}"
+        )
+    check_same_device("merge_block_candidates", "ids", dict(ids=ids, scores=scores))
+    _check_topk("merge_block_candidates", topk)
     R, T, G, K = ids.shape
     flat_ids = ids.permute(1, 2, 0, 3).reshape(T, G, R * K)
     flat_scores = scores.permute(1, 2, 0, 3).reshape(T, G, R * K)
@@ -135,6 +199,8 @@ def _check_attention(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache:
             f"{name}: need q [T, H, D] and k_cache, v_cache [pages, block, H_kv, D] of one shape; "
             f"got {tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}"
         )
+    if k_cache.shape[2] < 1:
+        raise ValueError(f"{name}: H_kv (k_cache.shape[2]) must be >= 1, got {k_cache.shape[2]}")
     if q.shape[1] % k_cache.shape[2] or q.shape[2] != k_cache.shape[3]:
         raise ValueError(
             f"{name}: q heads ({q.shape[1]}) must be a multiple of kv heads ({k_cache.shape[2]}) "
@@ -164,13 +230,23 @@ def sparse_attention(
     gets zeros and lse -inf, so ``merge_attention_states`` weighs it 0. ``max_q_len`` as in
     ``select_blocks``.
     """
-    _check_batch("sparse_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
-    _check_attention("sparse_attention", q, k_cache, v_cache)
-    if block_ids.shape[:2] != (q.shape[0], k_cache.shape[2]):
+    name = "sparse_attention"
+    tensors = dict(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
+        seq_lens=seq_lens, block_ids=block_ids,
+    )  # fmt: skip
+    _check_batch(name, "q", tensors, shard_rank, shard_world)
+    _check_attention(name, q, k_cache, v_cache)
+    if block_ids.dim() != 3 or block_ids.shape[:2] != (q.shape[0], k_cache.shape[2]):
         raise ValueError(
-            f"sparse_attention: block_ids must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, K], "
+            f"{name}: block_ids must be 3-D [T={q.shape[0]}, H_kv={k_cache.shape[2]}, K], "
             f"got {tuple(block_ids.shape)}"
         )
+    if values_checked(q):
+        _check_batch_values(
+            name, block_table, cu_seqlens_q, seq_lens, q.shape[0], k_cache.shape, shard_rank, shard_world
+        )
+        check_distinct_block_ids(name, block_ids)
     if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.sparse_attention.triton import sparse_attention_triton
 
@@ -226,14 +302,32 @@ def select_and_attend(
     the attention launch instead of a launch of its own. Shards that need the global top-k merge
     their candidates (``merge_block_candidates``) between the two calls instead.
     """
-    _check_batch("select_and_attend", block_table, cu_seqlens_q, seq_lens, q.shape[0])
-    _check_attention("select_and_attend", q, k_cache, v_cache)
-    _check_index("select_and_attend", index_q, index_k_cache)
+    name = "select_and_attend"
+    tensors = dict(
+        q=q, k_cache=k_cache, v_cache=v_cache, index_q=index_q, index_k_cache=index_k_cache,
+        block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens,
+    )  # fmt: skip
+    _check_batch(name, "q", tensors, shard_rank, shard_world)
+    _check_attention(name, q, k_cache, v_cache)
+    _check_index(name, index_q, index_k_cache)
+    _check_topk(name, topk)
     if index_q.shape[:2] != (q.shape[0], k_cache.shape[2]):
         raise ValueError(
-            f"select_and_attend: index_q must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, D], "
+            f"{name}: index_q must be [T={q.shape[0]}, H_kv={k_cache.shape[2]}, D], "
             f"got {tuple(index_q.shape)}"
         )
+    # One block table and one set of block ids address both caches: their pages must hold as many tokens.
+    if index_k_cache.shape[1] != k_cache.shape[1]:
+        raise ValueError(
+            f"{name}: index_k_cache and k_cache must share a block size, got {index_k_cache.shape[1]} "
+            f"and {k_cache.shape[1]}"
+        )
+    if values_checked(q):
+        pages = min(k_cache.shape[0], index_k_cache.shape[0])
+        _check_batch_values(
+            name, block_table, cu_seqlens_q, seq_lens, q.shape[0], (pages, k_cache.shape[1]),
+            shard_rank, shard_world,
+        )  # fmt: skip
     shard = dict(shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
     if use_triton(q, k_cache.shape[1], k_cache.shape[3]) and use_triton(
         index_q, index_k_cache.shape[1], index_k_cache.shape[2]
@@ -265,8 +359,17 @@ def paged_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense causal GQA attention of packed queries over this shard's paged cache (the dense
     layers). Shapes and results as ``sparse_attention``."""
-    _check_batch("paged_attention", block_table, cu_seqlens_q, seq_lens, q.shape[0])
-    _check_attention("paged_attention", q, k_cache, v_cache)
+    name = "paged_attention"
+    tensors = dict(
+        q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, cu_seqlens_q=cu_seqlens_q,
+        seq_lens=seq_lens,
+    )  # fmt: skip
+    _check_batch(name, "q", tensors, shard_rank, shard_world)
+    _check_attention(name, q, k_cache, v_cache)
+    if values_checked(q):
+        _check_batch_values(
+            name, block_table, cu_seqlens_q, seq_lens, q.shape[0], k_cache.shape, shard_rank, shard_world
+        )
     if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.dense_attention.triton import paged_attention_triton
 
@@ -304,6 +407,7 @@ def merge_attention_states(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torc
             f"merge_attention_states: need outs [R, T, H, D] and lses [R, T, H], got "
             f"{tuple(outs.shape)} and {tuple(lses.shape)}"
         )
+    check_same_device("merge_attention_states", "outs", dict(outs=outs, lses=lses))
     if use_triton(outs):
         from msa.kernels.merge.triton import merge_attention_states_triton
 
@@ -319,6 +423,9 @@ def store_tokens(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor)
             f"store_tokens: values {tuple(values.shape)} and slots {tuple(slots.shape)} do not fit "
             f"cache {tuple(cache.shape)}"
         )
+    check_same_device("store_tokens", "cache", dict(cache=cache, values=values, slots=slots))
+    if values_checked(cache):
+        check_slots("store_tokens", slots, cache.shape[0] * cache.shape[1])
     if use_triton(cache) and cache.is_contiguous():
         # One kernel that skips -1 rows itself: no host sync, so decode steps can be graph-captured.
         from msa.kernels.store.triton import store_tokens_triton

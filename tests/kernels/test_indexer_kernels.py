@@ -246,3 +246,23 @@ def test_reference_matches_loop_over_positions(case):
                 for blk, s in zip(ids[t, g].tolist(), scores[t, g].tolist(), strict=True):
                     if blk >= 0:
                         assert s == pytest.approx(best[blk], rel=1e-5, abs=1e-5)
+
+
+@pytest.mark.parametrize("seq_lens, q_lens", [([8], [8]), ([40, 8], [3, 8])], ids=["one", "mixed"])
+def test_queries_before_position_zero_select_nothing(seq_lens, q_lens):
+    """The last sequence cut to 5 tokens under its 8 queries (refused by ``select_blocks``, so the
+    launcher is called itself): its first 3 queries sit before position 0, have no local block and
+    see no key, so they select nothing (-1, -inf) on both backends, not block 0 forced in by a
+    division truncating toward zero; the other 5 keep block 0."""
+    from msa.kernels.indexer.triton import select_blocks_triton
+
+    batch, iq, shards = build(seq_lens, q_lens, **CPU)
+    cache, table = shards[0]
+    cut = torch.tensor([*seq_lens[:-1], 5], dtype=torch.int32)
+    args = (iq, cache, table, batch.cu_seqlens_q, cut)
+    ids, scores = select_blocks_triton(*args, topk=CPU["topk"])
+    ref_ids, ref_scores = select_blocks_reference(*args, topk=CPU["topk"])
+    check_same_selection(ids, scores, ref_ids, ref_scores, exact=True)
+    T = batch.total_q
+    assert (ids[T - 8 : T - 5] == -1).all() and torch.isneginf(scores[T - 8 : T - 5]).all()
+    assert (ids[T - 5 :, :, 0] == 0).all() and (ids[T - 5 :, :, 1:] == -1).all()

@@ -168,3 +168,36 @@ def test_latency_bound_merge_refuses_too_many_parts():
     outs, lses = torch.zeros(R, 1, 2, 16), torch.zeros(R, 1, 2)
     with pytest.raises(ValueError, match=f"at most {MAX_LATENCY_BOUND_PARTS} parts, got {R}"):
         merge_states_into(outs, lses, torch.empty(1, 2, 16), torch.empty(1, 2), latency_bound=True)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_merge_entry_point_ignores_what_an_empty_part_holds(backend, monkeypatch):
+    """Through ``merge_attention_states`` on either backend, NaN or inf in the rows of parts with
+    lse -inf does not reach the output: a plain sum over the non-empty parts."""
+    monkeypatch.setenv("MSA_KERNEL_BACKEND", backend)
+    R, T, H, D = 3, 4, 8, 16
+    outs, lses = partial_states(R, T, H, D, torch.float32, "cpu", seed=3)
+    lses[1, 0], lses[:, 2, 3] = float("-inf"), float("-inf")
+    outs[1, 0], outs[0, 0, 0], outs[:, 2, 3] = float("nan"), float("inf"), float("nan")
+    out, lse = merge_attention_states(outs, lses)
+    live = ~torch.isneginf(lses)
+    want_lse = torch.logsumexp(lses, 0)
+    w = torch.where(live, torch.exp(lses - want_lse.nan_to_num(neginf=0.0)), 0.0)
+    want_out = (w[..., None] * torch.where(live[..., None], outs, 0.0)).sum(0)
+    assert not out.isnan().any() and torch.equal(out[2, 3], torch.zeros(D))
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, want_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_store_kernel_drops_slots_past_the_cache():
+    """The Triton store given a slot past its cache (unchecked: the entry point refuses it first)
+    writes nothing there, not even into memory after the cache, and still writes the other rows."""
+    from msa.kernels.store.triton import store_tokens_triton
+
+    buffer = torch.zeros(10, 16, 2, 8)
+    cache, values = buffer[:5], torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(0))
+    store_tokens_triton(cache, values, torch.tensor([0, 80, 3, 1000]))
+    assert torch.equal(cache[0, 0], values[0]) and torch.equal(cache[0, 3], values[2])
+    assert int((cache != 0).flatten(0, 1).any(-1).any(-1).sum()) == 2
+    assert (buffer[5:] == 0).all()

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from msa.kernels._checks import check_shard
 from msa.kernels._launch import (
     block_descriptor,
     check_int32,
@@ -206,9 +207,10 @@ def _score_chunk_topk_kernel(
             s = tl.where(kpos[None, :, :] <= qpos[:, None, None], s, float("-inf"))
         # Scaling after the max keeps ties exact (rounding is monotone).
         best = tl.max(s, 2) / score_scale  # [M, NB]
-        best = tl.where(
-            (qpos // BLOCK_SIZE)[:, None] == blk[None, :], float("inf"), best
-        )  # forced local block
+        # A query before position 0 (more queries than tokens) has no local block; // truncates
+        # toward zero, which would force block 0.
+        local = ((qpos // BLOCK_SIZE)[:, None] == blk[None, :]) & (qpos >= 0)[:, None]
+        best = tl.where(local, float("inf"), best)  # forced local block
         scores = tl.where(steps[None, :, None] == j, best[:, None, :], scores)
     if PDL:
         gdc_launch_dependents()  # the keys are read: the next kernel may start launching
@@ -590,8 +592,7 @@ def check_selection_inputs(
         )
     check_last_dim_contiguous(name, index_q=index_q, index_k_cache=index_k_cache)
     check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
-    if not 0 <= shard_rank < shard_world:
-        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    check_shard(name, shard_rank, shard_world)
     T, G, D = index_q.shape
     bs = index_k_cache.shape[1]
     if D < 16 or D & (D - 1) or bs < 16 or bs & (bs - 1):

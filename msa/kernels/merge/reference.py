@@ -13,5 +13,7 @@ def merge_attention_states_reference(
     lse = torch.logsumexp(lses.float(), dim=0)
     safe = torch.where(torch.isneginf(lse), 0.0, lse)
     w = torch.exp(lses.float() - safe[None])  # exp(-inf) = 0 for empty parts
-    out = (w[..., None] * outs.float()).sum(0)
+    # An empty part's rows may hold anything (NaN, inf): 0 * NaN would still be NaN.
+    parts = outs.float().masked_fill(torch.isneginf(lses)[..., None], 0.0)
+    out = (w[..., None] * parts).sum(0)
     return out.to(outs.dtype), lse

@@ -20,6 +20,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from msa.kernels._checks import check_shard
 from msa.kernels._launch import (
     block_descriptor,
     check_int32,
@@ -641,8 +642,9 @@ def _check_caches(name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
 
 
 def _check_block_ids(name: str, block_ids: torch.Tensor) -> None:
-    if block_ids.dtype != torch.int32 or block_ids.stride(-1) != 1:
-        raise ValueError(f"{name}: block_ids must be int32 with a contiguous last dim, got {block_ids.dtype}")
+    if block_ids.dtype != torch.int32:
+        raise ValueError(f"{name}: block_ids must be int32, got {block_ids.dtype}")
+    check_last_dim_contiguous(name, block_ids=block_ids)
 
 
 _DENSE_DECODE_BLOCKS = 32
@@ -830,6 +832,11 @@ def _launch_decode(
     else:
         topk, ids_arg, stride_it, stride_ig = max(1, block_table.shape[1]), block_table, 0, 0
         n_slots = topk
+    if topk == 0:
+        # No block selected: a grid of no splits would leave out and lse unwritten.
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
     # K and V of the blocks a program loads at once stay in registers: two 128 x 128 bf16 blocks.
     most = next_pow2(max(1, 256 // D))
     sms = num_sms(q.device)
@@ -927,8 +934,7 @@ def launch_paged_attention(
     partials."""
     _check_caches(name, q, k_cache, v_cache)
     check_int32(name, block_table=block_table, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens)
-    if not 0 <= shard_rank < shard_world:
-        raise ValueError(f"{name}: need 0 <= shard_rank < shard_world, got {shard_rank}, {shard_world}")
+    check_shard(name, shard_rank, shard_world)
     T, H, D = q.shape
     H_kv = k_cache.shape[2]
     group = H // H_kv
