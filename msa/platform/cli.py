@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from msa.platform.config import PRESETS
+from msa.platform.config import PRESETS, ConfigError
 
 DTYPES = ("float32", "bfloat16")
 
@@ -22,9 +22,25 @@ def _device_and_dtype(args: argparse.Namespace):
     """(device, torch dtype): defaults are the GPU in bf16 when there is one, else the CPU in fp32."""
     import torch
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     return device, getattr(torch, dtype)
+
+
+def _float_in(low: float, high: float, *, open_low: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a number in [low, high], or (low, high] with ``open_low``."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]"
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not ((low < value if open_low else low <= value) and value <= high):
+            raise argparse.ArgumentTypeError(f"must be a number in {interval}, got {text}")
+        return value
+
+    parse.__name__ = "float"  # argparse names the type in its "invalid float value" message
+    return parse
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +50,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weight dtype (default: bfloat16 on a GPU, float32 on the CPU)",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="torch device (default: cuda if available, else cpu)",
+    )
 
 
 # msa generate ------------------------------------------------------------------------------------
@@ -52,8 +73,16 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> None:
         "--model", default="tiny", help=f"checkpoint directory or preset {sorted(PRESETS)} (default: tiny)"
     )
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most (default: 32)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default: 0.8)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    # The ranges of msa.cluster.protocol.SamplingParams (the HTTP API's).
+    p.add_argument(
+        "--temperature", type=_float_in(0.0, 2.0), default=0.8, help="in [0, 2]; 0 is greedy (default: 0.8)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=_float_in(0.0, 1.0, open_low=True),
+        default=1.0,
+        help="nucleus sampling mass in (0, 1] (default: 1.0, off)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the sampling and a preset's random weights")
     _add_model_options(p)
     p.set_defaults(run=_run_generate)
@@ -158,8 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one ``msa`` subcommand; returns its exit code (1 and a one-line message on a known error)."""
-    from msa.platform.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

@@ -4,13 +4,18 @@ app on it until Ctrl-C. ``register`` adds the subcommand to the ``msa`` parser."
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
+import socket
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from msa.platform.config import PRESETS, ConfigError
+
+if TYPE_CHECKING:
+    from msa.serve.config import ServeConfig
 
 APP_NAME = "msa"
 
@@ -111,6 +116,40 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        # As the HTTP servers bind: a port left in TIME_WAIT is free to them.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            reason = "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+            raise ConfigError(f"--port {port} {reason} on {host}") from None
+
+
+def check_before_start(args: argparse.Namespace, config: ServeConfig, *, local_ray: bool) -> None:
+    """Raise ConfigError, naming the flag, for flags that would otherwise fail only inside Ray
+    (in its controller's log). The port's availability, the GPU and a checkpoint directory are
+    checked only for a Ray started here: a cluster at RAY_ADDRESS may hold them on other nodes."""
+    import torch
+
+    from msa.cluster.parallel import check_parallel_shape
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if local_ray:
+        _check_port_free(args.host, args.port)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available here")
+    if local_ray or config.model in PRESETS:
+        model = config.model_config()  # only the config: no weights are read
+        try:
+            check_parallel_shape(model, config.tp)
+        except ConfigError as exc:
+            raise ConfigError(f"--tp {config.tp}: {exc}") from None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from msa.cluster.shard import free_port
     from msa.serve.config import ServeConfig
@@ -119,6 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config_args = app_args(args)
     config = ServeConfig.from_args(config_args)  # bad flags fail here, before Ray starts
     joined = bool(os.environ.get("RAY_ADDRESS"))
+    check_before_start(args, config, local_ray=not joined)
     ingress = args.ingress or ("proxy" if joined or args.num_replicas > 1 else "replica")
     proxy_port = args.port
     if ingress == "replica":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from msa.cluster.config import EngineConfig
-from msa.platform.config import PRESETS, ConfigError
+from msa.platform.config import PRESETS, ConfigError, ModelConfig, load_config, preset
 
 # On CPU the KV cache is sized by pages; this holds 4096 tokens of the tiny model (4-token blocks).
 DEFAULT_CPU_PAGES = 1024
@@ -107,6 +107,20 @@ class ServeConfig:
     def model_name(self) -> str:
         """The name clients put in ``model``: served_model_name, else the preset or directory name."""
         return self.served_model_name or Path(self.model).name
+
+    def model_config(self) -> ModelConfig:
+        """The model's config without its weights: a checkpoint directory's config.json (the
+        directory must exist on this host), else the preset's. Errors name ``model``."""
+        path = Path(self.model)
+        if not path.is_dir() and self.model in PRESETS:
+            return preset(self.model)
+        if not path.exists():
+            raise ConfigError(f"serve argument 'model' {self.model!r}: no such directory")
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"serve argument 'model' must be a directory holding config.json, got {self.model!r}"
+            )
+        return load_config(path)
 
     def resolved(self, cluster_gpus: float) -> ServeConfig:
         """A copy with ``device`` (and the CPU page count) decided for a cluster with ``cluster_gpus``."""

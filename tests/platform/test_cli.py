@@ -80,6 +80,33 @@ def test_unknown_model_is_a_one_line_error(capsys, tmp_path):
     assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, value, allowed", [("--top-p", "0", "(0, 1]"), ("--top-p", "2", "(0, 1]"),
+                                                  ("--temperature", "-1", "[0, 2]"),
+                                                  ("--temperature", "2.5", "[0, 2]")])
+def test_sampling_flags_out_of_range_are_an_argparse_error(capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "hi", flag, value])
+    assert exit_info.value.code == 2
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line == f"msa generate: error: argument {flag}: must be a number in {allowed}, got {value}"
+
+
+def test_sampling_flags_accept_their_range_ends():
+    args = build_parser().parse_args(["generate", "--prompt", "x", "--temperature", "2", "--top-p", "1e-3"])
+    assert (args.temperature, args.top_p) == (2.0, 1e-3)
+    assert build_parser().parse_args(["generate", "--prompt", "x", "--temperature", "0"]).temperature == 0.0
+
+
+def test_device_is_cpu_or_cuda_and_cuda_needs_a_gpu(capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["generate", "--prompt", "x", "--device", "tpu"])
+    assert exit_info.value.code == 2
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--prompt", "hi", "--device", "cuda"]) == 1
+    assert capsys.readouterr().err == "msa generate: error: --device cuda: no CUDA device is available here\n"
+
+
 def test_parser_has_the_registered_subcommands():
     assert {"generate", "save-preset"} <= set(SUBCOMMANDS)
     args = build_parser().parse_args(["generate", "--prompt", "x"])

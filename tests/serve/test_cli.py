@@ -47,6 +47,76 @@ def test_bad_flag_values_are_rejected_before_ray_starts():
         run_serve(parse(["serve", "--tp", "0"]))
 
 
+def check(argv: list[str], *, local_ray: bool = True) -> None:
+    """``msa serve``'s checks before Ray starts, on a free port unless ``argv`` names one."""
+    from msa.serve.cli import check_before_start
+    from msa.serve.config import ServeConfig
+
+    argv = argv if "--port" in argv else [*argv, "--port", str(free_port())]
+    args = parse(["serve", *argv])
+    check_before_start(args, ServeConfig.from_args(app_args(args)), local_ray=local_ray)
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_a_port_out_of_range_is_rejected_before_ray_starts(port):
+    from msa.platform.config import ConfigError
+    from msa.serve.cli import run_serve
+
+    with pytest.raises(ConfigError, match=rf"^--port must be in 1\.\.65535, got {port}$"):
+        run_serve(parse(["serve", "--port", str(port)]))
+
+
+def test_a_port_in_use_is_rejected_when_ray_starts_here():
+    import socket
+
+    from msa.platform.config import ConfigError
+
+    port = free_port()
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", port))
+        held.listen()
+        with pytest.raises(ConfigError, match=f"^--port {port} is in use on 127.0.0.1$"):
+            check(["--port", str(port)])
+        check(["--port", str(port)], local_ray=False)  # a joined cluster binds it on its own nodes
+    check(["--port", str(port)])
+
+
+def test_a_missing_model_directory_says_so(tmp_path):
+    from msa.platform.config import ConfigError
+
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ConfigError, match="'model' .*: no such directory"):
+        check(["--model", missing])
+    with pytest.raises(ConfigError, match="'model' must be a directory holding config.json"):
+        check(["--model", str(tmp_path)])
+    check(["--model", missing], local_ray=False)  # it may exist only on the cluster's GPU nodes
+
+
+def test_tp_must_divide_the_models_kv_heads(tmp_path):
+    import json
+
+    from msa.platform.config import ConfigError, tiny
+
+    with pytest.raises(ConfigError, match=r"^--tp 3: .*num_key_value_heads \(2\)"):
+        check(["--tp", "3"])
+    with pytest.raises(ConfigError, match="^--tp 3: "):
+        check(["--tp", "3"], local_ray=False)  # a preset is known without the cluster's nodes
+    (tmp_path / "config.json").write_text(json.dumps(tiny().to_dict()))  # a config, no weights
+    check(["--model", str(tmp_path), "--tp", "2"])
+    with pytest.raises(ConfigError, match="^--tp 4: .*num_key_value_heads"):
+        check(["--model", str(tmp_path), "--tp", "4"])
+
+
+def test_device_cuda_without_a_gpu_is_rejected_before_ray_starts(monkeypatch):
+    import torch
+
+    from msa.platform.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="^--device cuda: no CUDA device is available here$"):
+        check(["--device", "cuda"])
+
+
 def test_replica_ingress_needs_a_ray_started_here(monkeypatch):
     from msa.platform.config import ConfigError
     from msa.serve.cli import run_serve
