@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from msa.platform.config import is_int, is_real
+
 
 class EngineError(RuntimeError):
     """Base of the errors an engine raises to its callers. They pickle with their message and
@@ -71,14 +73,6 @@ class WeightUpdateError(EngineError):
 SEED_LIMIT = 1 << 63
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
     """Per-request sampling, with OpenAI's meanings. ``logprobs``: None for none, else how many
@@ -112,16 +106,16 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids or [])
         t, p, stop, stop_ids = self.temperature, self.top_p, self.stop, self.stop_token_ids
         checks = [
-            ("max_tokens", _is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
-            ("temperature", _is_real(t) and 0.0 <= t <= 2.0, "a number in [0, 2]"),
-            ("top_p", _is_real(p) and 0.0 < p <= 1.0, "a number in (0, 1]"),
-            ("top_k", _is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
+            ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
+            ("temperature", is_real(t) and 0.0 <= t <= 2.0, "a number in [0, 2]"),
+            ("top_p", is_real(p) and 0.0 < p <= 1.0, "a number in (0, 1]"),
+            ("top_k", is_int(self.top_k) and self.top_k >= 0, "an integer >= 0 (0 = off)"),
             (
                 "seed",
-                self.seed is None or (_is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
+                self.seed is None or (is_int(self.seed) and 0 <= self.seed < SEED_LIMIT),
                 "None or an integer in [0, 2**63)",
             ),
-            ("n", _is_int(self.n) and 1 <= self.n <= 128, "an integer in [1, 128]"),
+            ("n", is_int(self.n) and 1 <= self.n <= 128, "an integer in [1, 128]"),
             (
                 "stop",
                 isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) and s for s in stop),
@@ -129,13 +123,13 @@ class SamplingParams:
             ),
             (
                 "stop_token_ids",
-                isinstance(stop_ids, list) and all(_is_int(i) and i >= 0 for i in stop_ids),
+                isinstance(stop_ids, list) and all(is_int(i) and i >= 0 for i in stop_ids),
                 "a list of integers >= 0",
             ),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
             (
                 "logprobs",
-                self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+                self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                 "None or an integer in [0, 20]",
             ),
         ]

@@ -25,28 +25,34 @@ def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"config field '{name}' must be {allowed}, got {value!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer that is not a bool (``True`` is an ``int`` to Python, never to a config)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _positive(obj: Any, *names: str, prefix: str = "") -> None:
     """Each attribute must be a positive int; ``prefix`` turns it into its config.json key."""
     for name in names:
         value = getattr(obj, name)
-        _require(_is_int(value) and value > 0, prefix + name, "a positive integer", value)
+        _require(is_int(value) and value > 0, prefix + name, "a positive integer", value)
 
 
 def _non_negative(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        _require(_is_int(value) and value >= 0, name, "a non-negative integer", value)
+        _require(is_int(value) and value >= 0, name, "a non-negative integer", value)
 
 
 def _positive_number(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         _require(
-            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            is_real(value) and value > 0,
             name,
             "a positive number",
             value,
@@ -54,7 +60,7 @@ def _positive_number(obj: Any, *names: str) -> None:
 
 
 def _token_id(value: Any, vocab_size: int) -> bool:
-    return _is_int(value) and 0 <= value < vocab_size
+    return is_int(value) and 0 <= value < vocab_size
 
 
 @dataclass(kw_only=True, slots=True)
@@ -283,12 +289,12 @@ def _rotary_dim(text: dict[str, Any]) -> int | None:
     head_dim = text.get("head_dim", _DEFAULT_HEAD_DIM)
     factor = text.get("partial_rotary_factor", _DEFAULT_ROTARY_FACTOR)
     _require(
-        isinstance(factor, (int, float)) and not isinstance(factor, bool) and 0 < factor <= 1,
+        is_real(factor) and 0 < factor <= 1,
         "partial_rotary_factor",
         "a number in (0, 1]",
         factor,
     )
-    return int(head_dim * factor) if _is_int(head_dim) and head_dim > 0 else None
+    return int(head_dim * factor) if is_int(head_dim) and head_dim > 0 else None
 
 
 def config_from_dict(raw: dict[str, Any]) -> ModelConfig:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from msa.platform.config import ConfigError
+from msa.platform.config import ConfigError, is_int, is_real
 
 
 def _require(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -48,9 +48,9 @@ def _as_annotated(value: Any, hint: Any) -> Any:
         return value
     elif hint is bool and isinstance(value, bool):
         return value
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+    elif hint is int and is_int(value):
         return value
-    elif hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif hint is float and is_real(value):
         return float(value)
     elif hint is float and isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip()):
         return float(value)
@@ -109,7 +109,7 @@ def _int_at_least(obj: Any, section: str, low: int, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
         _require(
-            isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            is_int(value) and value >= low,
             f"{section}.{name}",
             f"an integer >= {low}",
             value,

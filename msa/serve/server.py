@@ -231,11 +231,7 @@ class GenerationStream:
 
     async def open(self) -> None:
         self.timer.submitted(self.num_prompt_tokens)
-        try:
-            self._first = await self._next()
-        except BaseException:
-            await self.close()
-            raise
+        self._first = await self._next()  # on failure the caller (``open_streams``) closes it
 
     async def __aiter__(self) -> AsyncIterator[TokenOutput]:
         if self._first is not None:
