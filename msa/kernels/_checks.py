@@ -8,6 +8,9 @@ them (CPU tensors always, CUDA tensors with ``MSA_CHECK_INPUTS=1``).
 from __future__ import annotations
 
 import os
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -41,6 +44,35 @@ def values_checked(t: torch.Tensor) -> bool:
     return t.is_cuda and os.environ.get("MSA_CHECK_INPUTS") == "1"
 
 
+class _Passed(threading.local):
+    """Per thread, the inputs whose values last passed each kind of check."""
+
+    def __init__(self) -> None:
+        self.by_kind: dict[str, tuple[tuple[weakref.ref, ...], tuple[int, ...], tuple]] = {}
+
+
+_passed = _Passed()
+
+
+def check_once(kind: str, tensors: Sequence[torch.Tensor], key: tuple, check: Callable[[], None]) -> None:
+    """Run ``check`` of ``tensors`` unless the same tensor objects, not written since (same
+    version counters), last passed this ``kind`` of check with the same ``key``. A model step hands
+    one batch's tables to every layer's kernel calls, so their values are read once per step rather
+    than once per layer. Inference-mode tensors have no version counter and are checked every time."""
+    if any(t.is_inference() for t in tensors):
+        check()
+        return
+    versions = tuple(t._version for t in tensors)
+    last = _passed.by_kind.get(kind)
+    if last is not None:
+        refs, last_versions, last_key = last
+        same = all(r() is t for r, t in zip(refs, tensors, strict=True))
+        if same and last_key == key and last_versions == versions:
+            return
+    check()
+    _passed.by_kind[kind] = (tuple(weakref.ref(t) for t in tensors), versions, key)
+
+
 def check_cu_seqlens(name: str, cu_seqlens_q: torch.Tensor, total_q: int) -> None:
     """``cu_seqlens_q`` starts at 0, never decreases, and ends at the number of query rows."""
     cu = cu_seqlens_q.cpu()
@@ -71,28 +103,7 @@ def check_query_counts(name: str, cu_seqlens_q: torch.Tensor, seq_lens: torch.Te
         )
 
 
-def _local_blocks(seq_lens: torch.Tensor, block_size: int, shard_rank: int, shard_world: int) -> list[int]:
-    return [num_local_blocks(-(-n // block_size), shard_rank, shard_world) for n in seq_lens.cpu().tolist()]
-
-
-def check_table_width(
-    name: str,
-    block_table: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_size: int,
-    shard_rank: int,
-    shard_world: int,
-) -> None:
-    """``block_table`` has a column for each of a sequence's blocks on this shard."""
-    for b, need in enumerate(_local_blocks(seq_lens, block_size, shard_rank, shard_world)):
-        if need > block_table.shape[1]:
-            raise ValueError(
-                f"{name}: block_table has {block_table.shape[1]} columns but sequence {b} "
-                f"(seq_lens[{b}] = {int(seq_lens[b])}) needs {need} blocks of {block_size} on this shard"
-            )
-
-
-def check_table_pages(
+def check_block_table(
     name: str,
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -101,10 +112,16 @@ def check_table_pages(
     shard_rank: int,
     shard_world: int,
 ) -> None:
-    """The entries of ``block_table`` that a sequence uses are pages of the cache (after
-    ``check_table_width``); the entries past them are not read."""
+    """``block_table`` has a column for each of a sequence's blocks on this shard, and the entries
+    a sequence uses are pages of the cache; the entries past them are not read."""
     table = block_table.cpu()
-    for b, need in enumerate(_local_blocks(seq_lens, block_size, shard_rank, shard_world)):
+    for b, n in enumerate(seq_lens.cpu().tolist()):
+        need = num_local_blocks(-(-n // block_size), shard_rank, shard_world)
+        if need > table.shape[1]:
+            raise ValueError(
+                f"{name}: block_table has {table.shape[1]} columns but sequence {b} "
+                f"(seq_lens[{b}] = {n}) needs {need} blocks of {block_size} on this shard"
+            )
         row = table[b, :need]
         bad = ((row < 0) | (row >= num_pages)).nonzero()
         if bad.numel():
