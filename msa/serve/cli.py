@@ -39,8 +39,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
     p.add_argument(
         "--api-key",
-        default=os.environ.get("MSA_API_KEY"),
-        help="require 'Authorization: Bearer KEY' on /v1 (default: $MSA_API_KEY, else none)",
+        default=os.environ.get("MSA_API_KEY") or None,
+        help="require 'Authorization: Bearer KEY' on /v1 (default: a non-empty $MSA_API_KEY, else none)",
     )
     p.add_argument(
         "--served-model-name",

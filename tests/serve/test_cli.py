@@ -39,6 +39,17 @@ def test_defaults_serve_tiny_without_a_key(monkeypatch):
     assert app_args(args)["model"] == "tiny" and "api_key" not in app_args(args)
 
 
+@pytest.mark.parametrize("env, key", [("", None), ("s3cret", "s3cret")])
+def test_api_key_comes_from_a_non_empty_environment_variable(monkeypatch, env, key):
+    """An empty MSA_API_KEY means no key, as in the deployed app, not a key the config refuses."""
+    from msa.serve.config import ServeConfig
+
+    monkeypatch.setenv("MSA_API_KEY", env)
+    args = parse(["serve"])
+    assert args.api_key == key
+    assert ServeConfig.from_args(app_args(args)).api_key == key
+
+
 def test_bad_flag_values_are_rejected_before_ray_starts():
     from msa.platform.config import ConfigError
     from msa.serve.cli import run_serve
