@@ -19,13 +19,6 @@ class Prompt:
     sample: dict[str, Any]
 
 
-class MissingColumnError(ConfigError, KeyError):
-    """``data.fields`` names a column the dataset does not have (a KeyError too, for callers that
-    catch lookups)."""
-
-    __str__ = ConfigError.__str__
-
-
 def load_prompts(section: DataSection) -> list[dict[str, Any]]:
     """Every row as a dict whose keys are the environment's names (``fields``: env key -> column).
     A mapped key takes its column's value even where the dataset has a column of that name; several
@@ -36,7 +29,7 @@ def load_prompts(section: DataSection) -> list[dict[str, Any]]:
     columns = set(table.column_names)
     missing = sorted(col for col in section.fields.values() if col not in columns)
     if missing:
-        raise MissingColumnError(
+        raise ConfigError(
             f"data.fields names column(s) {missing} that {section.path} does not have; "
             f"its columns: {sorted(columns)}"
         )

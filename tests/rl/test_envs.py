@@ -181,7 +181,7 @@ def test_prompts_load_from_jsonl_and_parquet_with_a_field_mapping(tmp_path):
     bad = RLConfig.from_dict(
         {"data": {"path": str(tmp_path / "p.jsonl"), "fields": {"question": "nope"}}}
     ).data
-    with pytest.raises(KeyError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         load_prompts(bad)
 
 
