@@ -22,7 +22,7 @@ class ChoiceStream:
         self.request_id, self.index, self.num_prompt_tokens = request_id, index, num_prompt_tokens
         self.params = params
         self.stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids))
-        self._decoder = tokenizer.stream_decoder()
+        self._decoder = tokenizer.stream_decoder(params.skip_special_tokens)
         self._text = ""
         self._emitted = 0
         self.num_tokens = 0
@@ -32,10 +32,10 @@ class ChoiceStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def _find_stop(self, start: int) -> int:
-        hits = [self._text.find(s, start) for s in self.params.stop]
-        hits = [h for h in hits if h >= 0]
-        return min(hits) if hits else -1
+    def _find_stop(self, start: int) -> tuple[int, int]:
+        """Where the first stop string from ``start`` on begins and ends; (-1, -1) if none."""
+        hits = [(at, at + len(s)) for s in self.params.stop if (at := self._text.find(s, start)) >= 0]
+        return min(hits, default=(-1, -1))
 
     def _held_back(self) -> int:
         """Length of the longest tail of the text that begins some stop string."""
@@ -54,24 +54,26 @@ class ChoiceStream:
         self.num_tokens += 1
         longest_stop = max((len(s) for s in self.params.stop), default=0)
         search_from = max(0, self._emitted - longest_stop + 1)
-        if token in self.stop_ids:
+        stop_id = token in self.stop_ids
+        if stop_id:
             self.finish_reason = "stop"
-        else:
+        if not stop_id or self.params.include_stop_str_in_output:
             self._text += self._decoder.feed(token)
-            if self.num_tokens >= self.params.max_tokens:
-                self.finish_reason = "length"
+        if not stop_id and self.num_tokens >= self.params.max_tokens:
+            self.finish_reason = "length"
         if self.finished:
             # The bytes of a character the choice ended inside read as U+FFFD, as in decode(); a
-            # stop string found below still cuts the text before them.
+            # stop string found below still cuts them off.
             self._text += self._decoder.flush()
         end = len(self._text)
         if self.params.stop:
-            hit = self._find_stop(search_from)
+            hit, hit_end = self._find_stop(search_from)
             if hit >= 0:
-                self._text, end, self.finish_reason = self._text[:hit], hit, "stop"
+                end = hit_end if self.params.include_stop_str_in_output else hit
+                self._text, self.finish_reason = self._text[:end], "stop"
             elif not self.finished:
                 end -= self._held_back()
-        if self.finish_reason == "stop" and token in self.stop_ids:
+        if self.finish_reason == "stop" and stop_id:
             end = len(self._text)
         text, self._emitted = self._text[self._emitted : end], max(self._emitted, end)
         return TokenOutput(

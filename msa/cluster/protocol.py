@@ -78,7 +78,9 @@ class SamplingParams:
     """Per-request sampling, with OpenAI's meanings. ``logprobs``: None for none, else how many
     top alternatives to report per token (0 = only the chosen token's logprob). As in vLLM,
     ``stop`` may be one string (``"END"`` means ``["END"]``), and ``stop`` and ``stop_token_ids``
-    may be None or tuples; they are stored as lists."""
+    may be None or tuples; they are stored as lists. ``include_stop_str_in_output`` keeps the stop
+    string (or the text of the stop token) that ended a choice in its text; ``skip_special_tokens``
+    leaves special tokens out of the text."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -90,6 +92,8 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,11 +130,14 @@ class SamplingParams:
                 isinstance(stop_ids, list) and all(is_int(i) and i >= 0 for i in stop_ids),
                 "a list of integers >= 0",
             ),
-            ("ignore_eos", isinstance(self.ignore_eos, bool), "True or False"),
             (
                 "logprobs",
                 self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                 "None or an integer in [0, 20]",
+            ),
+            *(
+                (flag, isinstance(getattr(self, flag), bool), "True or False")
+                for flag in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens")
             ),
         ]
         for name, ok, allowed in checks:

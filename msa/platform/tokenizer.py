@@ -14,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as _HFTokenizer
@@ -32,6 +35,22 @@ SPECIAL_TOKENS = (
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
 CHAT_TEMPLATE_JSON = "chat_template.json"
+
+# Names the renderer sets itself, or takes as its own arguments: extra template variables may not
+# take them.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {
+        "messages",
+        "tools",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "bos_token",
+        "eos_token",
+        "raise_exception",
+        "strftime_now",
+    }
+)
 
 # ChatML turns: "<|im_start|>{role}\n{content}<|im_end|>\n". Tools are listed as JSON in the system
 # turn; an assistant's tool calls follow its content, each as
@@ -114,11 +133,24 @@ def _strftime_now(format: str) -> str:
     return datetime.now().strftime(format)
 
 
+class GenerationBlock(Extension):
+    """``{% generation %}...{% endgeneration %}``, which transformers' templates put around the
+    text the assistant generates (to build an assistant-token mask). Without a mask to build, the
+    block renders its body as it is, in a scope of its own as transformers' macro call gives it."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
 @functools.lru_cache(maxsize=8)
 def _compile_template(source: str) -> jinja2.Template:
     """The template in the environment transformers renders chat templates in, sandboxed."""
     env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", GenerationBlock]
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
@@ -167,6 +199,35 @@ def _read_chat_template(directory: Path, config: dict[str, Any]) -> str | dict[s
 def _token_text(entry: Any) -> str | None:
     """tokenizer_config.json writes a token as a string or as {"content": ...}."""
     return entry.get("content") if isinstance(entry, dict) else entry
+
+
+class FinalMessageNotRendered(ValueError):
+    """continue_final_message was asked for, but the final message's text is not in the prompt."""
+
+
+def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
+    """``text`` up to the end of the final message's text: its last occurrence, as the turn's end
+    markup follows it. Templates that trim a message drop its outer whitespace; trailing whitespace
+    the template kept is kept."""
+    content = messages[-1].get("content") if messages else None
+    if isinstance(content, list):
+        # Parts render one after another, so the last text part ends the message.
+        texts = [part["text"] for part in content if isinstance(part, dict) and "text" in part]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip():
+        raise FinalMessageNotRendered("continue_final_message needs a final message with text to continue")
+    core = content.strip()
+    at = text.rfind(core)
+    if at < 0:
+        raise FinalMessageNotRendered(
+            "continue_final_message: the chat template does not render the final message's text "
+            "as it is, so the prompt cannot end inside it"
+        )
+    end = at + len(core)
+    trailing = content[len(content.rstrip()) :]
+    if text.startswith(trailing, end):
+        end += len(trailing)
+    return text[:end]
 
 
 class Tokenizer:
@@ -299,11 +360,18 @@ class Tokenizer:
         tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        continue_final_message: bool = False,
         **extra: Any,
     ) -> str:
         """Render OpenAI-style ``messages`` (and ``tools``) to the prompt text the model was trained on.
-        ``chat_template`` picks one of several named templates, or is a template to use instead."""
-        return _compile_template(self._template_source(tools, chat_template)).render(
+        ``chat_template`` picks one of several named templates, or is a template to use instead.
+        ``continue_final_message`` ends the prompt right after the final message's text, without
+        its end of turn, so the model goes on writing it. ``extra`` are further template variables
+        (not among ``RESERVED_TEMPLATE_VARIABLES``)."""
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(extra))
+        if reserved:
+            raise ValueError(f"the template variables {reserved} are set by the renderer itself")
+        text = _compile_template(self._template_source(tools, chat_template)).render(
             messages=messages,
             tools=tools,
             add_generation_prompt=add_generation_prompt,
@@ -311,6 +379,7 @@ class Tokenizer:
             eos_token=self.eos_token or "",
             **extra,
         )
+        return _cut_after_final_message(text, messages) if continue_final_message else text
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)

@@ -10,6 +10,7 @@ import jinja2
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from msa.cluster.protocol import TokenOutput
+from msa.platform.tokenizer import FinalMessageNotRendered
 from msa.serve.errors import OpenAIError
 from msa.serve.logprobs import chat_entries
 from msa.serve.schemas import ChatCompletionRequest, new_id, now
@@ -30,7 +31,15 @@ def render_prompt(server: OpenAIServer, req: ChatCompletionRequest) -> tuple[lis
     tools = [tool.model_dump(exclude_none=True) for tool in req.tools] if use_tools else None
     messages = [message.for_template() for message in req.messages]
     try:
-        text = server.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
+        text = server.tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            **(req.chat_template_kwargs or {}),
+        )
+    except FinalMessageNotRendered as e:
+        raise OpenAIError(400, str(e), param="continue_final_message") from e
     except (jinja2.TemplateError, ValueError) as e:
         raise OpenAIError(
             400, f"the messages do not fit the model's chat template: {e}", param="messages"
@@ -43,10 +52,19 @@ class ChatChoice:
     """One choice as it streams: content, parsed tool calls, logprobs and token count."""
 
     def __init__(
-        self, server: OpenAIServer, index: int, *, parse_tools: bool, prefill: str, top_logprobs: int | None
+        self,
+        server: OpenAIServer,
+        index: int,
+        *,
+        parse_tools: bool,
+        prefill: str,
+        top_logprobs: int | None,
+        skip_special_tokens: bool = True,
     ) -> None:
         self.server, self.index, self.top_logprobs = server, index, top_logprobs
         self.parser = ToolCallParser() if parse_tools else None
+        # Marker tokens are in the text already when special tokens are not skipped.
+        self.restore_markers = parse_tools and skip_special_tokens
         if self.parser is not None and prefill:
             self.parser.feed(prefill)
         self.num_tokens = 0
@@ -58,7 +76,7 @@ class ChatChoice:
     def step(self, out: TokenOutput) -> tuple[str, list[ParsedToolCall], list[dict] | None]:
         """Take one output; return the content and tool calls that became certain, and its logprobs."""
         self.num_tokens += len(out.token_ids)
-        piece = self.server.piece(out, restore_markers=self.parser is not None)
+        piece = self.server.piece(out, restore_markers=self.restore_markers)
         if self.parser is None:
             content, calls = piece, []
         else:
@@ -99,7 +117,14 @@ async def create_chat_completion(
     stream = await server.open_stream(prompt_ids, params, timer, "messages")
     parse_tools = bool(req.tools) and req.effective_tool_choice != "none"
     choices = [
-        ChatChoice(server, i, parse_tools=parse_tools, prefill=prefill, top_logprobs=top_logprobs)
+        ChatChoice(
+            server,
+            i,
+            parse_tools=parse_tools,
+            prefill=prefill,
+            top_logprobs=top_logprobs,
+            skip_special_tokens=req.skip_special_tokens,
+        )
         for i in range(req.n)
     ]
     response_id = new_id("chatcmpl")

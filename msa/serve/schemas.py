@@ -24,6 +24,8 @@ from pydantic import (
     model_validator,
 )
 
+from msa.platform.tokenizer import RESERVED_TEMPLATE_VARIABLES
+
 MAX_N = 128
 MAX_STOP = 16
 MAX_LOGPROBS = 20
@@ -67,9 +69,12 @@ class SamplingFields(_Request):
     user: str | None = None
     # Not in OpenAI's API; vLLM's extensions of the same names. ignore_eos is for benchmarks that
     # need fixed lengths; stop_token_ids end a choice like EOS (checked against the vocabulary by
-    # the server, which knows it).
+    # the server, which knows it); include_stop_str_in_output keeps the stop string (or stop
+    # token's text) that ended a choice in its text.
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # Parameters of OpenAI's API and vLLM's extensions that this engine does not implement.
     frequency_penalty: Annotated[float | None, no_op_only(0.0)] = None
     presence_penalty: Annotated[float | None, no_op_only(0.0)] = None
@@ -84,6 +89,13 @@ class SamplingFields(_Request):
     guided_choice: Annotated[Any, no_op_only()] = None
     guided_grammar: Annotated[Any, no_op_only()] = None
     structured_outputs: Annotated[Any, no_op_only()] = None
+    allowed_token_ids: Annotated[list[int] | None, no_op_only()] = None
+    bad_words: Annotated[list[str] | None, no_op_only([])] = None
+    prompt_logprobs: Annotated[int | None, no_op_only()] = None
+    truncate_prompt_tokens: Annotated[int | None, no_op_only()] = None
+    length_penalty: Annotated[float | None, no_op_only(1.0)] = None
+    # guided_decoding_backend and guided_whitespace_pattern only tune guided decoding, which the
+    # guided_* fields above refuse; alone they change nothing, so they pass as unknown fields.
 
     @field_validator("stop")
     @classmethod
@@ -196,6 +208,12 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    # vLLM's chat extensions. add_generation_prompt opens the assistant's turn after the messages;
+    # continue_final_message instead ends the prompt inside the final (assistant) message, so the
+    # model goes on writing it; chat_template_kwargs are further variables of the chat template.
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -216,6 +234,35 @@ class ChatCompletionRequest(SamplingFields):
         if tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs at least one tool")
         return tool_choice
+
+    @field_validator("continue_final_message")
+    @classmethod
+    def _check_continue_final_message(cls, continue_final: bool, info: ValidationInfo) -> bool:
+        if not continue_final:
+            return continue_final
+        if info.data.get("add_generation_prompt"):
+            raise ValueError(
+                "continue_final_message and add_generation_prompt cannot both be true; "
+                "send add_generation_prompt: false to continue the final message"
+            )
+        messages = info.data.get("messages") or []
+        if messages and messages[-1].role != "assistant":
+            raise ValueError(
+                f"continue_final_message continues an assistant message, but the final message's "
+                f"role is {messages[-1].role!r}"
+            )
+        return continue_final
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _check_chat_template_kwargs(cls, kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(kwargs or {}))
+        if reserved:
+            raise ValueError(
+                f"chat_template_kwargs may not set {reserved}: the server sets them itself "
+                "(from messages, tools, add_generation_prompt and the tokenizer)"
+            )
+        return kwargs
 
     @property
     def completion_limit(self) -> int | None:

@@ -130,6 +130,8 @@ class OpenAIServer:
                 stop_token_ids=self.stop_token_ids(req.stop_token_ids),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                include_stop_str_in_output=req.include_stop_str_in_output,
+                skip_special_tokens=req.skip_special_tokens,
             )
         except InvalidRequestError as e:
             raise OpenAIError(400, str(e), param=request_field(e, prompt_field), code="invalid_value") from e

@@ -1,5 +1,6 @@
 """The byte-level default tokenizer: exact UTF-8 round trips, streaming over split characters, the
-chat template with tools, and saving to / reading from a checkpoint directory."""
+chat template with tools, continuing a final message, transformers' template extensions, and
+saving to / reading from a checkpoint directory."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from jinja2.exceptions import SecurityError
 from tokenizers import pre_tokenizers
 
 from msa.platform.config import tiny
-from msa.platform.tokenizer import SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode
+from msa.platform.tokenizer import SPECIAL_TOKENS, FinalMessageNotRendered, Tokenizer, _bytes_to_unicode
 
 TEXTS = ["héllo 世界 🙂", "", " leading and trailing  ", "tabs\tand\nnewlines\r\n",
          "👩‍👩‍👧 ZWJ", "\x00\x7f\xff"]
@@ -265,3 +266,81 @@ def test_template_stays_sandboxed(tok):
         _render(tok, "{{ messages.__class__.__mro__[1].__subclasses__() }}")
     with pytest.raises(SecurityError):
         _render(tok, "{% set x = messages.append(1) %}")
+
+
+CHAT = [{"role": "user", "content": "Say yes."}, {"role": "assistant", "content": "Yes. "},
+        {"role": "user", "content": "Yes. Again?"}]
+
+
+@pytest.mark.parametrize("source, expected", [
+    # transformers' templates mark the assistant's text with the block, with whitespace control...
+    ("{%- for m in messages -%}\n"
+     "{%- if m.role == 'assistant' -%}\n"
+     "{{- '<|im_start|>assistant\\n' -}}\n"
+     "{%- generation -%}\n"
+     "{{- m.content + '<|im_end|>' -}}\n"
+     "{%- endgeneration -%}\n"
+     "{{- '\\n' -}}\n"
+     "{%- else -%}\n"
+     "{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' -}}\n"
+     "{%- endif -%}\n"
+     "{%- endfor -%}",
+     "<|im_start|>user\nSay yes.<|im_end|>\n<|im_start|>assistant\nYes. <|im_end|>\n"
+     "<|im_start|>user\nYes. Again?<|im_end|>\n"),
+    # ...or on lines of their own, which trim_blocks and lstrip_blocks take away as for any block tag.
+    ("{% for m in messages %}\n"
+     "{{ m.role }}:\n"
+     "  {% generation %}\n"
+     "{{ m.content }}|\n"
+     "  {% endgeneration %}\n"
+     "{% endfor %}",
+     "user:\nSay yes.|\nassistant:\nYes. |\nuser:\nYes. Again?|\n"),
+], ids=["whitespace-control", "own-lines"])
+def test_generation_blocks_render_their_body_as_it_is(tok, source, expected):
+    assert _render(tok, source, CHAT) == expected
+    without_blocks = "\n".join(line for line in source.split("\n") if "generation" not in line)
+    assert _render(tok, without_blocks, CHAT) == expected
+
+
+def test_a_generation_block_is_a_scope_of_its_own_and_stays_sandboxed(tok):
+    source = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% generation %}{% set inner = 1 %}"
+              "{% set ns.n = ns.n + 1 %}{{ loop.index }}{% endgeneration %}{% endfor %}"
+              "|{{ ns.n }}|{{ inner is defined }}")
+    assert _render(tok, source, CHAT) == "123|3|False"
+    with pytest.raises(SecurityError):
+        _render(tok, "{% generation %}{{ messages.__class__.__mro__[1] }}{% endgeneration %}")
+
+
+@pytest.mark.parametrize("source, final, expected_end", [
+    (None, "Sure, ", "<|im_start|>user\nYes. Again?<|im_end|>\n<|im_start|>assistant\nSure, "),
+    ("{% for m in messages %}[{{ m.content | trim }}]{% endfor %}", " Sure, ", "[Yes. Again?][Sure,"),
+    (None, "Yes.", "<|im_start|>user\nYes. Again?<|im_end|>\n<|im_start|>assistant\nYes."),
+    (None, [{"type": "text", "text": "Well, "}, {"type": "text", "text": "yes"}], "assistant\nWell, yes"),
+], ids=["trailing-space-kept", "trimmed-by-the-template", "last-occurrence", "text-parts"])
+def test_continue_final_message_ends_inside_the_final_message(tok, source, final, expected_end):
+    messages = [*CHAT, {"role": "assistant", "content": final}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=False, chat_template=source,
+                                   continue_final_message=True)
+    assert text.endswith(expected_end)
+    whole = tok.apply_chat_template(messages, add_generation_prompt=False, chat_template=source)
+    assert whole.startswith(text) and len(whole) > len(text)
+
+
+@pytest.mark.parametrize("source, final, needle", [
+    (None, None, "needs a final message with text"),
+    (None, "   ", "needs a final message with text"),
+    ("{% for m in messages %}{{ m.content | upper }}{% endfor %}", "Sure", "does not render"),
+], ids=["no-content", "blank", "changed-by-the-template"])
+def test_continue_final_message_without_the_text_in_the_prompt_is_refused(tok, source, final, needle):
+    messages = [*CHAT[:1], {"role": "assistant", "content": final}]
+    with pytest.raises(FinalMessageNotRendered, match=needle):
+        tok.apply_chat_template(messages, add_generation_prompt=False, chat_template=source,
+                                continue_final_message=True)
+
+
+def test_extra_template_variables_reach_the_template_but_may_not_set_the_renderers(tok):
+    source = "{{ messages | length }}{% if enable_thinking %}<think>{% endif %}"
+    assert tok.apply_chat_template(CHAT, chat_template=source, enable_thinking=True) == "3<think>"
+    assert tok.apply_chat_template(CHAT, chat_template=source, enable_thinking=False) == "3"
+    with pytest.raises(ValueError, match=r"\['bos_token', 'strftime_now'\] are set by the renderer"):
+        tok.apply_chat_template(CHAT, chat_template=source, bos_token="x", strftime_now=1)

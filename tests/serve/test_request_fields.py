@@ -1,5 +1,6 @@
 """Request fields through the app: vLLM's stop_token_ids, the parameters this engine refuses unless
-they change nothing, and 400s that name the field to fix."""
+they change nothing, and 400s that name the field to fix. vLLM's fields that shape the prompt and
+the text are in test_vllm_fields.py."""
 
 import pytest
 
@@ -56,6 +57,12 @@ REFUSED = [
     ("chat", "structured_outputs", {"choice": ["yes", "no"]}, "leave it out"),
     ("completions", "echo", True, "false"),
     ("completions", "suffix", "z", '""'),
+    ("chat", "allowed_token_ids", [72, 105], "leave it out"),
+    ("completions", "bad_words", ["upon"], "[]"),
+    ("completions", "prompt_logprobs", 0, "leave it out"),
+    ("chat", "prompt_logprobs", 2, "leave it out"),
+    ("chat", "truncate_prompt_tokens", 8, "leave it out"),
+    ("completions", "length_penalty", 0.5, "1.0"),
 ]
 
 
@@ -70,10 +77,15 @@ def test_parameters_the_engine_does_not_implement_are_refused(app_client, path, 
 def test_values_that_change_nothing_and_unknown_fields_are_accepted(app_client):
     no_ops = {"logit_bias": {}, "frequency_penalty": 0, "presence_penalty": 0, "repetition_penalty": 1,
               "min_p": 0, "min_tokens": 0, "use_beam_search": False, "guided_json": None,
-              "stop_token_ids": None, "some_future_field": {"x": 1}}
+              "stop_token_ids": None, "allowed_token_ids": None, "bad_words": [], "prompt_logprobs": None,
+              "truncate_prompt_tokens": None, "length_penalty": 1.0, "include_stop_str_in_output": False,
+              "skip_special_tokens": True, "guided_decoding_backend": "xgrammar",
+              "guided_whitespace_pattern": None, "some_future_field": {"x": 1}}
+    chat_defaults = {"add_generation_prompt": True, "continue_final_message": False,
+                     "chat_template_kwargs": {}}
     plain = chat(app_client.client, max_tokens=4, temperature=0).json()
     with_no_ops = chat(app_client.client, max_tokens=4, temperature=0, response_format={"type": "text"},
-                       **no_ops).json()
+                       **no_ops, **chat_defaults).json()
     assert with_no_ops["choices"][0]["message"] == plain["choices"][0]["message"]
     r = complete(app_client.client, max_tokens=4, n=2, best_of=2, echo=False, suffix="", **no_ops)
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
@@ -92,8 +104,10 @@ def test_values_that_change_nothing_and_unknown_fields_are_accepted(app_client):
     ("completions", {"suffix": "end"}, "suffix"),
     ("completions", {"prompt": [[5, 6], [5, -1]]}, "prompt"),
     ("completions", {"n": 2, "best_of": 1}, "best_of"),
+    ("chat", {"continue_final_message": True}, "continue_final_message"),
+    ("chat", {"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs"),
 ], ids=["stream-options", "top-logprobs", "unknown-tool", "required-no-tools", "image-part", "echo", "suffix",
-        "nested-negative-id", "best-of-below-n"])
+        "nested-negative-id", "best-of-below-n", "continue-and-generation-prompt", "reserved-template-kwarg"])
 def test_cross_field_errors_name_their_field(app_client, path, body, param):
     send = chat if path == "chat" else complete
     error = assert_error(send(app_client.client, max_tokens=2, **body), 400, param)
