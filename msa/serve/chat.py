@@ -45,6 +45,14 @@ def render_prompt(server: OpenAIServer, req: ChatCompletionRequest) -> tuple[lis
             400, f"the messages do not fit the model's chat template: {e}", param="messages"
         ) from e
     prefill = tool_call_prefill(tool_choice) if use_tools else ""
+    if prefill and not (req.add_generation_prompt or req.continue_final_message):
+        raise OpenAIError(
+            400,
+            "a forced tool call (tool_choice 'required' or a named function) starts in the assistant's "
+            "turn, which add_generation_prompt: false leaves unopened; send add_generation_prompt: true "
+            "or continue_final_message: true",
+            param="tool_choice",
+        )
     return server.tokenizer.encode(text + prefill), prefill
 
 

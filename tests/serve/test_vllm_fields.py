@@ -81,6 +81,24 @@ def test_continue_final_message_errors_name_it(app_client, body, needle):
     assert app_client.engine.stats().running == 0
 
 
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+def test_a_forced_tool_call_needs_an_open_assistant_turn(app_client, prompts, tool_choice):
+    """The forced call's opening is written where the assistant's turn begins: after the messages
+    with add_generation_prompt: false there is none, so the request is refused naming tool_choice."""
+    body = dict(tools=[WEATHER_TOOL], tool_choice=tool_choice, max_tokens=2)
+    error = assert_error(chat(app_client.client, add_generation_prompt=False, **body), 400, "tool_choice")
+    assert "add_generation_prompt: false" in error["message"] and prompts == []
+    assert chat(app_client.client, **body).status_code == 200
+    opening = "<tool_call>" + ("" if tool_choice == "required" else '{"name": "get_weather", "arguments": ')
+    assert prompts[-1].endswith("<|im_start|>assistant\n" + opening)
+
+
 # A template that branches on a variable of chat_template_kwargs, shouts assistant turns when asked
 # to, and marks the assistant's text with transformers' generation block.
 THINKING_TEMPLATE = """\
