@@ -38,7 +38,7 @@ from msa.cluster.sampler import SampleResult
 from msa.cluster.scheduler import Scheduler, StepPlan
 from msa.cluster.sequence import Sequence
 from msa.cluster.weights import BucketLayout, WeightBucket, pack_buckets
-from msa.platform.config import ModelConfig, load_config, preset
+from msa.platform.config import model_config_of
 from msa.platform.tokenizer import Tokenizer
 
 __all__ = ["EngineConfig", "MSAEngine"]
@@ -100,11 +100,7 @@ class MSAEngine:
     def __init__(self, config: EngineConfig, *, inline_steps: bool = False) -> None:
         self.config = config
         self.inline_steps = inline_steps
-        if isinstance(config.model, ModelConfig):
-            self.model_config = config.model
-        else:
-            path = Path(config.model)
-            self.model_config = load_config(path) if path.exists() else preset(config.model)
+        self.model_config = model_config_of(config.model)
         check_parallel_shape(self.model_config, config.tp)
         self.block_size = self.model_config.sparse.block_size
         self.executor: ModelExecutor | None = None

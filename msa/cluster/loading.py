@@ -24,7 +24,7 @@ from msa.cluster.parallel import ParallelGroups, apply_tensor_parallel, tensor_p
 from msa.model.layers import SparseMoE
 from msa.model.model import MiniMaxM3ForCausalLM, init_parameter_
 from msa.platform.checkpoint import cast_model, keeps_fp32, load_checkpoint, place_tensor
-from msa.platform.config import ModelConfig, load_config, preset
+from msa.platform.config import ModelConfig, load_config, model_config_of
 
 RANDOM_INIT = ("cpu", "device")
 
@@ -43,7 +43,7 @@ def load_shard_model(
     if random_init not in RANDOM_INIT:
         raise ValueError(f"random_init must be one of {RANDOM_INIT}, got {random_init!r}")
     if isinstance(source, ModelConfig) or not Path(source).is_dir():
-        config = source if isinstance(source, ModelConfig) else preset(str(source))
+        config = model_config_of(source)
         if random_init == "cpu":
             torch.manual_seed(seed)
             full = cast_model(MiniMaxM3ForCausalLM(config), dtype=dtype, device="cpu")

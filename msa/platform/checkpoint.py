@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from msa.platform.config import PRESETS, ConfigError, ModelConfig, load_config, preset
+from msa.platform.config import ModelConfig, load_config, model_config_of
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -449,12 +449,8 @@ def load_model(
             model = MiniMaxM3ForCausalLM(config)
         load_checkpoint(model, path, dtype=dtype, device=device, progress=progress)
         _check_materialised(model, path)
-    elif str(source) in PRESETS:
-        config = preset(str(source))
+    else:
+        config = model_config_of(source)
         torch.manual_seed(seed)
         model = cast_model(MiniMaxM3ForCausalLM(config), dtype=dtype, device=device)
-    else:
-        raise ConfigError(
-            f"model {str(source)!r} is neither a checkpoint directory nor a preset (one of {sorted(PRESETS)})"
-        )
     return model.eval(), config

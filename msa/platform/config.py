@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,18 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def model_config_of(source: str | Path | ModelConfig) -> ModelConfig:
+    """The config of a model given as a ModelConfig, a checkpoint directory or config file, or a
+    preset name. A path must exist where it is read: on a cluster, on every node that loads it."""
+    if isinstance(source, ModelConfig):
+        return source
+    if Path(source).exists():
+        return load_config(source)
+    if str(source) in PRESETS:
+        return preset(str(source))
+    raise ConfigError(
+        f"model {str(source)!r} is neither a checkpoint directory nor a preset (one of {sorted(PRESETS)}); "
+        f"no such path on this host ({socket.gethostname()})"
+    )

@@ -267,6 +267,8 @@ def test_cpu_cache_is_sized_from_a_memory_budget_and_bad_configs_name_the_field(
         engine_config(max_num_seqs=64, max_num_batched_tokens=32)
     with pytest.raises(ConfigError, match="num_key_value_heads"):
         MSAEngine(engine_config(tp=4))
+    with pytest.raises(ConfigError, match=r"'/no/such/ckpt' is neither .* no such path on this host"):
+        MSAEngine(engine_config(model="/no/such/ckpt"))
     with pytest.raises(ConfigError, match="cuda_graph_max_tokens"):
         engine_config(cuda_graph_max_tokens=-1)
     # None: 512 tokens, within the step budget and at least the batch.

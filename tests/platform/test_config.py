@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import socket
 
 import pytest
 
-from msa.platform.config import PRESETS, ConfigError, config_from_dict, load_config, m3, preset, tiny
+from msa.platform.config import (
+    PRESETS,
+    ConfigError,
+    config_from_dict,
+    load_config,
+    m3,
+    model_config_of,
+    preset,
+    tiny,
+)  # fmt: skip
 
 
 def _published_text_config() -> dict:
@@ -112,6 +123,19 @@ def test_preset_round_trip(name, tmp_path):
     config.save(tmp_path / "config.json")
     assert load_config(tmp_path) == config
     assert config_from_dict({"model_type": "minimax_m3_vl", "text_config": config.to_dict()}) == config
+
+
+def test_a_model_is_a_config_a_checkpoint_directory_or_a_preset(tmp_path):
+    small = dataclasses.replace(tiny(), rope_theta=1234.0)
+    small.save(tmp_path / "config.json")
+    assert model_config_of(small) is small
+    assert model_config_of(tmp_path) == small and model_config_of(str(tmp_path / "config.json")) == small
+    assert model_config_of("tiny") == tiny()
+    missing = str(tmp_path / "ckpt")
+    with pytest.raises(ConfigError, match=rf"model '{re.escape(missing)}' is neither a checkpoint directory "
+                       rf"nor a preset \(one of \['m3', 'm3_proxy', 'tiny'\]\); no such path on this host \("
+                       rf"{re.escape(socket.gethostname())}\)"):
+        model_config_of(missing)
 
 
 def test_unknown_preset_is_named():
