@@ -15,14 +15,23 @@ THROUGHPUT_OPTIMIZED = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 MIN_PORT = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 MAX_PORT = "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"
+MIN_DRAINING = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 def replica_ingress_env(port: int, num_replicas: int) -> dict[str, str]:
     """The environment for replicas that listen on ``port`` .. ``port + num_replicas - 1`` themselves."""
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
-    # Serve hands out ports from [min, max): one per replica, lowest first.
-    return {THROUGHPUT_OPTIMIZED: "1", MIN_PORT: str(port), MAX_PORT: str(port + num_replicas)}
+    # Serve hands out ports from [min, max): one per replica, lowest first. A stopping replica
+    # otherwise keeps its port open for a minimum drain (30 s) so a load balancer can take it out
+    # of rotation first; these replicas stop only with the whole server, so they stop at once
+    # (each still finishes its requests in flight, up to the deployment's graceful shutdown timeout).
+    return {
+        THROUGHPUT_OPTIMIZED: "1",
+        MIN_PORT: str(port),
+        MAX_PORT: str(port + num_replicas),
+        MIN_DRAINING: "0",
+    }
 
 
 def direct_ingress(env: dict[str, str] | None = None) -> bool:

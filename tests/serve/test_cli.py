@@ -157,6 +157,7 @@ def test_replica_ingress_pins_the_replicas_ports():
     env = replica_ingress_env(8000, 3)
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8000"
     assert env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] == "8003"  # exclusive
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "0"  # they stop with the server
     assert direct_ingress(env) and not direct_ingress({})
     assert not direct_ingress({**env, "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})  # Ray's own override
     with pytest.raises(ValueError, match="num_replicas"):
@@ -189,8 +190,11 @@ def test_msa_serve_answers_a_chat_request_and_stops_cleanly(tmp_path, stop_signa
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
     finally:
         proc.send_signal(stop_signal)
+        stopping = time.monotonic()
         proc.wait(timeout=90)
     output = log.read_text()
     assert proc.returncode == 0, output
+    # Within the 30 s a replica's port used to stay open for a load balancer to drain it.
+    assert time.monotonic() - stopping < 30, output
     assert f"is ready at http://127.0.0.1:{port}/v1 " in output and "stopping" in output
     assert ("the replicas serve HTTP" in output) == (ingress == "replica")
