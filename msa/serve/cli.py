@@ -150,6 +150,20 @@ def check_before_start(args: argparse.Namespace, config: ServeConfig, *, local_r
             raise ConfigError(f"--tp {config.tp}: {exc}") from None
 
 
+def check_resources(config: ServeConfig, cluster: dict[str, float]) -> None:
+    """ConfigError, naming the flags, when ``cluster`` (Ray's resources) cannot hold what the
+    application reserves; Serve would otherwise wait for them, with the cause in its log."""
+    demand = config.resource_demand()
+    short = [k for k in ("CPU", "GPU") if demand[k] > cluster.get(k, 0)]
+    if short:
+        wants = ", ".join(f"{demand[k]:g} {k}s" for k in short)
+        has = ", ".join(f"{cluster.get(k, 0):g}" for k in short)
+        raise ConfigError(
+            f"--api-servers {config.api_servers}, --num-replicas {config.num_replicas}, --tp {config.tp} "
+            f"and --sp {config.sp} on {config.device} reserve {wants}, but this Ray cluster has {has}"
+        )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from msa.cluster.shard import free_port
     from msa.serve.config import ServeConfig
@@ -177,6 +191,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from msa.serve.app import build_app
 
     ray.init(**({} if joined else {"include_dashboard": False}))
+    if not joined:
+        try:
+            cluster = ray.cluster_resources()
+            check_resources(config.resolved(cluster.get("GPU", 0)), cluster)
+        except ConfigError:
+            ray.shutdown()
+            raise
     # After ray.init, whose core worker would otherwise abort the process on SIGTERM: SIGTERM (docker
     # stop, kill) stops like Ctrl-C, and so does SIGINT when a non-interactive shell had ignored it.
     signal.signal(signal.SIGTERM, _interrupt)

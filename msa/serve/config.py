@@ -178,6 +178,22 @@ class ServeConfig:
         GPU when it runs a single shard in-process."""
         return {"num_cpus": self.replica_num_cpus, "num_gpus": self._single_shard_gpus()}
 
+    def resource_demand(self) -> dict[str, float]:
+        """The CPUs and GPUs the application reserves: its replicas, their engine processes, and
+        the shard actors of each engine's placement group."""
+        engine = self.engine_config()
+        engines = 1 if self.shares_engine else self.num_replicas
+        parts = [(self.replica_actor_options(), self.deployment_replicas)]
+        if self.runs_engine_process:
+            parts.append((self.engine_actor_options(), engines))
+        if engine.world_size > 1 or engine.ray_shards:
+            shard = {"num_cpus": 1, "num_gpus": 1 if engine.device == "cuda" else 0}
+            parts.append((shard, engines * engine.world_size))
+        return {
+            "CPU": sum(options["num_cpus"] * n for options, n in parts),
+            "GPU": sum(options["num_gpus"] * n for options, n in parts),
+        }
+
     def _single_shard_gpus(self) -> int:
         engine = self.engine_config()
         return 1 if self.device == "cuda" and engine.world_size == 1 and not engine.ray_shards else 0

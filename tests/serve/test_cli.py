@@ -137,6 +137,23 @@ def test_replica_ingress_needs_a_ray_started_here(monkeypatch):
         run_serve(parse(["serve", "--ingress", "replica"]))
 
 
+def serve_env() -> dict[str, str]:
+    """The environment of an ``msa serve`` process that starts its own Ray, from this checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+    return {**env, "PYTHONPATH": str(ROOT)}
+
+
+def test_api_servers_beyond_the_machines_cpus_fail_at_start():
+    """A local Ray cluster gets this machine's CPUs; 512 API servers cannot be placed, and msa serve
+    says so and exits instead of waiting on Serve."""
+    env = serve_env()
+    command = [sys.executable, "-m", "msa.platform.cli", "serve", "--port", str(free_port())]
+    command += ["--api-servers", "512"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr
+    assert "--api-servers 512" in done.stderr and "reserve 513 CPUs, but this Ray cluster has" in done.stderr
+
+
 def test_free_port_gives_a_run_of_free_ports_for_the_api_servers():
     import socket
 
@@ -172,8 +189,7 @@ def test_replica_ingress_pins_the_replicas_ports():
 def test_msa_serve_answers_a_chat_request_and_stops_cleanly(tmp_path, stop_signal, ingress):
     """PORT answers: the replica's own HTTP server (the default) or Serve's proxy."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = serve_env()
     command = [sys.executable, "-m", "msa.serve.cli", "serve", "--port", str(port), "--num-pages", "256"]
     command += [] if ingress == "replica" else ["--ingress", "proxy"]
     log = tmp_path / "serve.log"

@@ -52,6 +52,30 @@ def test_api_servers_share_one_engine_in_its_own_process():
     assert not engines.shares_engine and engines.deployment_replicas == 3
 
 
+@pytest.mark.parametrize("config, demand", [
+    (ServeConfig(), {"CPU": 1, "GPU": 0}),  # the replica holds the CPU engine
+    (ServeConfig(api_servers=4), {"CPU": 5, "GPU": 0}),  # 4 HTTP replicas + the shared engine actor
+    (ServeConfig(num_replicas=3), {"CPU": 3, "GPU": 0}),
+    (ServeConfig(sp=2), {"CPU": 3, "GPU": 0}),  # the replica + 2 shard actors
+    (ServeConfig(model="m3_proxy", device="cuda"), {"CPU": 2, "GPU": 1}),  # HTTP replica + engine
+    (ServeConfig(model="m3_proxy", device="cuda", tp=2, sp=2, num_replicas=2), {"CPU": 12, "GPU": 8}),
+    (ServeConfig(model="m3_proxy", device="cuda", api_servers=2, tp=2), {"CPU": 5, "GPU": 2}),
+], ids=["default", "api-servers", "replicas", "sp", "cuda", "cuda-sharded-replicas", "cuda-api-servers"])
+def test_resource_demand_counts_replicas_engines_and_shards(config, demand):
+    assert config.resource_demand() == demand
+
+
+def test_a_cluster_too_small_is_named_by_the_flags():
+    from msa.serve.cli import check_resources
+
+    check_resources(ServeConfig(api_servers=2), {"CPU": 3})
+    with pytest.raises(ConfigError, match=r"--api-servers 4, --num-replicas 1, --tp 1 and --sp 1 on cpu "
+                                          r"reserve 5 CPUs, but this Ray cluster has 2"):
+        check_resources(ServeConfig(api_servers=4, device="cpu"), {"CPU": 2})
+    with pytest.raises(ConfigError, match=r"reserve 4 GPUs, but this Ray cluster has 1$"):
+        check_resources(ServeConfig(model="m3_proxy", device="cuda", tp=4), {"CPU": 64, "GPU": 1})
+
+
 @pytest.mark.parametrize("args, field", [
     ({"api_servers": 0}, "api_servers"),
     ({"api_servers": 2, "num_replicas": 2}, "num_replicas"),
