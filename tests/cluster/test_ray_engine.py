@@ -208,13 +208,26 @@ def test_killing_a_shard_fails_in_flight_requests_and_health_within_bounds():
     assert elapsed < 30 and not stats.healthy
 
 
+async def kill_and_wait(actor, timeout_s: float = 10.0) -> None:
+    """``ray.kill`` returns before the actor is gone; wait until a call to it fails."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            await actor.__ray_ready__.remote()
+        except ray.exceptions.RayActorError:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the actor still answers {timeout_s} s after ray.kill")
+
+
 def test_health_check_of_an_idle_engine_notices_a_dead_shard():
     async def main():
         engine = MSAEngine(engine_config(1, 2, health_timeout_s=5))
         await engine.start()
         try:
             await engine.check_health()
-            ray.kill(engine.executor.shards[0], no_restart=True)
+            await kill_and_wait(engine.executor.shards[0])
             start = time.monotonic()
             with pytest.raises(EngineDeadError):
                 await engine.check_health()
