@@ -8,9 +8,6 @@ them (CPU tensors always, CUDA tensors with ``MSA_CHECK_INPUTS=1``).
 from __future__ import annotations
 
 import os
-import threading
-import weakref
-from collections.abc import Callable, Sequence
 
 import torch
 
@@ -42,35 +39,6 @@ def values_checked(t: torch.Tensor) -> bool:
     if t.device.type == "cpu":
         return True
     return t.is_cuda and os.environ.get("MSA_CHECK_INPUTS") == "1"
-
-
-class _Passed(threading.local):
-    """Per thread, the inputs whose values last passed each kind of check."""
-
-    def __init__(self) -> None:
-        self.by_kind: dict[str, tuple[tuple[weakref.ref, ...], tuple[int, ...], tuple]] = {}
-
-
-_passed = _Passed()
-
-
-def check_once(kind: str, tensors: Sequence[torch.Tensor], key: tuple, check: Callable[[], None]) -> None:
-    """Run ``check`` of ``tensors`` unless the same tensor objects, not written since (same
-    version counters), last passed this ``kind`` of check with the same ``key``. A model step hands
-    one batch's tables to every layer's kernel calls, so their values are read once per step rather
-    than once per layer. Inference-mode tensors have no version counter and are checked every time."""
-    if any(t.is_inference() for t in tensors):
-        check()
-        return
-    versions = tuple(t._version for t in tensors)
-    last = _passed.by_kind.get(kind)
-    if last is not None:
-        refs, last_versions, last_key = last
-        same = all(r() is t for r, t in zip(refs, tensors, strict=True))
-        if same and last_key == key and last_versions == versions:
-            return
-    check()
-    _passed.by_kind[kind] = (tuple(weakref.ref(t) for t in tensors), versions, key)
 
 
 def check_cu_seqlens(name: str, cu_seqlens_q: torch.Tensor, total_q: int) -> None:
@@ -114,22 +82,23 @@ def check_block_table(
 ) -> None:
     """``block_table`` has a column for each of a sequence's blocks on this shard, and the entries
     a sequence uses are pages of the cache; the entries past them are not read."""
-    table = block_table.cpu()
-    for b, n in enumerate(seq_lens.cpu().tolist()):
-        need = num_local_blocks(-(-n // block_size), shard_rank, shard_world)
-        if need > table.shape[1]:
-            raise ValueError(
-                f"{name}: block_table has {table.shape[1]} columns but sequence {b} "
-                f"(seq_lens[{b}] = {n}) needs {need} blocks of {block_size} on this shard"
-            )
-        row = table[b, :need]
-        bad = ((row < 0) | (row >= num_pages)).nonzero()
-        if bad.numel():
-            i = int(bad[0])
-            raise ValueError(
-                f"{name}: block_table[{b}, {i}] = {int(row[i])} is not a page of the cache "
-                f"(0 <= page < {num_pages})"
-            )
+    table, lens = block_table.cpu(), seq_lens.cpu().long()
+    need = num_local_blocks((lens + block_size - 1) // block_size, shard_rank, shard_world)
+    narrow = (need > table.shape[1]).nonzero()
+    if narrow.numel():
+        b = int(narrow[0])
+        raise ValueError(
+            f"{name}: block_table has {table.shape[1]} columns but sequence {b} "
+            f"(seq_lens[{b}] = {int(lens[b])}) needs {int(need[b])} blocks of {block_size} on this shard"
+        )
+    used = torch.arange(table.shape[1]) < need[:, None]
+    bad = (used & ((table < 0) | (table >= num_pages))).nonzero()
+    if bad.numel():
+        b, i = (int(x) for x in bad[0])
+        raise ValueError(
+            f"{name}: block_table[{b}, {i}] = {int(table[b, i])} is not a page of the cache "
+            f"(0 <= page < {num_pages})"
+        )
 
 
 def check_distinct_block_ids(name: str, block_ids: torch.Tensor) -> None:

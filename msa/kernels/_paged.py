@@ -14,9 +14,10 @@ from __future__ import annotations
 import torch
 
 
-def num_local_blocks(num_global_blocks: int, shard_rank: int, shard_world: int) -> int:
-    """How many of a sequence's first ``num_global_blocks`` blocks live on this shard."""
-    return max(0, (num_global_blocks - shard_rank + shard_world - 1) // shard_world)
+def num_local_blocks(num_global_blocks, shard_rank: int, shard_world: int):
+    """How many of a sequence's first ``num_global_blocks`` (>= 0) blocks live on this shard; an
+    int, or an integer tensor of counts for one per sequence."""
+    return (num_global_blocks - shard_rank + shard_world - 1) // shard_world
 
 
 def gather_sequence(

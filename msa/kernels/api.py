@@ -18,7 +18,6 @@ from msa.kernels._checks import (
     check_block_table,
     check_cu_seqlens,
     check_distinct_block_ids,
-    check_once,
     check_query_counts,
     check_same_device,
     check_shard,
@@ -85,17 +84,11 @@ def _check_batch_values(
     shard_rank: int,
     shard_world: int,
 ) -> None:
-    """The value checks of a batch over a paged cache of ``cache_shape`` ``(pages, block, ...)``,
-    once for tables that passed them unchanged on an earlier call (``check_once``)."""
+    """The value checks of a batch over a paged cache of ``cache_shape`` ``(pages, block, ...)``."""
     num_pages, block_size = cache_shape[0], cache_shape[1]
-
-    def check() -> None:
-        check_cu_seqlens(name, cu_seqlens_q, total_q)
-        check_query_counts(name, cu_seqlens_q, seq_lens)
-        check_block_table(name, block_table, seq_lens, block_size, num_pages, shard_rank, shard_world)
-
-    key = (total_q, num_pages, block_size, shard_rank, shard_world)
-    check_once("batch", (block_table, cu_seqlens_q, seq_lens), key, check)
+    check_cu_seqlens(name, cu_seqlens_q, total_q)
+    check_query_counts(name, cu_seqlens_q, seq_lens)
+    check_block_table(name, block_table, seq_lens, block_size, num_pages, shard_rank, shard_world)
 
 
 def _check_topk(name: str, topk: int) -> None:
@@ -430,8 +423,7 @@ def store_tokens(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor)
         )
     check_same_device("store_tokens", "cache", dict(cache=cache, values=values, slots=slots))
     if values_checked(cache):
-        num_slots = cache.shape[0] * cache.shape[1]
-        check_once("slots", (slots,), (num_slots,), lambda: check_slots("store_tokens", slots, num_slots))
+        check_slots("store_tokens", slots, cache.shape[0] * cache.shape[1])
     if use_triton(cache) and cache.is_contiguous():
         # One kernel that skips -1 rows itself: no host sync, so decode steps can be graph-captured.
         from msa.kernels.store.triton import store_tokens_triton

@@ -198,49 +198,6 @@ def test_slots_past_the_cache_are_refused(backend):
     assert (cache == 0).all()
 
 
-def test_one_batch_is_value_checked_once_until_written(monkeypatch, backend):
-    """The layers of one step pass the same tables: their values are read on the first call only,
-    and again once a table is written in place, which then finds the bad value."""
-    import msa.kernels.api as api
-
-    reads = []
-    check = api.check_block_table
-    monkeypatch.setattr(api, "check_block_table", lambda *args: (reads.append(1), check(*args)))
-    a = layer()
-    for entry in ("dense", "sparse", "layer", "dense"):
-        call(entry, a)
-    assert len(reads) == 1
-    a["block_table"][1, 1] = -1
-    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = -1 is not a page"):
-        call("dense", a)
-    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = -1 is not a page"):
-        call("dense", a)  # a batch that failed is read again
-    assert len(reads) == 3
-    a["block_table"] = a["block_table"].clone()
-    a["block_table"][1, 1] = 0
-    call("dense", a)
-    call("dense", {**a, "block_table": a["block_table"].clone()})  # another tensor: read again
-    assert len(reads) == 5
-
-
-def test_inference_tensors_are_value_checked_on_every_call(backend):
-    """Inference-mode tensors have no version counter to tell a write: every call reads them."""
-    with torch.inference_mode():
-        a = layer()
-        call("dense", a)
-        a["block_table"][1, 6] = a["k_cache"].shape[0]
-        with pytest.raises(ValueError, match=r"block_table\[1, 6\] = \d+ is not a page"):
-            call("dense", a)
-
-
-def test_slots_are_value_checked_once_until_written(backend):
-    cache, values, slots = torch.zeros(5, 16, 2, 8), torch.randn(3, 2, 8), torch.tensor([0, 7, 3])
-    store_tokens(cache, values, slots)
-    slots[1] = 80
-    with pytest.raises(ValueError, match=r"slots\[1\] = 80 is past the cache's 80 slots"):
-        store_tokens(cache, values, slots)
-
-
 def test_values_are_checked_on_the_host_only_by_default(monkeypatch):
     monkeypatch.delenv("MSA_CHECK_INPUTS", raising=False)
     assert values_checked(torch.zeros(1))
