@@ -402,12 +402,15 @@ def preset(name: str) -> ModelConfig:
 
 
 def model_config_of(source: str | Path | ModelConfig) -> ModelConfig:
-    """The config of a model given as a ModelConfig, a checkpoint directory or config file, or a
-    preset name. A path must exist where it is read: on a cluster, on every node that loads it."""
+    """The config of a model given as a ModelConfig, a checkpoint directory or a preset name. A
+    directory must exist where it is read: on a cluster, on every node that loads it."""
     if isinstance(source, ModelConfig):
         return source
-    if Path(source).exists():
-        return load_config(source)
+    path = Path(source)
+    if path.is_dir():
+        return load_config(path)
+    if path.exists():
+        raise ConfigError(f"model {str(source)!r} is a file; give the checkpoint directory that holds it")
     if str(source) in PRESETS:
         return preset(str(source))
     raise ConfigError(

@@ -173,6 +173,9 @@ def test_missing_weights_and_unknown_model_are_named(tmp_path):
         load_checkpoint(ToyLM(), tmp_path, progress=False)
     with pytest.raises(ValueError, match="neither a checkpoint directory nor a preset"):
         load_model(tmp_path / "nowhere")
+    tiny().save(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="is a file; give the checkpoint directory"):
+        load_model(tmp_path / "config.json")  # not random weights of its config
 
 
 def test_preset_weights_depend_only_on_seed():
