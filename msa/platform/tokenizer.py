@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -205,29 +206,43 @@ class FinalMessageNotRendered(ValueError):
     """continue_final_message was asked for, but the final message's text is not in the prompt."""
 
 
-def _cut_after_final_message(text: str, messages: list[dict[str, Any]]) -> str:
-    """``text`` up to the end of the final message's text: its last occurrence, as the turn's end
-    markup follows it. Templates that trim a message drop its outer whitespace; trailing whitespace
-    the template kept is kept."""
-    content = messages[-1].get("content") if messages else None
-    if isinstance(content, list):
+def _mark_final_message(messages: list[dict[str, Any]], mark: str) -> tuple[list[dict[str, Any]], str]:
+    """``messages`` with ``mark`` after the final message's text (its last text part), and that
+    text."""
+    final = dict(messages[-1]) if messages else {}
+    content = final.get("content")
+    text = None
+    if isinstance(content, str):
+        text, final["content"] = content, content + mark
+    elif isinstance(content, list):
         # Parts render one after another, so the last text part ends the message.
-        texts = [part["text"] for part in content if isinstance(part, dict) and "text" in part]
-        content = texts[-1] if texts else None
-    if not isinstance(content, str) or not content.strip():
+        at = [i for i, part in enumerate(content) if isinstance(part, dict) and "text" in part]
+        if at:
+            parts = list(content)
+            text = parts[at[-1]]["text"]
+            parts[at[-1]] = {**parts[at[-1]], "text": text + mark}
+            final["content"] = parts
+    if not isinstance(text, str) or not text.strip():
         raise FinalMessageNotRendered("continue_final_message needs a final message with text to continue")
-    core = content.strip()
-    at = text.rfind(core)
-    if at < 0:
+    return [*messages[:-1], final], text
+
+
+def _cut_after_final_message(text: str, marked: str, mark: str, final_text: str) -> str:
+    """The prompt ``text`` up to the end of the final message's text, located by rendering it with
+    ``mark`` after that text (``marked``), so text of the same letters elsewhere (an earlier turn,
+    the end-of-turn markup) is never taken for it. Trailing whitespace of the message stays where
+    the template keeps it."""
+    at = marked.find(mark)
+    prefix = marked[:at]
+    trailing = final_text[len(final_text.rstrip()) :]
+    if at >= 0 and trailing and not text.startswith(prefix):
+        prefix = prefix[: len(prefix) - len(trailing)]  # the template trims the message
+    if at < 0 or not prefix.rstrip().endswith(final_text.strip()) or not text.startswith(prefix):
         raise FinalMessageNotRendered(
             "continue_final_message: the chat template does not render the final message's text "
             "as it is, so the prompt cannot end inside it"
         )
-    end = at + len(core)
-    trailing = content[len(content.rstrip()) :]
-    if text.startswith(trailing, end):
-        end += len(trailing)
-    return text[:end]
+    return prefix
 
 
 class Tokenizer:
@@ -371,15 +386,24 @@ class Tokenizer:
         reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(extra))
         if reserved:
             raise ValueError(f"the template variables {reserved} are set by the renderer itself")
-        text = _compile_template(self._template_source(tools, chat_template)).render(
-            messages=messages,
-            tools=tools,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **extra,
-        )
-        return _cut_after_final_message(text, messages) if continue_final_message else text
+        template = _compile_template(self._template_source(tools, chat_template))
+
+        def render(messages: list[dict[str, Any]]) -> str:
+            return template.render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **extra,
+            )
+
+        if not continue_final_message:
+            return render(messages)
+        # Digits and @ read the same through case changes, trimming and escaping.
+        mark = f"@@{secrets.randbelow(10**30):030d}@@"
+        marked, final_text = _mark_final_message(messages, mark)
+        return _cut_after_final_message(render(messages), render(marked), mark, final_text)
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens)

@@ -316,7 +316,11 @@ def test_a_generation_block_is_a_scope_of_its_own_and_stays_sandboxed(tok):
     ("{% for m in messages %}[{{ m.content | trim }}]{% endfor %}", " Sure, ", "[Yes. Again?][Sure,"),
     (None, "Yes.", "<|im_start|>user\nYes. Again?<|im_end|>\n<|im_start|>assistant\nYes."),
     (None, [{"type": "text", "text": "Well, "}, {"type": "text", "text": "yes"}], "assistant\nWell, yes"),
-], ids=["trailing-space-kept", "trimmed-by-the-template", "last-occurrence", "text-parts"])
+    (None, "im", "<|im_start|>assistant\nim"),  # also in the end-of-turn markup after it
+    (None, "<", "<|im_start|>assistant\n<"),
+    (None, "Again?", "<|im_start|>assistant\nAgain?"),
+], ids=["trailing-space-kept", "trimmed-by-the-template", "last-occurrence", "text-parts", "in-the-markup",
+        "markup-character", "in-an-earlier-turn"])
 def test_continue_final_message_ends_inside_the_final_message(tok, source, final, expected_end):
     messages = [*CHAT, {"role": "assistant", "content": final}]
     text = tok.apply_chat_template(messages, add_generation_prompt=False, chat_template=source,
