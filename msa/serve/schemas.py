@@ -94,6 +94,8 @@ class SamplingFields(_Request):
     prompt_logprobs: Annotated[int | None, no_op_only()] = None
     truncate_prompt_tokens: Annotated[int | None, no_op_only()] = None
     length_penalty: Annotated[float | None, no_op_only(1.0)] = None
+    priority: Annotated[int | None, no_op_only(0)] = None
+    return_tokens_as_token_ids: Annotated[bool | None, no_op_only(False)] = None
     # guided_decoding_backend and guided_whitespace_pattern only tune guided decoding, which the
     # guided_* fields above refuse; alone they change nothing, so they pass as unknown fields.
 
@@ -209,11 +211,18 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     # vLLM's chat extensions. add_generation_prompt opens the assistant's turn after the messages;
-    # continue_final_message instead ends the prompt inside the final (assistant) message, so the
-    # model goes on writing it; chat_template_kwargs are further variables of the chat template.
+    # continue_final_message instead ends the prompt inside the final message (of any role, as in
+    # vLLM), so the model goes on writing it; chat_template_kwargs are further variables of the chat template.
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # vLLM's chat extensions this server does not implement: a request's own template (vLLM too
+    # refuses it unless its server is started to trust them), echoing the final message, special
+    # tokens added to the rendered prompt, retrieval documents for the template.
+    chat_template: Annotated[str | None, no_op_only()] = None
+    echo: Annotated[bool | None, no_op_only(False)] = None
+    add_special_tokens: Annotated[bool | None, no_op_only(False)] = None
+    documents: Annotated[list[dict[str, Any]] | None, no_op_only()] = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -244,12 +253,6 @@ class ChatCompletionRequest(SamplingFields):
             raise ValueError(
                 "continue_final_message and add_generation_prompt cannot both be true; "
                 "send add_generation_prompt: false to continue the final message"
-            )
-        messages = info.data.get("messages") or []
-        if messages and messages[-1].role != "assistant":
-            raise ValueError(
-                f"continue_final_message continues an assistant message, but the final message's "
-                f"role is {messages[-1].role!r}"
             )
         return continue_final
 

@@ -63,6 +63,12 @@ REFUSED = [
     ("chat", "prompt_logprobs", 2, "leave it out"),
     ("chat", "truncate_prompt_tokens", 8, "leave it out"),
     ("completions", "length_penalty", 0.5, "1.0"),
+    ("chat", "priority", 1, "0"),
+    ("completions", "return_tokens_as_token_ids", True, "false"),
+    ("chat", "chat_template", "{{ messages[0].content }}", "leave it out"),
+    ("chat", "echo", True, "false"),
+    ("chat", "add_special_tokens", True, "false"),
+    ("chat", "documents", [{"title": "t", "text": "x"}], "leave it out"),
 ]
 
 
@@ -81,8 +87,10 @@ def test_values_that_change_nothing_and_unknown_fields_are_accepted(app_client):
               "truncate_prompt_tokens": None, "length_penalty": 1.0, "include_stop_str_in_output": False,
               "skip_special_tokens": True, "guided_decoding_backend": "xgrammar",
               "guided_whitespace_pattern": None, "some_future_field": {"x": 1}}
+    no_ops |= {"priority": 0, "return_tokens_as_token_ids": False}
     chat_defaults = {"add_generation_prompt": True, "continue_final_message": False,
-                     "chat_template_kwargs": {}}
+                     "chat_template_kwargs": {}, "chat_template": None, "echo": False,
+                     "add_special_tokens": False, "documents": None}
     plain = chat(app_client.client, max_tokens=4, temperature=0).json()
     with_no_ops = chat(app_client.client, max_tokens=4, temperature=0, response_format={"type": "text"},
                        **no_ops, **chat_defaults).json()

@@ -51,6 +51,13 @@ def test_continue_final_message_ends_the_prompt_inside_the_assistant_message(app
                        "<|im_start|>assistant\nIn Paris it is "]
 
 
+def test_continue_final_message_continues_a_final_message_of_any_role(app_client, prompts):
+    """As in vLLM: a final user message is continued too, ending the prompt inside it."""
+    r = chat(app_client.client, max_tokens=2, add_generation_prompt=False, continue_final_message=True)
+    assert r.status_code == 200, r.text
+    assert prompts == ["<|im_start|>user\nWhat is the weather in Paris?"]
+
+
 def test_continue_final_message_with_text_parts_ends_after_the_last_part(app_client, prompts):
     parts = [{"type": "text", "text": "Paris: "}, {"type": "text", "text": "sunny, "}]
     messages = [*USER, {"role": "assistant", "content": parts}]
@@ -71,10 +78,9 @@ def test_add_generation_prompt_false_ends_the_prompt_after_the_last_turn(app_cli
     ({"messages": PARTIAL, "continue_final_message": True}, "cannot both be true"),
     ({"messages": PARTIAL, "continue_final_message": True, "add_generation_prompt": True},
      "cannot both be true"),
-    ({"continue_final_message": True, "add_generation_prompt": False}, "role is 'user'"),
     ({"messages": [*USER, {"role": "assistant", "content": "  "}], "continue_final_message": True,
       "add_generation_prompt": False}, "needs a final message with text"),
-], ids=["default-generation-prompt", "both-true", "user-last", "blank-assistant"])
+], ids=["default-generation-prompt", "both-true", "blank-assistant"])
 def test_continue_final_message_errors_name_it(app_client, body, needle):
     error = assert_error(chat(app_client.client, max_tokens=2, **body), 400, "continue_final_message")
     assert needle in error["message"]
