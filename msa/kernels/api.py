@@ -142,30 +142,28 @@ def select_blocks(
             name, block_table, cu_seqlens_q, seq_lens, index_q.shape[0], index_k_cache.shape,
             shard_rank, shard_world,
         )  # fmt: skip
+    tables = (block_table, cu_seqlens_q, seq_lens)
+    shard = dict(shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
+    return _select_blocks(index_q, index_k_cache, *tables, topk=topk, **shard)
+
+
+def _select_blocks(
+    index_q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    *tables: torch.Tensor,
+    topk: int,
+    shard_rank: int,
+    shard_world: int,
+    max_q_len: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``select_blocks`` on checked arguments (``tables``: block_table, cu_seqlens_q, seq_lens):
+    Triton or the reference."""
+    shard = dict(shard_rank=shard_rank, shard_world=shard_world)
     if use_triton(index_q, index_k_cache.shape[1], index_k_cache.shape[2]):
         from msa.kernels.indexer.triton import select_blocks_triton
 
-        return select_blocks_triton(
-            index_q,
-            index_k_cache,
-            block_table,
-            cu_seqlens_q,
-            seq_lens,
-            topk=topk,
-            shard_rank=shard_rank,
-            shard_world=shard_world,
-            max_q_len=max_q_len,
-        )
-    return select_blocks_reference(
-        index_q,
-        index_k_cache,
-        block_table,
-        cu_seqlens_q,
-        seq_lens,
-        topk=topk,
-        shard_rank=shard_rank,
-        shard_world=shard_world,
-    )
+        return select_blocks_triton(index_q, index_k_cache, *tables, topk=topk, max_q_len=max_q_len, **shard)
+    return select_blocks_reference(index_q, index_k_cache, *tables, topk=topk, **shard)
 
 
 def selection_needed(max_seq_len: int | None, block_size: int, topk: int) -> bool:
@@ -245,34 +243,30 @@ def sparse_attention(
             name, block_table, cu_seqlens_q, seq_lens, q.shape[0], k_cache.shape, shard_rank, shard_world
         )
         check_distinct_block_ids(name, block_ids)
+    tables = (block_table, cu_seqlens_q, seq_lens)
+    shard = dict(shard_rank=shard_rank, shard_world=shard_world, max_q_len=max_q_len)
+    return _sparse_attention(q, k_cache, v_cache, *tables, block_ids, scale=scale, **shard)
+
+
+def _sparse_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *tables_and_ids: torch.Tensor,
+    scale: float,
+    shard_rank: int,
+    shard_world: int,
+    max_q_len: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sparse_attention`` on checked arguments (``tables_and_ids``: block_table, cu_seqlens_q,
+    seq_lens, block_ids): Triton or the reference."""
+    args = (q, k_cache, v_cache, *tables_and_ids)
+    shard = dict(shard_rank=shard_rank, shard_world=shard_world)
     if use_triton(q, k_cache.shape[1], k_cache.shape[3]):
         from msa.kernels.sparse_attention.triton import sparse_attention_triton
 
-        return sparse_attention_triton(
-            q,
-            k_cache,
-            v_cache,
-            block_table,
-            cu_seqlens_q,
-            seq_lens,
-            block_ids,
-            scale=scale,
-            shard_rank=shard_rank,
-            shard_world=shard_world,
-            max_q_len=max_q_len,
-        )
-    return paged_attention_reference(
-        q,
-        k_cache,
-        v_cache,
-        block_table,
-        cu_seqlens_q,
-        seq_lens,
-        block_ids,
-        scale=scale,
-        shard_rank=shard_rank,
-        shard_world=shard_world,
-    )
+        return sparse_attention_triton(*args, scale=scale, max_q_len=max_q_len, **shard)
+    return paged_attention_reference(*args, scale=scale, **shard)
 
 
 def select_and_attend(
@@ -336,9 +330,10 @@ def select_and_attend(
             q, k_cache, v_cache, index_q, index_k_cache, block_table, cu_seqlens_q, seq_lens,
             topk=topk, scale=scale, **shard,
         )  # fmt: skip
+    # The arguments are checked: the two steps run without checking them again.
     tables = (block_table, cu_seqlens_q, seq_lens)
-    ids, _ = select_blocks(index_q, index_k_cache, *tables, topk=topk, **shard)
-    out, lse = sparse_attention(q, k_cache, v_cache, *tables, ids, scale=scale, **shard)
+    ids, _ = _select_blocks(index_q, index_k_cache, *tables, topk=topk, **shard)
+    out, lse = _sparse_attention(q, k_cache, v_cache, *tables, ids, scale=scale, **shard)
     return out, lse, ids
 
 
