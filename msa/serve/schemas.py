@@ -9,8 +9,10 @@ change nothing, so a request never silently gets other output than it asked for.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+import typing
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -33,6 +35,28 @@ MAX_LOGPROBS = 20
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """An explicit null for an optional field whose type has no null (``temperature``, ``n``,
+        ``stream``, ...) means its default: OpenAI's API marks them nullable, and its clients send
+        null for a parameter given as None."""
+        if not isinstance(data, dict):
+            return data
+        return {k: v for k, v in data.items() if v is not None or k not in _defaulted_non_null(cls)}
+
+
+@functools.cache
+def _defaulted_non_null(model: type[BaseModel]) -> frozenset[str]:
+    """The fields of ``model`` that have a default and whose type does not admit None."""
+    return frozenset(
+        name
+        for name, field in model.model_fields.items()
+        if not field.is_required()
+        and field.annotation is not Any
+        and type(None) not in typing.get_args(field.annotation)
+    )
 
 
 def no_op_only(*accepted: Any) -> AfterValidator:
@@ -89,6 +113,7 @@ class SamplingFields(_Request):
     guided_choice: Annotated[Any, no_op_only()] = None
     guided_grammar: Annotated[Any, no_op_only()] = None
     structured_outputs: Annotated[Any, no_op_only()] = None
+    best_of: int | None = None  # only best_of == n, which samples n and returns them all
     allowed_token_ids: Annotated[list[int] | None, no_op_only()] = None
     bad_words: Annotated[list[str] | None, no_op_only([])] = None
     prompt_logprobs: Annotated[int | None, no_op_only()] = None
@@ -98,6 +123,14 @@ class SamplingFields(_Request):
     return_tokens_as_token_ids: Annotated[bool | None, no_op_only(False)] = None
     # guided_decoding_backend and guided_whitespace_pattern only tune guided decoding, which the
     # guided_* fields above refuse; alone they change nothing, so they pass as unknown fields.
+
+    @field_validator("best_of")
+    @classmethod
+    def _check_best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(f"this server does not support best_of other than n; send {n} or leave it out")
+        return best_of
 
     @field_validator("stop")
     @classmethod
@@ -292,7 +325,6 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     echo: Annotated[bool, no_op_only(False)] = False
     suffix: Annotated[str | None, no_op_only("")] = None
-    best_of: int | None = None
     max_tokens: int | None = Field(default=16, ge=1)
 
     @field_validator("prompt")
@@ -306,14 +338,6 @@ class CompletionRequest(SamplingFields):
             if any(t < 0 for t in ids):
                 raise ValueError("token ids must be >= 0")
         return prompt
-
-    @field_validator("best_of")
-    @classmethod
-    def _check_best_of(cls, best_of: int | None, info: ValidationInfo) -> int | None:
-        n = info.data.get("n", 1)
-        if best_of is not None and best_of != n:
-            raise ValueError(f"this server does not support best_of other than n; send {n} or leave it out")
-        return best_of
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: one string or token-id list each."""

@@ -49,6 +49,7 @@ REFUSED = [
     ("chat", "response_format", {"type": "json_object"}, '{"type": "text"}'),
     ("chat", "response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, '{"type": "text"}'),
     ("completions", "best_of", 3, "send 1"),
+    ("chat", "best_of", 2, "send 1"),
     ("chat", "use_beam_search", True, "false"),
     ("chat", "guided_json", {"type": "object"}, "leave it out"),
     ("completions", "guided_regex", "[a-z]+", "leave it out"),
@@ -78,6 +79,21 @@ def test_parameters_the_engine_does_not_implement_are_refused(app_client, path, 
     error = assert_error(send(app_client.client, max_tokens=2, **{field: value}), 400, field)
     assert f"this server does not support {field}" in error["message"]
     assert accepted in error["message"]
+
+
+NULLABLE = ["temperature", "top_p", "n", "top_k", "stream", "ignore_eos", "logprobs", "skip_special_tokens"]
+
+
+@pytest.mark.parametrize("path", ["chat", "completions"])
+def test_null_sampling_fields_mean_their_defaults(app_client, path):
+    """OpenAI's clients send null for a parameter given as None; it means the default, as in vLLM."""
+    send = chat if path == "chat" else complete
+    nulls = {field: None for field in NULLABLE if path == "chat" or field != "logprobs"}
+    plain = send(app_client.client, max_tokens=4, seed=7)
+    with_nulls = send(app_client.client, max_tokens=4, seed=7, **nulls)
+    assert plain.status_code == with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"] == plain.json()["choices"]
+    assert_error(send(app_client.client, model=None), 400, "model")  # a required field stays required
 
 
 def test_values_that_change_nothing_and_unknown_fields_are_accepted(app_client):
