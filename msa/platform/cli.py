@@ -185,14 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run one ``msa`` subcommand; returns its exit code (1 and a one-line message on a known error)."""
-    args = build_parser().parse_args(argv)
+def run_subcommand(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand; its exit code, or 1 and a one-line message for a known error: a
+    bad config or flag, a missing file, a cluster that cannot be reached."""
     try:
         return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, ConnectionError) as exc:
         print(f"msa {args.command}: error: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``msa`` subcommand; returns its exit code."""
+    return run_subcommand(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -101,17 +101,24 @@ def _run_submit(args: argparse.Namespace) -> int:
 
     from msa.rl.config import load_rl_config
 
-    load_rl_config(args.config, _overrides(args.overrides))  # fail here, not on the cluster
+    run_config = load_rl_config(args.config, _overrides(args.overrides))  # fail here, not on the cluster
     cwd = Path.cwd().resolve()
     config = Path(args.config).resolve()
     if not config.is_relative_to(cwd):
         raise ValueError(f"the config {config} must lie inside the uploaded working directory {cwd}")
+    overrides = list(args.overrides)
+    output_dir = Path(run_config.run.output_dir)
+    if not output_dir.is_absolute():
+        # The job runs in Ray's temporary copy of the working directory, which the cluster deletes:
+        # a relative output directory is taken from where msa submit runs instead.
+        output_dir = cwd / output_dir
+        overrides.append(f"run.output_dir={output_dir}")
     client = JobSubmissionClient(args.address)
     job_id = client.submit_job(
-        entrypoint=submit_entrypoint(str(config.relative_to(cwd)), args.overrides),
+        entrypoint=submit_entrypoint(str(config.relative_to(cwd)), overrides),
         runtime_env={"working_dir": str(cwd), "excludes": _EXCLUDES},
     )
-    print(f"submitted {job_id}")
+    print(f"submitted {job_id}; outputs in {output_dir} on the node that runs it")
     if args.no_wait:
         return 0
 
@@ -132,16 +139,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from msa.platform.config import ConfigError
+    from msa.platform.cli import run_subcommand
 
     parser = argparse.ArgumentParser(prog="msa", description="RL post-training of msa models.")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"msa {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+    return run_subcommand(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

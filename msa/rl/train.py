@@ -24,6 +24,7 @@ from msa.rl.checkpoint import (
     POLICY_TAG,
     DriverState,
     capture_rng,
+    checkpoint_root,
     checkpoint_step,
     finished_checkpoints,
     latest_checkpoint,
@@ -107,16 +108,25 @@ def trainer_metrics(results: list[dict[str, float]]) -> dict[str, float]:
     return merged
 
 
-def check_fresh_start(config: RLConfig) -> None:
-    """A fresh run (``run.resume`` false) neither mixes with nor prunes an earlier run's checkpoints."""
+def check_start(config: RLConfig) -> None:
+    """Before anything starts: a fresh run (``run.resume`` false) neither mixes with nor prunes an
+    earlier run's checkpoints, and a resumed one has steps left to ``run.steps`` (or is done)."""
     found = finished_checkpoints(config.run.output_dir)
-    if config.run.resume or not found:
+    if not found:
         return
-    raise ValueError(
-        f"run.output_dir {config.run.output_dir} holds checkpoints of an earlier run "
-        f"(latest step {checkpoint_step(found[-1])}); set run.resume=true to continue it, "
-        "or choose another run.output_dir"
-    )
+    if not config.run.resume:
+        raise ValueError(
+            f"run.output_dir {config.run.output_dir} holds checkpoints of an earlier run "
+            f"(latest step {checkpoint_step(found[-1])}); set run.resume=true to continue it, "
+            "or choose another run.output_dir"
+        )
+    pointer = checkpoint_root(config.run.output_dir) / "latest"
+    resume_at = checkpoint_step(Path(pointer.read_text().strip())) if pointer.exists() else None
+    if resume_at is not None and resume_at > config.run.steps:
+        raise ValueError(
+            f"run.steps is {config.run.steps}, but the checkpoint to resume in {config.run.output_dir} "
+            f"is at step {resume_at}; set run.steps above it to train on"
+        )
 
 
 def report_failures(batch: RolloutBatch, step: int) -> None:
@@ -130,7 +140,7 @@ async def train(config: RLConfig, prompts: list[dict] | None = None) -> RunSumma
     """Run (or resume) the post-training described by ``config``; returns the metrics history.
     ``prompts``: rows to draw from (keys already the environment's names) instead of reading
     ``config.data``'s file, for a caller that holds its prompts in memory."""
-    check_fresh_start(config)
+    check_start(config)
     out = Path(config.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not ray.is_initialized():

@@ -227,10 +227,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m msa.serve.cli serve ...``: the subcommand on its own."""
+    from msa.platform.cli import run_subcommand
+
     parser = argparse.ArgumentParser(prog="msa")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
+    return run_subcommand(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,19 @@ def test_a_fresh_run_refuses_an_output_dir_with_checkpoints_before_starting(tmp_
     assert kept(out) == ["step_000002", "step_000004"]
 
 
+def test_a_resume_with_run_steps_below_its_checkpoint_is_refused_before_starting(tmp_path, capsys):
+    out = tmp_path / "run"
+    finished(out, 4, 8)
+    mark_latest(out, step_dir(out, 8), keep=2)
+    config = tiny_run_config(str(out), run={"resume": True, "steps": 5})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"run.steps is 5, but the checkpoint to resume in {out} is at step 8" in err
+    assert not ray.is_initialized()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> str:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import socket
+from pathlib import Path
 
 import pytest
 
 from msa.rl.cli import main, register, submit_entrypoint
+
+
+@pytest.fixture
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,6 +64,40 @@ def test_bad_override_and_bad_config_fail_with_a_message(capsys, tmp_path):
     outside.write_text(open("examples/rl_tiny.yaml").read())
     assert main(["submit", str(outside), "--no-wait"]) == 1
     assert "inside the uploaded working directory" in capsys.readouterr().err
+
+
+def test_submit_to_an_unreachable_cluster_fails_with_one_line(capsys, free_tcp_port):
+    """A real job client against a port nothing listens on: an error line, not a traceback."""
+    address = f"http://127.0.0.1:{free_tcp_port}"
+    assert main(["submit", "examples/rl_tiny.yaml", "--address", address, "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("msa submit: error: ") and address in err and "Traceback" not in err
+
+
+def test_submit_takes_a_relative_output_dir_from_where_it_runs(monkeypatch, capsys):
+    """The job runs in Ray's temporary copy of the working directory; its outputs go to the
+    output directory as seen from where msa submit ran."""
+    import ray.job_submission
+
+    submitted = []
+
+    class Client:  # records the job instead of reaching a cluster
+        def __init__(self, address):
+            pass
+
+        def submit_job(self, entrypoint, runtime_env):
+            submitted.append((entrypoint, runtime_env))
+            return "job-1"
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    assert main(["submit", "examples/rl_tiny.yaml", "--set", "run.steps=2", "--no-wait"]) == 0
+    (entrypoint, runtime_env), = submitted
+    out = Path.cwd().resolve() / "runs" / "rl_tiny"
+    assert shlex.split(entrypoint)[-4:] == ["--set", "run.steps=2", "--set", f"run.output_dir={out}"]
+    assert runtime_env["working_dir"] == str(Path.cwd().resolve())
+    assert f"outputs in {out}" in capsys.readouterr().out
+    assert main(["submit", "examples/rl_tiny.yaml", "--set", "run.output_dir=/data/run", "--no-wait"]) == 0
+    assert shlex.split(submitted[1][0])[-2:] == ["--set", "run.output_dir=/data/run"]  # absolute: as given
 
 
 @pytest.mark.parametrize(
