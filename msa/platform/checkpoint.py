@@ -9,6 +9,7 @@ never holds a second full copy of the weights.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -375,6 +376,12 @@ def _config_json(config: ModelConfig, layout: str) -> dict[str, Any]:
     return {"model_type": "minimax_m3_vl", "text_config": text}
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_checkpoint(
     model: nn.Module,
     directory: str | Path,
@@ -406,6 +413,9 @@ def save_checkpoint(
         file = SINGLE_FILE if len(shards) == 1 else f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         shard = {n: state[n].to("cpu").contiguous() for n in names}
         save_file(shard, directory / file, metadata={"format": "pt"})
+        # safetensors writes its file owner-only (0600); give it the mode of the index and config
+        # beside it, which the process's umask sets, so other users and pods can read the weights.
+        (directory / file).chmod(0o666 & ~_umask())
         del shard
         weight_map.update(dict.fromkeys(names, file))
     if len(shards) > 1:

@@ -4,6 +4,7 @@ checkpoint that does not fit the model must raise."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,17 @@ def test_tiny_model_round_trip_is_bit_exact(tmp_path, layout, sharded, dtype):
     router = loaded.model.layers[1].block_sparse_moe
     assert router.gate.weight.dtype == router.e_score_correction_bias.dtype == torch.float32
     assert loaded.model.embed_tokens.weight.dtype == dtype
+
+
+def test_weight_files_get_the_mode_of_the_files_beside_them(tmp_path):
+    """Readable by others as config.json is (the umask decides), not owner-only."""
+    model, config = load_model("tiny", dtype=torch.float32, progress=False)
+    save_checkpoint(model, tmp_path, config, max_shard_bytes=100_000)
+    mode = (tmp_path / "config.json").stat().st_mode & 0o777
+    assert {(tmp_path / f).stat().st_mode & 0o777 for f in _shard_files(tmp_path)} == {mode}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
 
 
 def test_index_lists_every_tensor_with_total_size(tmp_path):
