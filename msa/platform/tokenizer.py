@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from datetime import datetime
@@ -110,6 +111,15 @@ def _bytes_to_unicode() -> dict[int, str]:
             mapping[byte] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    """The byte each character of the ByteLevel alphabet stands for."""
+    return {char: byte for byte, char in _bytes_to_unicode().items()}
+
+
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 def _tojson(
@@ -346,6 +356,26 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``; bytes that do not complete a UTF-8 character decode to U+FFFD."""
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """The bytes one token adds to decoded text: raw bytes, also where they are only part of a
+        UTF-8 character (which ``decode`` shows as U+FFFD), for byte-level BPE tokens (GPT-2's byte
+        alphabet, the default's) and byte-fallback tokens (``<0xE6>``); else the UTF-8 of the
+        token's decoded text. A special token gives its text, or nothing with
+        ``skip_special_tokens``."""
+        text = self.decode([token_id], skip_special_tokens=skip_special_tokens)
+        if "\ufffd" not in text:
+            return text.encode()
+        piece = self._tok.id_to_token(token_id) or ""
+        alphabet = _unicode_to_bytes()
+        if match := _BYTE_FALLBACK.fullmatch(piece):
+            raw = bytes.fromhex(match[1])
+        elif piece and all(char in alphabet for char in piece):
+            raw = bytes(alphabet[char] for char in piece)
+        else:
+            raw = b""
+        # Taken only where they decode to the token's text, so the piece was read as the decoder reads it.
+        return raw if raw and raw.decode("utf-8", "replace") == text else text.encode()
 
     def _template_source(self, tools: list[dict[str, Any]] | None, name: str | None) -> str:
         """The template to render, chosen as transformers does: ``name`` when it names one of

@@ -94,7 +94,7 @@ class ChatChoice:
                 content, calls = content + tail, calls + more
         logprobs = None
         if self.top_logprobs is not None:
-            logprobs = chat_entries(out, self.top_logprobs, self.server.token_text)
+            logprobs = chat_entries(out, self.top_logprobs, self.server)
             self.logprobs.extend(logprobs)
         self.content.append(content)
         self.calls.extend(calls)

@@ -17,10 +17,10 @@ MAX_PROMPTS = 64
 
 
 class TextChoice:
-    def __init__(self, index: int, logprobs: int | None) -> None:
+    def __init__(self, index: int, logprobs: int | None, skip_special_tokens: bool = True) -> None:
         self.index = index
         self.text: list[str] = []
-        self.logprobs = LegacyLogprobs(logprobs) if logprobs is not None else None
+        self.logprobs = LegacyLogprobs(logprobs, skip_special_tokens) if logprobs is not None else None
         self.num_tokens = 0
         self.finish_reason: str | None = None
 
@@ -55,7 +55,7 @@ async def create_completion(
     ]
     timers = [server.metrics.track(arrival, "completions") for _ in prompt_ids]
     streams = await server.open_streams(list(zip(prompt_ids, params, timers, strict=True)), "prompt")
-    choices = [TextChoice(i, req.logprobs) for i in range(len(prompts) * req.n)]
+    choices = [TextChoice(i, req.logprobs, req.skip_special_tokens) for i in range(len(prompts) * req.n)]
     response_id = new_id("cmpl")
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -94,7 +94,7 @@ def _step(server: OpenAIServer, choice: TextChoice, out) -> dict | None:
     choice.num_tokens += len(out.token_ids)
     if out.finish_reason is not None:
         choice.finish_reason = out.finish_reason
-    return choice.logprobs.add(out, server.token_text) if choice.logprobs else None
+    return choice.logprobs.add(out, server) if choice.logprobs else None
 
 
 def _usage(streams: list[GenerationStream], choices: list[TextChoice]) -> dict:

@@ -43,6 +43,7 @@ class OpenAIServer:
         self.metrics = ServeMetrics(engine.stats, model_name)
         self.marker_ids = special_marker_ids(tokenizer)
         self._token_texts: dict[int, str] = {}
+        self._token_bytes: dict[tuple[int, bool], bytes] = {}
 
     # Checks ------------------------------------------------------------------------------------
 
@@ -143,6 +144,14 @@ class OpenAIServer:
         if text is None:
             text = self._token_texts[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
         return text
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """The bytes the token adds to text, raw where they are part of a character (logprobs' ``bytes``)."""
+        key = (token_id, skip_special_tokens)
+        raw = self._token_bytes.get(key)
+        if raw is None:
+            raw = self._token_bytes[key] = self.tokenizer.token_bytes(token_id, skip_special_tokens)
+        return raw
 
     def piece(self, out: TokenOutput, restore_markers: bool) -> str:
         """The output's text; with ``restore_markers`` the tool-call markers that decoding skipped
