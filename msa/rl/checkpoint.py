@@ -96,13 +96,19 @@ def mark_latest(output_dir: str | Path, directory: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def marked_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint folder the ``latest`` pointer names (a resume's), or None without one."""
+    pointer = checkpoint_root(output_dir) / "latest"
+    return checkpoint_root(output_dir) / pointer.read_text().strip() if pointer.exists() else None
+
+
 def latest_checkpoint(output_dir: str | Path) -> tuple[Path, DriverState] | None:
     """The newest complete checkpoint and its driver state, or None when the run has none."""
-    pointer = checkpoint_root(output_dir) / "latest"
-    if not pointer.exists():
+    directory = marked_checkpoint(output_dir)
+    if directory is None:
         return None
-    directory = checkpoint_root(output_dir) / pointer.read_text().strip()
     if not (directory / "driver.pt").exists():
+        pointer = checkpoint_root(output_dir) / "latest"
         raise FileNotFoundError(
             f"{pointer} names {directory.name}, but {directory} holds no complete checkpoint"
         )

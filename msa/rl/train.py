@@ -24,11 +24,11 @@ from msa.rl.checkpoint import (
     POLICY_TAG,
     DriverState,
     capture_rng,
-    checkpoint_root,
     checkpoint_step,
     finished_checkpoints,
     latest_checkpoint,
     mark_latest,
+    marked_checkpoint,
     restore_rng,
     step_dir,
     write_driver_state,
@@ -120,8 +120,8 @@ def check_start(config: RLConfig) -> None:
             f"(latest step {checkpoint_step(found[-1])}); set run.resume=true to continue it, "
             "or choose another run.output_dir"
         )
-    pointer = checkpoint_root(config.run.output_dir) / "latest"
-    resume_at = checkpoint_step(Path(pointer.read_text().strip())) if pointer.exists() else None
+    marked = marked_checkpoint(config.run.output_dir)
+    resume_at = checkpoint_step(marked) if marked is not None else None
     if resume_at is not None and resume_at > config.run.steps:
         raise ValueError(
             f"run.steps is {config.run.steps}, but the checkpoint to resume in {config.run.output_dir} "
