@@ -192,11 +192,11 @@ class MSAEngine:
         if not prompt:
             raise InvalidRequestError("prompt_token_ids must hold at least one token", "prompt_token_ids")
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab)), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"prompt_token_ids holds {bad!r}, outside the vocabulary [0, {vocab})", "prompt_token_ids"
-            )
+        token_lists = (("prompt_token_ids", prompt), ("allowed_token_ids", params.allowed_token_ids or []))
+        for name, ids in token_lists:
+            bad = next((t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)), None)
+            if bad is not None:
+                raise InvalidRequestError(f"{name} holds {bad!r}, outside the vocabulary [0, {vocab})", name)
         limit = self.max_context_length
         if len(prompt) + params.max_tokens > limit:
             # Name the tighter of the two limits, the one max_context_length reports.

@@ -80,7 +80,8 @@ class SamplingParams:
     ``stop`` may be one string (``"END"`` means ``["END"]``), and ``stop`` and ``stop_token_ids``
     may be None or tuples; they are stored as lists. ``include_stop_str_in_output`` keeps the stop
     string (or the text of the stop token) that ended a choice in its text; ``skip_special_tokens``
-    leaves special tokens out of the text."""
+    leaves special tokens out of the text. ``allowed_token_ids`` (vLLM's): when given, every token
+    is drawn from these alone (the reported logprobs stay those of the model's whole distribution)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -94,6 +95,7 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +110,9 @@ class SamplingParams:
             self.stop = list(self.stop or [])
         if self.stop_token_ids is None or isinstance(self.stop_token_ids, tuple):
             self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        allowed = self.allowed_token_ids
         t, p, stop, stop_ids = self.temperature, self.top_p, self.stop, self.stop_token_ids
         checks = [
             ("max_tokens", is_int(self.max_tokens) and self.max_tokens >= 1, "an integer >= 1"),
@@ -134,6 +139,12 @@ class SamplingParams:
                 "logprobs",
                 self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
                 "None or an integer in [0, 20]",
+            ),
+            (
+                "allowed_token_ids",
+                allowed is None
+                or (isinstance(allowed, list) and allowed and all(is_int(i) and i >= 0 for i in allowed)),
+                "None or a non-empty list of integers >= 0",
             ),
             *(
                 (flag, isinstance(getattr(self, flag), bool), "True or False")

@@ -40,6 +40,7 @@ class SampleRequest:
     index: int
     position: int
     num_top_logprobs: int | None
+    allowed_token_ids: tuple[int, ...] | None = None
 
     @classmethod
     def for_sequence(cls, row: int, seq: Sequence) -> SampleRequest:
@@ -53,6 +54,7 @@ class SampleRequest:
             index=seq.index,
             position=seq.num_output_tokens,
             num_top_logprobs=p.logprobs,
+            allowed_token_ids=tuple(p.allowed_token_ids) if p.allowed_token_ids else None,
         )
 
     def uniform(self) -> float:
@@ -98,6 +100,24 @@ def truncation_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
     return drop | (scaled < kth)
 
 
+def allowed_only(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
+    """``logits [S, V]`` with every token outside a row's ``allowed_token_ids`` at -inf (rows
+    without them as they are); the allowed entries of all rows go to the device in one copy."""
+    rows = [(i, r.allowed_token_ids) for i, r in enumerate(requests) if r.allowed_token_ids]
+    if not rows:
+        return logits
+    restricted = np.zeros(len(requests), dtype=np.int64)
+    restricted[[i for i, _ in rows]] = 1
+    entries = [(i, t) for i, ids in rows for t in ids]
+    host = np.concatenate([restricted, np.asarray(entries, dtype=np.int64).T.reshape(-1)])
+    device = to_device(host, logits.device)
+    n, m = len(requests), len(entries)
+    row_of, token_of = device[n : n + m], device[n + m :]
+    keep = (device[:n] == 0)[:, None].repeat(1, logits.shape[-1])
+    keep[row_of, token_of] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def _draw(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
     """Token ids ``[S]``: the draw of rows with temperature >= MIN_SAMPLING_TEMPERATURE, the
     argmax of the others."""
@@ -122,11 +142,12 @@ def sample(logits: torch.Tensor, requests: list[SampleRequest], *, keep_logits: 
     if n == 0:
         return SampleResult([], [], [], logits.float().cpu() if keep_logits else None)
     logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
+    logprobs = torch.log_softmax(logits, dim=-1)  # of the whole distribution, as vLLM reports them
+    drawable = allowed_only(logits, requests)
     if any(r.temperature >= MIN_SAMPLING_TEMPERATURE for r in requests):
-        tokens = _draw(logits, requests)
+        tokens = _draw(drawable, requests)
     else:
-        tokens = torch.argmax(logits, dim=-1)
+        tokens = torch.argmax(drawable, dim=-1)
     parts = [tokens.double(), logprobs.gather(1, tokens[:, None])[:, 0].double()]
     width = max(r.num_top_logprobs or 0 for r in requests)
     if width:

@@ -97,6 +97,7 @@ class SamplingFields(_Request):
     # token's text) that ended a choice in its text.
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None  # checked against the vocabulary by the engine
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # Parameters of OpenAI's API and vLLM's extensions that this engine does not implement.
@@ -114,7 +115,6 @@ class SamplingFields(_Request):
     guided_grammar: Annotated[Any, no_op_only()] = None
     structured_outputs: Annotated[Any, no_op_only()] = None
     best_of: int | None = None  # only best_of == n, which samples n and returns them all
-    allowed_token_ids: Annotated[list[int] | None, no_op_only()] = None
     bad_words: Annotated[list[str] | None, no_op_only([])] = None
     prompt_logprobs: Annotated[int | None, no_op_only()] = None
     truncate_prompt_tokens: Annotated[int | None, no_op_only()] = None

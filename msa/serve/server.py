@@ -133,6 +133,7 @@ class OpenAIServer:
                 logprobs=logprobs,
                 include_stop_str_in_output=req.include_stop_str_in_output,
                 skip_special_tokens=req.skip_special_tokens,
+                allowed_token_ids=req.allowed_token_ids,
             )
         except InvalidRequestError as e:
             raise OpenAIError(400, str(e), param=request_field(e, prompt_field), code="invalid_value") from e

@@ -562,7 +562,36 @@ BAD_PARAMS = [  # one malformed field each
     dict(temperature=None), dict(temperature=True), dict(top_p="x"), dict(top_p=float("nan")),
     dict(stop_token_ids=[[1]]), dict(stop_token_ids="ab"), dict(stop_token_ids=[-1]),
     dict(max_tokens=True), dict(n=2.0), dict(logprobs="3"), dict(ignore_eos="no"), dict(top_k=None),
+    dict(allowed_token_ids=[]), dict(allowed_token_ids=[-1]), dict(allowed_token_ids="ab"),
 ]
+
+
+def test_allowed_token_ids_restrict_every_token_to_them(reference):
+    """Greedy: each token is the best of the allowed ones under the reference model's own
+    distribution (whose logprob is reported); sampled: every token is one of them."""
+    allowed = [3, 50, 97, 200]
+
+    async def main():
+        engine = await started()
+        try:
+            restricted = greedy(6, allowed_token_ids=allowed, logprobs=0)
+            greedy_outs = await collect(engine, "g", prompt(9), restricted)
+            sampled = SamplingParams(max_tokens=12, seed=5, ignore_eos=True, allowed_token_ids=allowed)
+            sampled_outs = await collect(engine, "s", prompt(9, 1), sampled)
+            with pytest.raises(InvalidRequestError, match=r"allowed_token_ids holds 999, outside the vocab"):
+                await collect(engine, "bad", prompt(3), greedy(1, allowed_token_ids=[1, 999]))
+            return greedy_outs[0], tokens_of(sampled_outs[0])
+        finally:
+            await engine.shutdown()
+
+    outs, sampled = asyncio.run(main())
+    ids, tokens = prompt(9), tokens_of(outs)
+    logprobs = [lp for out in outs for lp in out.logprobs]
+    for i, token in enumerate(tokens):
+        step = full_logprobs(reference, ids + tokens[:i])[-1]
+        assert token == allowed[int(torch.argmax(step[allowed]))]
+        assert logprobs[i] == pytest.approx(float(step[token]), abs=1e-4)
+    assert len(sampled) == 12 and set(sampled) <= set(allowed)
 
 
 def test_malformed_sampling_params_name_the_field_and_leave_the_engine_serving(reference):

@@ -16,7 +16,11 @@ def request(row: int, **kw) -> SampleRequest:
 
 def reference_token(logits: torch.Tensor, req: SampleRequest) -> int:
     """One row, step by step: scale, cut to the top-k, cut to the top-p nucleus, then walk the
-    cumulative probabilities up to the request's uniform number."""
+    cumulative probabilities up to the request's uniform number; allowed_token_ids first."""
+    if req.allowed_token_ids:
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed[list(req.allowed_token_ids)] = logits[list(req.allowed_token_ids)]
+        logits = allowed
     if req.temperature <= 0:
         return int(torch.argmax(logits))
     scaled = logits.float() / req.temperature
@@ -49,6 +53,13 @@ MIXES = {
         request(2, seed=12, position=9),
         request(3, temperature=0.0),
         request(4, top_p=0.3, seed=13, num_top_logprobs=5),
+    ],
+    "allowed": [
+        request(0, temperature=0.0, allowed_token_ids=(7, 250, 31), num_top_logprobs=2),
+        request(1, seed=14, allowed_token_ids=(4, 5, 6, 200, 201)),
+        request(2, seed=15),  # unrestricted beside restricted rows
+        request(3, top_k=2, seed=16, allowed_token_ids=(9, 99, 199, 299)),
+        request(4, seed=17, allowed_token_ids=(42,)),
     ],
 }
 
@@ -104,6 +115,17 @@ def test_uniform_numbers_are_uniform_and_a_function_of_seed_index_and_position()
     assert (
         request(0, seed=3, index=1, position=2).uniform() == request(5, seed=3, index=1, position=2).uniform()
     )
+
+
+def test_allowed_token_ids_restrict_the_draw_not_the_reported_logprobs():
+    logits = torch.log(torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05]))
+    n = 20_000
+    requests = [request(i, seed=i, allowed_token_ids=(1, 3)) for i in range(n)]
+    result = sample(logits.expand(n, -1), requests)
+    freq = torch.bincount(torch.tensor(result.token_ids), minlength=5).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0, 0.25 / 0.35, 0, 0.1 / 0.35, 0]), atol=0.015, rtol=0)
+    chosen = {t: lp for t, lp in zip(result.token_ids, result.logprobs, strict=True)}
+    assert chosen[1] == pytest.approx(float(torch.log(torch.tensor(0.25))), abs=1e-6)  # the model's
 
 
 def test_draws_follow_the_truncated_distribution():

@@ -58,7 +58,6 @@ REFUSED = [
     ("chat", "structured_outputs", {"choice": ["yes", "no"]}, "leave it out"),
     ("completions", "echo", True, "false"),
     ("completions", "suffix", "z", '""'),
-    ("chat", "allowed_token_ids", [72, 105], "leave it out"),
     ("completions", "bad_words", ["upon"], "[]"),
     ("completions", "prompt_logprobs", 0, "leave it out"),
     ("chat", "prompt_logprobs", 2, "leave it out"),

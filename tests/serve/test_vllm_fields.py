@@ -197,6 +197,21 @@ def test_include_stop_str_in_output_keeps_a_stop_tokens_text(app_client):
         assert body["choices"][0]["text"] == text and body["usage"]["completion_tokens"] == 2
 
 
+@pytest.mark.parametrize("path", ["chat", "completions"])
+def test_allowed_token_ids_restrict_the_text_to_their_tokens(app_client, path):
+    """The byte-level tiny model: ids 72 and 105 are the bytes of "H" and "i"."""
+    send = chat if path == "chat" else complete
+    r = send(app_client.client, max_tokens=12, seed=3, allowed_token_ids=[72, 105], ignore_eos=True)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    text = choice["message"]["content"] if path == "chat" else choice["text"]
+    assert len(text) == 12 and set(text) <= {"H", "i"}
+    error = assert_error(send(app_client.client, max_tokens=2, allowed_token_ids=[72, 10**6]), 400,
+                         "allowed_token_ids")
+    assert "outside the vocabulary" in error["message"]
+    assert_error(send(app_client.client, max_tokens=2, allowed_token_ids=[]), 400, "allowed_token_ids")
+
+
 def test_skip_special_tokens_false_keeps_special_tokens_in_the_text(app_client):
     greedy = engine_outputs(app_client, PROMPT, SamplingParams(max_tokens=48, **GREEDY))
     ids = [t for out in greedy for t in out.token_ids]
