@@ -16,13 +16,17 @@ from msa.cluster.protocol import EngineError
 from msa.platform.aio import wait_within
 
 
+def shard_bundle(use_gpu: bool) -> dict[str, int]:
+    """The resources of one shard actor's bundle."""
+    return {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
+
+
 class ReplicaPlacement:
     """The bundles of one replica; bundle ``rank`` hosts shard ``rank`` (= sp_rank * tp + tp_rank)."""
 
     def __init__(self, tp: int, sp: int, *, use_gpu: bool) -> None:
         self.tp, self.sp, self.use_gpu = tp, sp, use_gpu
-        bundle = {"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}
-        self.bundles = [dict(bundle) for _ in range(tp * sp)]
+        self.bundles = [shard_bundle(use_gpu) for _ in range(tp * sp)]
         self.group = placement_group(self.bundles, strategy="STRICT_PACK")
 
     async def ready(self, timeout_s: float) -> None:

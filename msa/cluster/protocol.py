@@ -73,6 +73,11 @@ class WeightUpdateError(EngineError):
 SEED_LIMIT = 1 << 63
 
 
+def _token_ids(value: object) -> bool:
+    """A list of integers >= 0."""
+    return isinstance(value, list) and all(is_int(i) and i >= 0 for i in value)
+
+
 @dataclass(kw_only=True, slots=True)
 class SamplingParams:
     """Per-request sampling, with OpenAI's meanings. ``logprobs``: None for none, else how many
@@ -130,11 +135,7 @@ class SamplingParams:
                 isinstance(stop, list) and len(stop) <= 16 and all(isinstance(s, str) and s for s in stop),
                 "a non-empty string or a list of at most 16 non-empty strings",
             ),
-            (
-                "stop_token_ids",
-                isinstance(stop_ids, list) and all(is_int(i) and i >= 0 for i in stop_ids),
-                "a list of integers >= 0",
-            ),
+            ("stop_token_ids", _token_ids(stop_ids), "a list of integers >= 0"),
             (
                 "logprobs",
                 self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= 20),
@@ -142,8 +143,7 @@ class SamplingParams:
             ),
             (
                 "allowed_token_ids",
-                allowed is None
-                or (isinstance(allowed, list) and allowed and all(is_int(i) and i >= 0 for i in allowed)),
+                allowed is None or (_token_ids(allowed) and len(allowed) > 0),
                 "None or a non-empty list of integers >= 0",
             ),
             *(

@@ -103,17 +103,12 @@ def truncation_mask(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tens
 def allowed_only(logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
     """``logits [S, V]`` with every token outside a row's ``allowed_token_ids`` at -inf (rows
     without them as they are); the allowed entries of all rows go to the device in one copy."""
-    rows = [(i, r.allowed_token_ids) for i, r in enumerate(requests) if r.allowed_token_ids]
-    if not rows:
+    entries = [(i, t) for i, r in enumerate(requests) for t in r.allowed_token_ids or ()]
+    if not entries:
         return logits
-    restricted = np.zeros(len(requests), dtype=np.int64)
-    restricted[[i for i, _ in rows]] = 1
-    entries = [(i, t) for i, ids in rows for t in ids]
-    host = np.concatenate([restricted, np.asarray(entries, dtype=np.int64).T.reshape(-1)])
-    device = to_device(host, logits.device)
-    n, m = len(requests), len(entries)
-    row_of, token_of = device[n : n + m], device[n + m :]
-    keep = (device[:n] == 0)[:, None].repeat(1, logits.shape[-1])
+    row_of, token_of = to_device(np.asarray(entries, dtype=np.int64).T, logits.device)
+    keep = torch.ones_like(logits, dtype=torch.bool)
+    keep[row_of] = False  # every row with allowed ids (each has one at least)
     keep[row_of, token_of] = True
     return logits.masked_fill(~keep, float("-inf"))
 

@@ -18,12 +18,19 @@ from msa.platform.config import PRESETS, ConfigError
 DTYPES = ("float32", "bfloat16")
 
 
+def check_device(device: str | None) -> None:
+    """ConfigError for ``--device cuda`` where no GPU is."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here")
+
+
 def _device_and_dtype(args: argparse.Namespace):
     """(device, torch dtype): defaults are the GPU in bf16 when there is one, else the CPU in fp32."""
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available here")
+    check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device == "cuda" else "float32")
     return device, getattr(torch, dtype)

@@ -132,16 +132,14 @@ def check_before_start(args: argparse.Namespace, config: ServeConfig, *, local_r
     """Raise ConfigError, naming the flag, for flags that would otherwise fail only inside Ray
     (in its controller's log). The port's availability, the GPU and a checkpoint directory are
     checked only for a Ray started here: a cluster at RAY_ADDRESS may hold them on other nodes."""
-    import torch
-
     from msa.cluster.parallel import check_parallel_shape
+    from msa.platform.cli import check_device
 
     if not 1 <= args.port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if local_ray:
         _check_port_free(args.host, args.port)
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda: no CUDA device is available here")
+        check_device(config.device)
     if local_ray or config.model in PRESETS:
         model = config.model_config()  # only the config: no weights are read
         try:

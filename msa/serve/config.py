@@ -181,18 +181,21 @@ class ServeConfig:
     def resource_demand(self) -> dict[str, float]:
         """The CPUs and GPUs the application reserves: its replicas, their engine processes, and
         the shard actors of each engine's placement group."""
+        from msa.cluster.placement import shard_bundle
+
         engine = self.engine_config()
         engines = 1 if self.shares_engine else self.num_replicas
-        parts = [(self.replica_actor_options(), self.deployment_replicas)]
+        demand = {"CPU": 0.0, "GPU": 0.0}
+        actors = [(self.replica_actor_options(), self.deployment_replicas)]
         if self.runs_engine_process:
-            parts.append((self.engine_actor_options(), engines))
+            actors.append((self.engine_actor_options(), engines))
+        for options, n in actors:
+            demand["CPU"] += options["num_cpus"] * n
+            demand["GPU"] += options["num_gpus"] * n
         if engine.world_size > 1 or engine.ray_shards:
-            shard = {"num_cpus": 1, "num_gpus": 1 if engine.device == "cuda" else 0}
-            parts.append((shard, engines * engine.world_size))
-        return {
-            "CPU": sum(options["num_cpus"] * n for options, n in parts),
-            "GPU": sum(options["num_gpus"] * n for options, n in parts),
-        }
+            for resource, amount in shard_bundle(engine.device == "cuda").items():
+                demand[resource] += amount * engines * engine.world_size
+        return demand
 
     def _single_shard_gpus(self) -> int:
         engine = self.engine_config()
